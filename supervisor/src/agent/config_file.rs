@@ -1,0 +1,142 @@
+//! The agent's `config.yaml`. Written with every scalar JSON-quoted (valid YAML), so no
+//! value can change the document's structure, with mode 0600 and owned by the agent user.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+/// Everything the agent is told. The token is only held here long enough to write it.
+pub struct AgentConfig<'a> {
+    pub endpoint: &'a str,
+    pub token: &'a str,
+    pub no_https: bool,
+    pub name: &'a str,
+    pub disconnect_after_job: bool,
+    pub idle_timeout: Duration,
+    pub interruption_grace: Duration,
+    pub shutdown_hook_path: &'a Path,
+    pub env_vars: &'a [String],
+}
+
+/// The keys written, all known to the agent (an unknown key is fatal to it).
+pub const KEYS: &[&str] = &[
+    "endpoint",
+    "token",
+    "no-https",
+    "name",
+    "disconnect-after-job",
+    "disconnect-after-idle-timeout",
+    "interruption-grace-period",
+    "shutdown-hook-path",
+    "upload-job-logs",
+    "env-vars",
+];
+
+fn q(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+impl AgentConfig<'_> {
+    pub fn render(&self) -> String {
+        let env = self
+            .env_vars
+            .iter()
+            .map(|e| q(e))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "# Written by agent-supervisor; rewritten at every agent start.\n\
+             endpoint: {}\n\
+             token: {}\n\
+             no-https: {}\n\
+             name: {}\n\
+             disconnect-after-job: {}\n\
+             disconnect-after-idle-timeout: {}\n\
+             interruption-grace-period: {}\n\
+             shutdown-hook-path: {}\n\
+             upload-job-logs: \"when-trimmed\"\n\
+             env-vars: [{}]\n",
+            q(self.endpoint),
+            q(self.token),
+            self.no_https,
+            q(self.name),
+            self.disconnect_after_job,
+            self.idle_timeout.as_secs(),
+            self.interruption_grace.as_secs(),
+            q(&self.shutdown_hook_path.to_string_lossy()),
+            env,
+        )
+    }
+}
+
+/// Writes `contents` to `path` atomically (temp file + rename) with `mode`, owned by
+/// `owner` when given. The temp file has the final mode from its creation on, so the
+/// secret is never readable by others, not even for a moment.
+pub fn write_private(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+    }
+    f.write_all(contents)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn values_cannot_break_the_yaml() {
+        let env = vec!["SEMAPHORE_CACHE_BACKEND=s3".to_string()];
+        let c = AgentConfig {
+            endpoint: "h:1",
+            token: "tok\"en\nx: y",
+            no_https: true,
+            name: "i-1__ab",
+            disconnect_after_job: true,
+            idle_timeout: Duration::from_secs(300),
+            interruption_grace: Duration::from_secs(60),
+            shutdown_hook_path: Path::new("/h.sh"),
+            env_vars: &env,
+        };
+        let text = c.render();
+        assert!(text.contains(r#"token: "tok\"en\nx: y""#), "{text}");
+        assert!(!text.lines().any(|l| l.starts_with("x:")));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let key = line.split(':').next().unwrap_or_default();
+            assert!(KEYS.contains(&key), "unexpected key {key}");
+        }
+    }
+
+    #[test]
+    fn written_file_is_private() {
+        let dir = std::env::temp_dir().join(format!("cfgtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("config.yaml");
+        write_private(&p, b"token: x\n", 0o600, None).expect("write");
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        write_private(&p, b"token: y\n", 0o600, None).expect("rewrite");
+        assert_eq!(std::fs::read_to_string(&p).expect("read"), "token: y\n");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

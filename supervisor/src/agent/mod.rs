@@ -1,0 +1,363 @@
+//! The agent process: one owner, one process group.
+//!
+//! The agent binary is a wrapper that re-executes itself as a child; SIGKILL to the
+//! wrapper alone would orphan a still-registered child. So the agent always starts in a
+//! new process group and every signal goes to the whole group. SIGTERM is sent only
+//! after the agent said it registered (before that, the real agent's child dies from it
+//! and the wrapper registers a *new* agent); then grace; then SIGKILL to the group.
+
+pub mod config_file;
+
+use crate::telemetry::AGENT_TARGET;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::{Gid, Pid, Uid};
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// The line after which the agent is registered and polling (agent's listener).
+pub const REGISTERED_LINE: &str = "Starting to poll for jobs";
+
+/// `SEMAPHORE_AGENT_SHUTDOWN_REASON`, as the agent hands it to its shutdown hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownReason {
+    Idle,
+    JobFinished,
+    Requested,
+    Interrupted,
+    UnableToSync,
+    Unknown,
+}
+
+impl ShutdownReason {
+    pub fn parse(s: &str) -> Self {
+        match s.trim().to_ascii_uppercase().replace('-', "_").as_str() {
+            "IDLE" => Self::Idle,
+            "JOB_FINISHED" => Self::JobFinished,
+            "REQUESTED" => Self::Requested,
+            "INTERRUPTED" => Self::Interrupted,
+            "UNABLE_TO_SYNC" => Self::UnableToSync,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Idle => "IDLE",
+            Self::JobFinished => "JOB_FINISHED",
+            Self::Requested => "REQUESTED",
+            Self::Interrupted => "INTERRUPTED",
+            Self::UnableToSync => "UNABLE_TO_SYNC",
+            Self::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+impl std::fmt::Display for ShutdownReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The unprivileged user the agent runs as.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: Uid,
+    pub gid: Gid,
+    /// Supplementary groups (docker, …), resolved before fork.
+    pub groups: Vec<Gid>,
+    pub home: PathBuf,
+}
+
+impl RunAs {
+    /// Looks the user up. `None` when it is the current user: no switch needed.
+    pub fn lookup(name: &str) -> Result<Option<Self>, String> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("looking up agent user {name:?}: {e}"))?
+            .ok_or_else(|| {
+                format!("agent user {name:?} does not exist; fix: create it (the AMI's provisioning does) or pass --agent-user")
+            })?;
+        if user.uid == nix::unistd::geteuid() {
+            return Ok(None);
+        }
+        let cname = std::ffi::CString::new(name).map_err(|e| e.to_string())?;
+        let groups = nix::unistd::getgrouplist(&cname, user.gid)
+            .map_err(|e| format!("reading groups of {name:?}: {e}"))?;
+        Ok(Some(Self {
+            name: name.to_string(),
+            uid: user.uid,
+            gid: user.gid,
+            groups,
+            home: user.dir,
+        }))
+    }
+}
+
+/// How to start the agent.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub binary: PathBuf,
+    pub config_path: PathBuf,
+    pub run_as: Option<RunAs>,
+    /// The agent's whole environment: nothing of the daemon's leaks through.
+    pub env: Vec<(String, String)>,
+    pub agent_name: String,
+    /// Replaced by `[redacted]` in any forwarded line that contains it.
+    pub secret: String,
+}
+
+/// A running agent and its process group.
+pub struct RunningAgent {
+    child: Child,
+    pgid: Pid,
+    pub pid: u32,
+    registered: watch::Receiver<bool>,
+    last_error: Arc<Mutex<Option<String>>>,
+    forwarders: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct AgentExit {
+    pub status: ExitStatus,
+    pub registered: bool,
+    /// The agent's last error-looking output line, for messages.
+    pub last_error: Option<String>,
+}
+
+impl RunningAgent {
+    pub fn spawn(launch: &Launch) -> std::io::Result<Self> {
+        let mut cmd = Command::new(&launch.binary);
+        cmd.arg("start")
+            .arg("--config-file")
+            .arg(&launch.config_path)
+            .env_clear()
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        if let Some(run_as) = &launch.run_as {
+            cmd.current_dir(&run_as.home);
+            drop_privileges(&mut cmd, run_as.clone());
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id().unwrap_or_default();
+        let (reg_tx, registered) = watch::channel(false);
+        let reg_tx = Arc::new(reg_tx);
+        let last_error = Arc::new(Mutex::new(None));
+        let mut forwarders = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            forwarders.push(tokio::spawn(forward(
+                out,
+                "stdout",
+                launch.clone_for_forward(),
+                reg_tx.clone(),
+                last_error.clone(),
+            )));
+        }
+        if let Some(err) = child.stderr.take() {
+            forwarders.push(tokio::spawn(forward(
+                err,
+                "stderr",
+                launch.clone_for_forward(),
+                reg_tx,
+                last_error.clone(),
+            )));
+        }
+        Ok(Self {
+            child,
+            pgid: Pid::from_raw(pid as i32),
+            pid,
+            registered,
+            last_error,
+            forwarders,
+        })
+    }
+
+    pub fn is_registered(&self) -> bool {
+        *self.registered.borrow()
+    }
+
+    /// Resolves once the agent says it registered (never, if it does not).
+    pub async fn wait_registered(&mut self) {
+        let _ = self.registered.wait_for(|r| *r).await;
+    }
+
+    /// Sends a signal to the agent's whole process group.
+    pub fn signal(&self, sig: Signal) {
+        match killpg(self.pgid, sig) {
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+            Err(e) => {
+                tracing::warn!(pgid = self.pgid.as_raw(), signal = %sig, error = %e, "signalling the agent's process group failed")
+            }
+        }
+    }
+
+    /// Waits for the agent to exit, then makes sure nothing of its group survives.
+    pub async fn wait(&mut self) -> std::io::Result<AgentExit> {
+        let status = self.child.wait().await?;
+        Ok(self.finish(status).await)
+    }
+
+    /// Stops the agent: SIGTERM to the group (only once registered, see the module
+    /// doc), up to `grace` for it to exit, then SIGKILL to the group.
+    pub async fn stop(&mut self, grace: Duration) -> std::io::Result<AgentExit> {
+        if self.is_registered() {
+            self.signal(Signal::SIGTERM);
+            if let Ok(status) = tokio::time::timeout(grace, self.child.wait()).await {
+                return Ok(self.finish(status?).await);
+            }
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                "agent still running after the grace period; killing its process group"
+            );
+        }
+        self.kill().await
+    }
+
+    /// SIGKILL to the group, at once.
+    pub async fn kill(&mut self) -> std::io::Result<AgentExit> {
+        self.signal(Signal::SIGKILL);
+        let status = self.child.wait().await?;
+        Ok(self.finish(status).await)
+    }
+
+    async fn finish(&mut self, status: ExitStatus) -> AgentExit {
+        // The wrapper is gone; anything left in its group (a child it orphaned) goes too.
+        self.signal(Signal::SIGKILL);
+        for f in self.forwarders.drain(..) {
+            // A process outside the group may still hold the pipe; don't wait for it.
+            let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
+        }
+        AgentExit {
+            status,
+            registered: self.is_registered(),
+            last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(Signal::SIGKILL);
+        }
+    }
+}
+
+struct ForwardCtx {
+    agent_name: String,
+    secret: String,
+}
+
+impl Launch {
+    fn clone_for_forward(&self) -> ForwardCtx {
+        ForwardCtx {
+            agent_name: self.agent_name.clone(),
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+async fn forward<R: AsyncRead + Unpin>(
+    stream: R,
+    stream_name: &'static str,
+    ctx: ForwardCtx,
+    registered: Arc<watch::Sender<bool>>,
+    last_error: Arc<Mutex<Option<String>>>,
+) {
+    let mut reader = BufReader::new(stream);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        match reader.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+        let raw = String::from_utf8_lossy(&buf);
+        let mut line = message_of(raw.trim_end());
+        if !ctx.secret.is_empty() && line.contains(ctx.secret.as_str()) {
+            line = line.replace(ctx.secret.as_str(), "[redacted]");
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.contains(REGISTERED_LINE) {
+            registered.send_replace(true);
+        }
+        let lower = line.to_ascii_lowercase();
+        if lower.contains("error") || lower.contains("failed") || lower.contains("fatal") {
+            if let Ok(mut g) = last_error.lock() {
+                *g = Some(line.clone());
+            }
+        }
+        tracing::info!(target: AGENT_TARGET, agent = %ctx.agent_name, stream = stream_name, "{line}");
+    }
+}
+
+/// Strips the agent's `Jan _2 15:04:05.000 <agent-name> : ` prefix, if present.
+pub fn message_of(line: &str) -> String {
+    let looks_timestamped = line.len() > 20
+        && line.as_bytes().get(3) == Some(&b' ')
+        && line
+            .get(..3)
+            .is_some_and(|m| m.chars().all(|c| c.is_ascii_alphabetic()));
+    if looks_timestamped {
+        if let Some((_, msg)) = line.split_once(" : ") {
+            return msg.to_string();
+        }
+    }
+    line.to_string()
+}
+
+/// Switches to the agent user in the child between fork and exec, keeping its
+/// supplementary groups (std's `uid()` would drop them, losing the docker group).
+#[allow(unsafe_code)]
+fn drop_privileges(cmd: &mut Command, run_as: RunAs) {
+    // SAFETY: the closure runs in the forked child before exec. It only makes the
+    // setgroups/setgid/setuid system calls on values computed before the fork: no
+    // allocation, no locks, nothing that is not async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::setgroups(&run_as.groups).map_err(std::io::Error::from)?;
+            nix::unistd::setgid(run_as.gid).map_err(std::io::Error::from)?;
+            nix::unistd::setuid(run_as.uid).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_parse_from_hook_and_wire_forms() {
+        assert_eq!(ShutdownReason::parse("IDLE"), ShutdownReason::Idle);
+        assert_eq!(
+            ShutdownReason::parse("job-finished"),
+            ShutdownReason::JobFinished
+        );
+        assert_eq!(
+            ShutdownReason::parse("UNABLE_TO_SYNC"),
+            ShutdownReason::UnableToSync
+        );
+        assert_eq!(ShutdownReason::parse("what"), ShutdownReason::Unknown);
+    }
+
+    #[test]
+    fn agent_prefix_is_stripped() {
+        assert_eq!(
+            message_of("Jan  2 15:04:05.000 i-1__ab : Starting to poll for jobs"),
+            "Starting to poll for jobs"
+        );
+        assert_eq!(message_of("plain line"), "plain line");
+    }
+}

@@ -1,0 +1,151 @@
+//! Auto Scaling: terminating this instance, marking it unhealthy, reading its group.
+
+use super::{classify, describe, Retry};
+use std::future::Future;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AsgError {
+    /// AWS refused the request as invalid. For a terminate with decrement this is how it
+    /// says the group is at its min size.
+    #[error("{op}: refused by Auto Scaling (ValidationError): {detail}")]
+    Validation { op: &'static str, detail: String },
+    #[error("{op}: {detail}")]
+    Call {
+        op: &'static str,
+        retry: Retry,
+        detail: String,
+    },
+}
+
+impl AsgError {
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Call {
+                retry: Retry::Transient,
+                ..
+            }
+        )
+    }
+}
+
+/// A group's sizes, as Auto Scaling reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSizes {
+    pub name: String,
+    pub min: i32,
+    pub max: i32,
+    pub desired: i32,
+}
+
+pub trait AutoScaling: Send + Sync {
+    fn terminate_instance(
+        &self,
+        instance_id: &str,
+        decrement: bool,
+    ) -> impl Future<Output = Result<(), AsgError>> + Send;
+    fn set_unhealthy(&self, instance_id: &str)
+        -> impl Future<Output = Result<(), AsgError>> + Send;
+    /// The group this instance belongs to, if any.
+    fn group_of(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<Option<String>, AsgError>> + Send;
+    fn group(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<GroupSizes>, AsgError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct SdkAutoScaling {
+    client: aws_sdk_autoscaling::Client,
+}
+
+impl SdkAutoScaling {
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        Self {
+            client: aws_sdk_autoscaling::Client::new(config),
+        }
+    }
+}
+
+fn err<E>(
+    op: &'static str,
+    e: aws_sdk_autoscaling::error::SdkError<E, aws_sdk_autoscaling::config::http::HttpResponse>,
+) -> AsgError
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata
+        + std::error::Error
+        + Send
+        + Sync
+        + 'static,
+{
+    if super::code(&e) == Some("ValidationError") {
+        AsgError::Validation {
+            op,
+            detail: describe(&e),
+        }
+    } else {
+        AsgError::Call {
+            op,
+            retry: classify(&e),
+            detail: describe(&e),
+        }
+    }
+}
+
+impl AutoScaling for SdkAutoScaling {
+    async fn terminate_instance(&self, instance_id: &str, decrement: bool) -> Result<(), AsgError> {
+        self.client
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(instance_id)
+            .should_decrement_desired_capacity(decrement)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err("TerminateInstanceInAutoScalingGroup", e))
+    }
+
+    async fn set_unhealthy(&self, instance_id: &str) -> Result<(), AsgError> {
+        self.client
+            .set_instance_health()
+            .instance_id(instance_id)
+            .health_status("Unhealthy")
+            .should_respect_grace_period(false)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err("SetInstanceHealth", e))
+    }
+
+    async fn group_of(&self, instance_id: &str) -> Result<Option<String>, AsgError> {
+        let out = self
+            .client
+            .describe_auto_scaling_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| err("DescribeAutoScalingInstances", e))?;
+        Ok(out
+            .auto_scaling_instances()
+            .iter()
+            .find_map(|i| i.auto_scaling_group_name().map(str::to_string)))
+    }
+
+    async fn group(&self, name: &str) -> Result<Option<GroupSizes>, AsgError> {
+        let out = self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(name)
+            .send()
+            .await
+            .map_err(|e| err("DescribeAutoScalingGroups", e))?;
+        Ok(out.auto_scaling_groups().first().map(|g| GroupSizes {
+            name: g.auto_scaling_group_name().unwrap_or(name).to_string(),
+            min: g.min_size().unwrap_or_default(),
+            max: g.max_size().unwrap_or_default(),
+            desired: g.desired_capacity().unwrap_or_default(),
+        }))
+    }
+}

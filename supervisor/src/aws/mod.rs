@@ -1,0 +1,85 @@
+//! AWS behind narrow traits with domain types. The SDK adapters live here; the logic
+//! elsewhere is written against the traits and unit-tested with fakes.
+//!
+//! Every endpoint honours the SDK's standard overrides (`AWS_ENDPOINT_URL`,
+//! `AWS_ENDPOINT_URL_<SERVICE>`, `AWS_EC2_METADATA_SERVICE_ENDPOINT`, `AWS_MAX_ATTEMPTS`),
+//! which is how the tests aim the daemon at the emulators.
+
+pub mod autoscaling;
+pub mod imds;
+pub mod s3;
+pub mod ssm;
+
+use aws_config::{timeout::TimeoutConfig, BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ssm::config::http::HttpResponse;
+use aws_sdk_ssm::error::SdkError;
+use aws_smithy_types::error::display::DisplayErrorContext;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use std::time::Duration;
+
+/// The one place the SDK config is built: behaviour version pinned, region given (from
+/// IMDS), short timeouts — callers own their overall deadlines.
+pub async fn sdk_config(region: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::v2026_01_12())
+        .region(Region::new(region.to_string()))
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .operation_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .load()
+        .await
+}
+
+/// Whether a failed call is worth retrying (throttling, 5xx, network), as opposed to a
+/// refusal that will not change (validation, access denied, not found).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    Transient,
+    Permanent,
+}
+
+/// Classifies an SDK error by its code and HTTP status, never by message text.
+pub(crate) fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Retry {
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            Retry::Transient
+        }
+        SdkError::ServiceError(ctx) => {
+            let code = ctx.err().code().unwrap_or_default();
+            let status = ctx.raw().status().as_u16();
+            if status >= 500 || status == 429 || TRANSIENT_CODES.contains(&code) {
+                Retry::Transient
+            } else {
+                Retry::Permanent
+            }
+        }
+        _ => Retry::Permanent,
+    }
+}
+
+const TRANSIENT_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    "InternalFailure",
+    "InternalError",
+    "ServiceUnavailable",
+];
+
+/// The error code of a service error, if the call got that far.
+pub(crate) fn code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> Option<&str> {
+    match err {
+        SdkError::ServiceError(ctx) => ctx.err().code(),
+        _ => None,
+    }
+}
+
+/// The full error chain of an SDK error, for logs and messages.
+pub(crate) fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    DisplayErrorContext(err).to_string()
+}

@@ -1,0 +1,89 @@
+//! `agent-supervisor check`: a preflight a person runs on an instance. One line per
+//! item, with the fix when it fails; exit 1 if anything failed. Never prints the token.
+
+use crate::aws::autoscaling::{AutoScaling, SdkAutoScaling};
+use crate::aws::ssm::{ParameterStore, SdkParameterStore, SsmError};
+use crate::daemon::{prepare, RunOptions};
+
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn ok(&mut self, item: &str, msg: impl std::fmt::Display) {
+        println!("ok    {item}: {msg}");
+    }
+    fn fail(&mut self, item: &str, msg: impl std::fmt::Display) {
+        self.failed = true;
+        println!("FAIL  {item}: {msg}");
+    }
+}
+
+pub async fn run(opts: &RunOptions) -> i32 {
+    let mut r = Report { failed: false };
+    let mut opts = opts.clone();
+    opts.imds_attempts = opts.imds_attempts.min(3);
+    let p = match prepare(&opts).await {
+        Ok(p) => p,
+        Err(e) => {
+            r.fail("instance, stack and runtime config", e);
+            return 1;
+        }
+    };
+    r.ok("imds", format!("instance {}", p.instance_id));
+    r.ok(
+        "stack",
+        format!(
+            "{} (config parameter {})",
+            p.identity.stack_name, p.identity.config_parameter
+        ),
+    );
+    r.ok(
+        "runtime config",
+        format!(
+            "endpoint {}, group {}",
+            p.settings.endpoint, p.settings.agent_group
+        ),
+    );
+
+    let ssm = SdkParameterStore::new(&p.sdk);
+    match ssm.get(&p.settings.token_parameter).await {
+        Ok(t) if t.value.trim().is_empty() => r.fail("token parameter", format!("{} is empty; fix: agent-fleet token set", p.settings.token_parameter)),
+        Ok(t) if !t.secure => r.fail("token parameter", format!("{} is readable but not a SecureString; fix: store it encrypted with agent-fleet token set", p.settings.token_parameter)),
+        Ok(_) => r.ok("token parameter", format!("{} readable and decrypted (value not shown)", p.settings.token_parameter)),
+        Err(SsmError::NotFound { name }) => r.fail("token parameter", format!("{name} does not exist; fix: agent-fleet token set")),
+        Err(e) => r.fail("token parameter", format!("{e}; fix: the instance role needs ssm:GetParameter on it and kms:Decrypt on its key")),
+    }
+
+    let asg = SdkAutoScaling::new(&p.sdk);
+    match asg.group_of(&p.instance_id).await {
+        Ok(Some(g)) if g == p.settings.agent_group => r.ok("group", format!("instance is in {g}")),
+        Ok(Some(g)) => r.ok("group", format!("instance is in {g} (agents' group: {})", p.settings.agent_group)),
+        Ok(None) => r.fail("group", format!("instance is in no Auto Scaling group; it cannot terminate itself; fix: launch it through the group {}", p.settings.agent_group)),
+        Err(e) => r.fail("group", format!("{e}; fix: the instance role needs autoscaling:DescribeAutoScalingInstances")),
+    }
+
+    if let Some(bucket) = &p.settings.cache_bucket {
+        match crate::aws::s3::head_bucket(&p.sdk, bucket).await {
+            Ok(()) => r.ok("cache bucket", bucket),
+            Err(e) => r.fail("cache bucket", format!("{bucket}: {e}; fix: create the bucket or grant the instance role s3:ListBucket on it")),
+        }
+    }
+
+    match crate::agent::RunAs::lookup(&opts.agent_user) {
+        Ok(_) => r.ok("agent user", &opts.agent_user),
+        Err(e) => r.fail("agent user", e),
+    }
+    if opts.agent_binary.exists() {
+        r.ok("agent binary", opts.agent_binary.display());
+    } else {
+        r.fail(
+            "agent binary",
+            format!(
+                "{} not found; fix: bake it into the AMI or pass --agent-binary",
+                opts.agent_binary.display()
+            ),
+        );
+    }
+    i32::from(r.failed)
+}

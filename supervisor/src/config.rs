@@ -1,0 +1,339 @@
+//! What the supervisor is told: its stack identity (from the instance's user data)
+//! and the runtime config (one SSM parameter the CloudFormation template writes).
+//!
+//! [`RuntimeConfig`] is the one serde type for that parameter: the template writes it,
+//! this crate parses it, and a test deploys the template and parses what it wrote.
+//! Parsing is strict (unknown keys are errors) so a typo never silently falls back to a
+//! default; [`Settings`] is the validated form the rest of the daemon uses.
+
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// The user-data keys that name the stack to the supervisor.
+pub const USER_DATA_STACK_KEY: &str = "AGENT_FLEET_STACK";
+pub const USER_DATA_CONFIG_KEY: &str = "AGENT_FLEET_CONFIG_PARAMETER";
+
+/// Which stack this instance belongs to, read from its user data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackIdentity {
+    pub stack_name: String,
+    /// Name of the SSM parameter holding the [`RuntimeConfig`] JSON.
+    pub config_parameter: String,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UserDataError {
+    #[error("user data has no {USER_DATA_STACK_KEY}= line; fix: launch the instance from the agent-fleet launch template (it writes the user data)")]
+    MissingStack,
+    #[error("user data line {line}: {USER_DATA_STACK_KEY} {value:?} is not a valid stack name (1-128 of A-Z a-z 0-9 -)")]
+    BadStack { line: usize, value: String },
+}
+
+impl StackIdentity {
+    /// The default config parameter for a stack, when the user data names none.
+    pub fn default_config_parameter(stack_name: &str) -> String {
+        format!("/agent-fleet/{stack_name}/config")
+    }
+
+    /// Parses user data: `KEY=VALUE` lines, `#` comments and blank lines ignored,
+    /// values optionally quoted. Unknown keys are ignored (the user data may also carry
+    /// a shell script or cloud-init material meant for others).
+    pub fn from_user_data(text: &str) -> Result<Self, UserDataError> {
+        let mut stack = None;
+        let mut config = None;
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let line = line.strip_prefix("export ").unwrap_or(line);
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let value = unquote(value.trim());
+            match key.trim() {
+                USER_DATA_STACK_KEY => {
+                    if !valid_stack_name(value) {
+                        return Err(UserDataError::BadStack {
+                            line: i + 1,
+                            value: value.to_string(),
+                        });
+                    }
+                    stack = Some(value.to_string());
+                }
+                USER_DATA_CONFIG_KEY if !value.is_empty() => config = Some(value.to_string()),
+                _ => {}
+            }
+        }
+        let stack_name = stack.ok_or(UserDataError::MissingStack)?;
+        let config_parameter =
+            config.unwrap_or_else(|| Self::default_config_parameter(&stack_name));
+        Ok(Self {
+            stack_name,
+            config_parameter,
+        })
+    }
+}
+
+fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|s| s.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    v
+}
+
+/// CloudFormation's stack-name rule: a letter, then letters, digits and dashes, ≤ 128.
+pub fn valid_stack_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.starts_with(|c: char| c.is_ascii_alphabetic())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// The runtime config parameter, as JSON. Field names are the JSON keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Semaphore endpoint host\[:port\], no scheme (`myorg.semaphoreci.com`).
+    pub endpoint: String,
+    /// SSM SecureString parameter holding the agent-type registration token.
+    pub token_parameter: String,
+    /// Name of the agents' Auto Scaling group.
+    pub agent_group: String,
+    /// One job per instance (`disconnect-after-job`).
+    #[serde(default = "default_true")]
+    pub disconnect_after_job: bool,
+    /// Seconds idle before the agent disconnects; 0 = never (no scale-in).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+    /// Seconds a running job may go on after the instance is asked to stop.
+    #[serde(default = "default_grace")]
+    pub interruption_grace_secs: u64,
+    /// S3 bucket for the job cache, exported to jobs.
+    #[serde(default)]
+    pub cache_bucket: Option<String>,
+    /// Talk plain HTTP to the endpoint. Only for a local hub; never in production.
+    #[serde(default)]
+    pub no_https: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+fn default_grace() -> u64 {
+    60
+}
+
+/// Why a runtime config was refused. Every message names the parameter and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("runtime config parameter {parameter}: {detail}; fix: redeploy the stack (agent-fleet deploy) or correct the parameter's JSON")]
+    Parse { parameter: String, detail: String },
+    #[error("runtime config parameter {parameter}: key `{key}` {problem}")]
+    Invalid {
+        parameter: String,
+        key: &'static str,
+        problem: String,
+    },
+}
+
+/// The validated runtime config. Built only through [`Settings::parse`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub config_parameter: String,
+    pub endpoint: String,
+    pub token_parameter: String,
+    pub agent_group: String,
+    pub disconnect_after_job: bool,
+    pub idle_timeout: Duration,
+    pub interruption_grace: Duration,
+    pub cache_bucket: Option<String>,
+    pub no_https: bool,
+}
+
+impl Settings {
+    pub fn parse(parameter: &str, json: &str) -> Result<Self, ConfigError> {
+        let raw: RuntimeConfig = serde_json::from_str(json).map_err(|e| ConfigError::Parse {
+            parameter: parameter.to_string(),
+            detail: e.to_string(),
+        })?;
+        Self::validate(parameter, raw)
+    }
+
+    pub fn validate(parameter: &str, raw: RuntimeConfig) -> Result<Self, ConfigError> {
+        let invalid = |key: &'static str, problem: &str| ConfigError::Invalid {
+            parameter: parameter.to_string(),
+            key,
+            problem: problem.to_string(),
+        };
+        let endpoint = raw.endpoint.trim();
+        if endpoint.is_empty() {
+            return Err(invalid(
+                "endpoint",
+                "is empty; set it to your Semaphore host, e.g. myorg.semaphoreci.com",
+            ));
+        }
+        if endpoint.contains("://")
+            || endpoint.contains('/')
+            || endpoint.contains(char::is_whitespace)
+        {
+            return Err(invalid(
+                "endpoint",
+                "must be host[:port] with no scheme or path, e.g. myorg.semaphoreci.com",
+            ));
+        }
+        if !valid_parameter_name(&raw.token_parameter) {
+            return Err(invalid(
+                "token_parameter",
+                "is not a valid SSM parameter name",
+            ));
+        }
+        if raw.agent_group.trim().is_empty() {
+            return Err(invalid(
+                "agent_group",
+                "is empty; it must name the agents' Auto Scaling group",
+            ));
+        }
+        if raw.idle_timeout_secs > 7 * 24 * 3600 {
+            return Err(invalid(
+                "idle_timeout_secs",
+                "is over a week; use 0 to never disconnect",
+            ));
+        }
+        if raw.interruption_grace_secs > 3600 {
+            return Err(invalid("interruption_grace_secs", "is over an hour"));
+        }
+        let cache_bucket = match raw.cache_bucket {
+            Some(b) if b.trim().is_empty() => None,
+            Some(b) if !valid_bucket_name(&b) => {
+                return Err(invalid("cache_bucket", "is not a valid S3 bucket name"))
+            }
+            other => other,
+        };
+        Ok(Self {
+            config_parameter: parameter.to_string(),
+            endpoint: endpoint.to_string(),
+            token_parameter: raw.token_parameter,
+            agent_group: raw.agent_group,
+            disconnect_after_job: raw.disconnect_after_job,
+            idle_timeout: Duration::from_secs(raw.idle_timeout_secs),
+            interruption_grace: Duration::from_secs(raw.interruption_grace_secs),
+            cache_bucket,
+            no_https: raw.no_https,
+        })
+    }
+}
+
+/// SSM's rule: 1-2048 of `a-zA-Z0-9_.-/`, and at most 15 levels.
+pub fn valid_parameter_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 2048
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
+        && s.matches('/').count() <= 15
+}
+
+fn valid_bucket_name(s: &str) -> bool {
+    (3..=63).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"endpoint":"org.semaphoreci.com","token_parameter":"/s/token","agent_group":"s-agents"}"#;
+
+    #[test]
+    fn user_data_names_stack_and_default_parameter() {
+        let id =
+            StackIdentity::from_user_data("# hi\nAGENT_FLEET_STACK=ci-fleet\n").expect("parses");
+        assert_eq!(id.stack_name, "ci-fleet");
+        assert_eq!(id.config_parameter, "/agent-fleet/ci-fleet/config");
+        let id = StackIdentity::from_user_data(
+            "export AGENT_FLEET_STACK='a'\nAGENT_FLEET_CONFIG_PARAMETER=\"/x/y\"\n",
+        )
+        .expect("parses");
+        assert_eq!(id.config_parameter, "/x/y");
+    }
+
+    #[test]
+    fn user_data_errors_say_what_is_wrong() {
+        assert_eq!(
+            StackIdentity::from_user_data("#!/bin/bash\necho hi\n"),
+            Err(UserDataError::MissingStack)
+        );
+        let e = StackIdentity::from_user_data("AGENT_FLEET_STACK=1bad_name").expect_err("bad");
+        assert!(e.to_string().contains("AGENT_FLEET_STACK"), "{e}");
+    }
+
+    #[test]
+    fn defaults_match_the_reference_stack() {
+        let s = Settings::parse("/p", GOOD).expect("valid");
+        assert!(s.disconnect_after_job);
+        assert_eq!(s.idle_timeout, Duration::from_secs(300));
+        assert_eq!(s.cache_bucket, None);
+        assert!(!s.no_https);
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let e =
+            Settings::parse("/p", r#"{"endpoint":"e","agent_group":"g"}"#).expect_err("missing");
+        let m = e.to_string();
+        assert!(m.contains("/p") && m.contains("token_parameter"), "{m}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let json = GOOD.replace('}', r#","idle_timeout_secs":"300"}"#);
+        let m = Settings::parse("/p", &json).expect_err("type").to_string();
+        assert!(m.contains("invalid type") && m.contains("column"), "{m}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let json = GOOD.replace('}', r#","idle_timout_secs":5}"#);
+        let m = Settings::parse("/p", &json)
+            .expect_err("unknown")
+            .to_string();
+        assert!(m.contains("unknown field `idle_timout_secs`"), "{m}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_key() {
+        for (patch, key) in [
+            (r#""endpoint":"https://org.semaphoreci.com""#, "endpoint"),
+            (r#""endpoint":" ""#, "endpoint"),
+            (r#""token_parameter":"has space""#, "token_parameter"),
+            (r#""agent_group":"""#, "agent_group"),
+        ] {
+            let field = patch.split(':').next().unwrap_or_default();
+            let json = GOOD
+                .split(',')
+                .map(|kv| {
+                    if kv.trim_start_matches('{').starts_with(field) {
+                        patch.to_string()
+                    } else {
+                        kv.trim_start_matches('{').trim_end_matches('}').to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let json = format!("{{{json}}}");
+            let m = Settings::parse("/p", &json).expect_err(patch).to_string();
+            assert!(m.contains(&format!("`{key}`")), "{patch}: {m}");
+        }
+        let json = GOOD.replace('}', r#","cache_bucket":"Bad_Bucket"}"#);
+        assert!(Settings::parse("/p", &json)
+            .expect_err("bucket")
+            .to_string()
+            .contains("cache_bucket"));
+    }
+}

@@ -1,0 +1,155 @@
+//! The agent's shutdown hook and the daemon's end of it.
+//!
+//! The agent runs `bash <shutdown-hook-path>` synchronously, with no timeout, before it
+//! exits, with `SEMAPHORE_AGENT_SHUTDOWN_REASON` set. Our hook script execs
+//! `agent-supervisor hook`, which hands the reason to the daemon over a Unix socket and
+//! returns at once: the daemon, not the hook, acts on it once the agent has exited.
+
+use crate::agent::ShutdownReason;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+pub const REASON_ENV: &str = "SEMAPHORE_AGENT_SHUTDOWN_REASON";
+
+/// The hook script the agent runs.
+pub fn script(supervisor_exe: &Path, socket: &Path) -> Result<String, String> {
+    for p in [supervisor_exe, socket] {
+        let s = p.to_string_lossy();
+        if s.contains('\'') || s.contains('\n') {
+            return Err(format!(
+                "path {s:?} cannot be used in the hook script (quote or newline)"
+            ));
+        }
+    }
+    Ok(format!(
+        "#!/bin/bash\n\
+         # Written by agent-supervisor: hands the agent's shutdown reason to the daemon.\n\
+         exec '{}' hook --socket '{}'\n",
+        supervisor_exe.display(),
+        socket.display()
+    ))
+}
+
+/// `agent-supervisor hook`: never fails the agent's shutdown; problems go to stderr,
+/// which the agent logs.
+pub fn client(socket: &Path) -> i32 {
+    let reason = std::env::var(REASON_ENV).unwrap_or_default();
+    let reason = ShutdownReason::parse(&reason);
+    match send(socket, reason) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!(
+                "agent-supervisor hook: could not hand reason {reason} to the daemon at {}: {e}",
+                socket.display()
+            );
+            0
+        }
+    }
+}
+
+fn send(socket: &Path, reason: ShutdownReason) -> std::io::Result<()> {
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(format!("{reason}\n").as_bytes())?;
+    let mut ack = [0u8; 3];
+    s.read_exact(&mut ack)?;
+    Ok(())
+}
+
+/// The daemon's listener. Each reason received is sent on the channel.
+pub struct HookServer {
+    pub socket: PathBuf,
+}
+
+impl HookServer {
+    /// Binds the socket (replacing a stale one), readable and writable only by the agent
+    /// user (`owner`) and root.
+    pub fn bind(
+        socket: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> std::io::Result<(tokio::net::UnixListener, Self)> {
+        match std::fs::remove_file(socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let listener = tokio::net::UnixListener::bind(socket)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(socket, Some(uid), Some(gid))?;
+        }
+        Ok((
+            listener,
+            Self {
+                socket: socket.to_path_buf(),
+            },
+        ))
+    }
+}
+
+/// Serves hook connections until the listener task is dropped.
+pub async fn serve(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSender<ShutdownReason>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
+            if let Ok(Ok(n)) = read {
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let reason = ShutdownReason::parse(text.lines().next().unwrap_or_default());
+                tracing::info!(reason = %reason, "agent shutdown hook ran");
+                let _ = tx.send(reason);
+                let _ = conn.write_all(b"ok\n").await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reason_reaches_the_daemon() {
+        let dir = std::env::temp_dir().join(format!("hooktest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let sock = dir.join("hook.sock");
+        let (listener, _server) = HookServer::bind(&sock, None).expect("bind");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(serve(listener, tx));
+        let s = sock.clone();
+        tokio::task::spawn_blocking(move || send(&s, ShutdownReason::Idle))
+            .await
+            .expect("join")
+            .expect("send");
+        assert_eq!(rx.recv().await, Some(ShutdownReason::Idle));
+        task.abort();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn hook_returns_at_once_without_a_daemon() {
+        let start = std::time::Instant::now();
+        assert_eq!(client(Path::new("/nonexistent/hook.sock")), 0);
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn script_refuses_unquotable_paths() {
+        assert!(script(Path::new("/a'b"), Path::new("/s")).is_err());
+        let s = script(
+            Path::new("/usr/bin/agent-supervisor"),
+            Path::new("/run/x.sock"),
+        )
+        .expect("ok");
+        assert!(s.contains("exec '/usr/bin/agent-supervisor' hook --socket '/run/x.sock'"));
+    }
+}

@@ -1,0 +1,75 @@
+//! # agent-supervisor
+//!
+//! The on-instance daemon of agent-fleet, baked into the AMI and started by systemd.
+//! It learns its stack from IMDS (IMDSv2 only), reads the runtime config and the
+//! registration token from SSM, writes the Semaphore agent's `config.yaml`, runs the
+//! agent as an unprivileged user in its own process group, and, when the agent is done,
+//! ends its own instance through the Auto Scaling group (see [`lifecycle`]).
+//!
+//! ## Interface
+//!
+//! - `agent-supervisor run` — the daemon. Exit 0 after a drain; 1 on a runtime failure;
+//!   2 on bad input (config, token, user data, IMDS), before any agent starts; 130 when a
+//!   second stop signal aborted the drain.
+//! - `agent-supervisor hook` — the agent's shutdown hook (see [`hook`]).
+//! - `agent-supervisor check` — preflight for a person on the instance (see [`check`]).
+//!
+//! Signals: the first SIGTERM/SIGINT drains (SIGTERM to the agent's group, the
+//! interruption grace plus a margin, then SIGKILL to the group); a second aborts.
+//!
+//! ## Inputs and outputs
+//!
+//! - IMDS: instance id, region, user data (`AGENT_FLEET_STACK=…`,
+//!   `AGENT_FLEET_CONFIG_PARAMETER=…`), see [`config::StackIdentity`].
+//! - SSM: the runtime config parameter (JSON, [`config::RuntimeConfig`]) and the
+//!   registration token (SecureString).
+//! - Files, in `--work-dir` (default `/var/lib/agent-supervisor`): `config.yaml` (0600,
+//!   agent user), `shutdown-hook.sh`, `hook.sock`.
+//! - Logs: journald with structured fields, stderr when the journal is absent.
+
+pub mod agent;
+pub mod aws;
+pub mod check;
+pub mod config;
+pub mod daemon;
+pub mod hook;
+pub mod lifecycle;
+pub mod telemetry;
+
+use tokio_util::sync::CancellationToken;
+
+/// The two stop triggers: the first signal cancels `drain`, the second `abort`.
+/// Passed in so tests can fire them.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    pub drain: CancellationToken,
+    pub abort: CancellationToken,
+}
+
+impl Shutdown {
+    /// Wires SIGTERM and SIGINT: first → drain, second → abort.
+    pub fn from_signals() -> std::io::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let s = Self::default();
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let t = s.clone();
+        tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+                seen += 1;
+                if seen == 1 {
+                    tracing::info!("stop signal received: draining");
+                    t.drain.cancel();
+                } else {
+                    t.abort.cancel();
+                }
+            }
+        });
+        Ok(s)
+    }
+}

@@ -1,0 +1,184 @@
+//! `agent-supervisor` — see the crate documentation of `agent_supervisor`.
+
+use agent_supervisor::daemon::{self, RunOptions};
+use agent_supervisor::{check, hook, telemetry, Shutdown};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(
+    name = "agent-supervisor",
+    version,
+    about = "Supervises the Semaphore agent on an agent-fleet EC2 instance"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (what systemd starts).
+    Run(RunArgs),
+    /// The agent's shutdown hook: hand SEMAPHORE_AGENT_SHUTDOWN_REASON to the daemon.
+    Hook {
+        #[arg(long, default_value = "/var/lib/agent-supervisor/hook.sock")]
+        socket: PathBuf,
+    },
+    /// Preflight: IMDS, config and token parameters, the group, the cache bucket.
+    Check(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// The Semaphore agent binary.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_AGENT_BINARY",
+        default_value = "/opt/semaphore/agent/agent"
+    )]
+    agent_binary: PathBuf,
+    /// Unprivileged user the agent runs as.
+    #[arg(long, env = "AGENT_SUPERVISOR_AGENT_USER", default_value = "semaphore")]
+    agent_user: String,
+    /// Where config.yaml, the hook script and the hook socket live.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_WORK_DIR",
+        default_value = "/var/lib/agent-supervisor"
+    )]
+    work_dir: PathBuf,
+    /// Extra NAME=VALUE for the agent's environment (repeatable).
+    #[arg(long = "agent-env", value_parser = parse_env)]
+    agent_env: Vec<(String, String)>,
+    /// Variables passed from the daemon's environment to the agent's, e.g. HTTPS_PROXY (comma list).
+    #[arg(long, env = "AGENT_SUPERVISOR_PASS_ENV", value_delimiter = ',')]
+    pass_env: Vec<String>,
+    /// Command that powers the instance off, the termination chain's last resort.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_POWEROFF_COMMAND",
+        default_value = "systemctl poweroff",
+        value_delimiter = ' '
+    )]
+    poweroff_command: Vec<String>,
+    /// Seconds to wait for Auto Scaling to stop us after termination was requested, before powering off.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_TERMINATE_TIMEOUT_SECS",
+        default_value_t = 600
+    )]
+    terminate_timeout_secs: u64,
+    /// First delay before restarting a failed agent; doubles per failure.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_RESTART_BACKOFF_MS",
+        default_value_t = 1000
+    )]
+    restart_backoff_ms: u64,
+    /// Longest delay between agent restarts.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_RESTART_BACKOFF_CAP_SECS",
+        default_value_t = 300
+    )]
+    restart_backoff_cap_secs: u64,
+    /// Seconds added to the interruption grace before the agent's group is killed on drain.
+    #[arg(long, env = "AGENT_SUPERVISOR_DRAIN_MARGIN_SECS", default_value_t = 10)]
+    drain_margin_secs: u64,
+    /// IMDS attempts per item at boot (backoff from 200 ms).
+    #[arg(long, env = "AGENT_SUPERVISOR_IMDS_ATTEMPTS", default_value_t = 6)]
+    imds_attempts: u32,
+    /// First delay when retrying a throttled or failed AWS call.
+    #[arg(long, env = "AGENT_SUPERVISOR_AWS_RETRY_MS", default_value_t = 500)]
+    aws_retry_ms: u64,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("{k:?} is not a valid variable name"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+impl RunArgs {
+    fn options(self) -> RunOptions {
+        RunOptions {
+            agent_binary: self.agent_binary,
+            agent_user: self.agent_user,
+            work_dir: self.work_dir,
+            agent_env: self.agent_env,
+            pass_env: self
+                .pass_env
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
+            poweroff_command: self
+                .poweroff_command
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect(),
+            terminate_timeout: Duration::from_secs(self.terminate_timeout_secs),
+            restart_backoff: Duration::from_millis(self.restart_backoff_ms.max(1)),
+            restart_backoff_cap: Duration::from_secs(self.restart_backoff_cap_secs.max(1)),
+            drain_margin: Duration::from_secs(self.drain_margin_secs),
+            imds_attempts: self.imds_attempts.max(1),
+            aws_retry_backoff: Duration::from_millis(self.aws_retry_ms.max(1)),
+        }
+    }
+}
+
+fn main() {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        // The hook must return at once and never touch the runtime or the journal.
+        Command::Hook { socket } => hook::client(&socket),
+        Command::Run(args) => {
+            telemetry::init(false);
+            runtime(|| async move {
+                let shutdown = match Shutdown::from_signals() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot install signal handlers");
+                        return 1;
+                    }
+                };
+                match daemon::run(args.options(), shutdown, started).await {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        tracing::error!(exit_code = e.exit_code(), "{e}");
+                        e.exit_code()
+                    }
+                }
+            })
+        }
+        Command::Check(args) => {
+            telemetry::init(true);
+            runtime(|| async move { check::run(&args.options()).await })
+        }
+    };
+    std::process::exit(code);
+}
+
+/// A single-threaded runtime: the daemon mostly waits, and one thread keeps it small.
+fn runtime<F, Fut>(f: F) -> i32
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = i32>,
+{
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f()),
+        Err(e) => {
+            eprintln!("agent-supervisor: cannot start the async runtime: {e}");
+            1
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Logging: tracing → journald with structured fields when the journal socket is there,
+//! else human-readable lines on stderr. The agent's own output lines (target
+//! [`AGENT_TARGET`]) go to the journal under their own identifier, `semaphore-agent`,
+//! so `journalctl -t semaphore-agent -f` follows the agent alone.
+
+use tracing_subscriber::filter::{filter_fn, Targets};
+use tracing_subscriber::prelude::*;
+
+/// The tracing target under which agent output lines are forwarded.
+pub const AGENT_TARGET: &str = "agent";
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+/// Filter from `AGENT_SUPERVISOR_LOG` (e.g. `info`, `debug,aws_smithy_runtime=warn`).
+fn filter() -> Targets {
+    let default = || {
+        "info,aws_config=warn,aws_smithy_runtime=warn,hyper=warn"
+            .parse::<Targets>()
+            .unwrap_or_default()
+    };
+    match std::env::var("AGENT_SUPERVISOR_LOG") {
+        Ok(s) => s.parse().unwrap_or_else(|e| {
+            eprintln!("AGENT_SUPERVISOR_LOG={s:?} is not a valid filter ({e}); using info");
+            default()
+        }),
+        Err(_) => default(),
+    }
+}
+
+/// Installs the global subscriber. `force_stderr` keeps logs on stderr even under
+/// systemd (for `check`, whose output is for a person at a terminal).
+pub fn init(force_stderr: bool) {
+    let journal = (!force_stderr && std::path::Path::new(JOURNAL_SOCKET).exists())
+        .then(|| {
+            Some((
+                tracing_journald::layer().ok()?,
+                tracing_journald::layer().ok()?,
+            ))
+        })
+        .flatten();
+    match journal {
+        Some((own, agent)) => {
+            let own = own
+                .with_field_prefix(None)
+                .with_syslog_identifier("agent-supervisor".into())
+                .with_filter(filter_fn(|m| m.target() != AGENT_TARGET));
+            let agent = agent
+                .with_field_prefix(None)
+                .with_syslog_identifier("semaphore-agent".into())
+                .with_filter(filter_fn(|m| m.target() == AGENT_TARGET));
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(own)
+                .with(agent)
+                .init();
+        }
+        None => {
+            tracing_subscriber::registry()
+                .with(filter())
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_writer(std::io::stderr)
+                        .with_ansi(false)
+                        .with_target(false),
+                )
+                .init();
+        }
+    }
+}
