@@ -158,9 +158,18 @@ pub struct Settings {
 
 impl Settings {
     pub fn parse(parameter: &str, json: &str) -> Result<Self, ConfigError> {
-        let raw: RuntimeConfig = serde_json::from_str(json).map_err(|e| ConfigError::Parse {
-            parameter: parameter.to_string(),
-            detail: e.to_string(),
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let raw: RuntimeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let detail = if path == "." || path.is_empty() {
+                e.inner().to_string()
+            } else {
+                format!("key `{path}`: {}", e.inner())
+            };
+            ConfigError::Parse {
+                parameter: parameter.to_string(),
+                detail,
+            }
         })?;
         Self::validate(parameter, raw)
     }
@@ -294,7 +303,7 @@ mod tests {
     fn wrong_type_is_named() {
         let json = GOOD.replace('}', r#","idle_timeout_secs":"300"}"#);
         let m = Settings::parse("/p", &json).expect_err("type").to_string();
-        assert!(m.contains("invalid type") && m.contains("column"), "{m}");
+        assert!(m.contains("key `idle_timeout_secs`: invalid type"), "{m}");
     }
 
     #[test]

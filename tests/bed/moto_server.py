@@ -1,0 +1,746 @@
+#!/usr/bin/env python3
+"""moto's standalone server for the agent-fleet test bed.
+
+What this adds to `moto_server`:
+
+1. Auto Scaling strictness moto 5.2.5 lacks (see `apply_patches`); each patch cites the AWS
+   behaviour it mirrors. Tests match error *codes*, never messages.
+2. A WSGI middleware (`Bed`) in front of moto that
+   - serialises AWS requests into moto (moto's backends check-then-insert without locks; the
+     leader election relies on PutParameter(Overwrite=false) being atomic, as it is in AWS),
+   - logs every AWS request (service, action, a whitelist of key params, CLOCK_MONOTONIC
+     timestamps, status, error code) for `GET /_bed/calls?since=<seq>`,
+   - injects faults (`POST /_bed/faults`) in the error shape of the request's protocol.
+
+Usage: moto_server.py [--port N] [--exit-on-stdin-eof]
+Binds 127.0.0.1 (port 0 = ephemeral), prints exactly one line `LISTENING <port>` on stdout
+once the socket accepts connections and the patches are in place, then serves forever.
+With --exit-on-stdin-eof it exits when stdin closes (the Rust harness holds the pipe, so a
+test process that dies for any reason takes its moto with it).
+
+Control API (JSON in, JSON out; never logged as AWS calls):
+  GET    /_bed/health                  -> {"ok": true, "moto": "5.2.5"}
+  GET    /_bed/calls?since=<seq>       -> {"calls": [...seq > since...], "last_seq": N}
+  POST   /_bed/calls/clear             -> {"cleared": n}      (seq numbers keep increasing)
+  POST   /_bed/faults  {...}           -> {"id": n}
+  GET    /_bed/faults                  -> {"faults": [...]}
+  DELETE /_bed/faults                  -> {"cleared": n}
+
+A call: {"seq", "t_ns" (arrival, time.monotonic_ns()), "end_ns" (response done or null),
+"service" (SigV4 signing name: "ssm", "autoscaling", "ec2", "s3", "monitoring",
+"cloudformation", "sts", ...), "action", "params" (whitelisted, strings or lists of strings;
+parameter *values* are never logged), "status" (HTTP status or null), "error" (AWS error code
+or null), "fault" (null | "error" | "reset" | "delay")}.
+
+A fault: {"service": "ssm", "action": "PutParameter" (optional: all actions),
+  "error": "ThrottlingException", "status": 400, "message": "...",
+  "count": 5 (optional: how many matching requests; default unlimited until cleared/expired),
+  "outage_ms": 3000 (optional: active for this long from now; alone it means 503
+                     ServiceUnavailable),
+  "delay_ms": 500 (optional: sleep this long before answering, outside moto's lock),
+  "mode": "error" | "reset" | "delay"}
+mode defaults to "error" when error or outage_ms is given, else "delay" (when only delay_ms is
+given: the request then goes through to moto, late). "reset" closes the connection without a
+response. The first active fault that matches a request applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from typing import Any, Callable, Iterable
+
+EXPECTED_MOTO_VERSION = "5.2.5"
+
+# --------------------------------------------------------------------------------------------
+# Auto Scaling strictness
+# --------------------------------------------------------------------------------------------
+
+
+def apply_patches() -> None:
+    """Patch moto's Auto Scaling to answer like AWS where our supervisor depends on it.
+
+    Validation sits in the API handlers (AutoScalingResponse), not the backend, so moto's own
+    internal uses of the backend (e.g. DeleteAutoScalingGroup scaling to 0, CloudFormation)
+    keep working.
+    """
+    import moto
+    from moto.autoscaling import models as M
+    from moto.autoscaling import responses as R
+    from moto.autoscaling.exceptions import ValidationError
+    from moto.core.responses import ActionResult, EmptyResult
+
+    if moto.__version__ != EXPECTED_MOTO_VERSION:
+        raise RuntimeError(
+            f"moto {moto.__version__} installed, these patches target {EXPECTED_MOTO_VERSION}: "
+            "run `make venv` (tests/bed/requirements.txt pins it)"
+        )
+
+    def find_instance(backend: Any, instance_id: str | None) -> tuple[Any, Any]:
+        for group in backend.autoscaling_groups.values():
+            for state in group.instance_states:
+                if state.instance.id == instance_id:
+                    return group, state
+        return None, None
+
+    def not_found(instance_id: str | None) -> Exception:
+        # AWS answers an instance id that no Auto Scaling group manages with ValidationError
+        # "Instance Id not found - No managed instance found for instance ID: i-..."
+        # (TerminateInstanceInAutoScalingGroup, SetInstanceHealth, lifecycle calls). moto 5.2.5
+        # raises StopIteration -> HTTP 500.
+        return ValidationError(
+            f"Instance Id not found - No managed instance found for instance ID: {instance_id}"
+        )
+
+    def group_or_error(backend: Any, name: str | None) -> Any:
+        # AWS: ValidationError "AutoScalingGroup name not found - ..." for an unknown group
+        # name; moto 5.2.5 raises KeyError -> HTTP 500 in SetDesiredCapacity.
+        group = backend.autoscaling_groups.get(name)
+        if group is None:
+            raise ValidationError(f"AutoScalingGroup name not found - AutoScalingGroup {name} not found")
+        return group
+
+    def terminating_hooks(backend: Any, group_name: str) -> list[Any]:
+        return [
+            h
+            for h in backend.lifecycle_hooks.values()
+            if h.auto_scaling_group_name == group_name
+            and h.lifecycle_transition == "autoscaling:EC2_INSTANCE_TERMINATING"
+        ]
+
+    def finish_termination(backend: Any, group: Any, state: Any) -> None:
+        group.instance_states = [x for x in group.instance_states if x is not state]
+        backend.ec2_backend.terminate_instances([state.instance.id])
+
+    def expire_lifecycle_actions(backend: Any) -> None:
+        # PutLifecycleHook, HeartbeatTimeout: "If the lifecycle hook times out, Amazon EC2 Auto
+        # Scaling performs the action that you specified in the DefaultResult property." For
+        # the terminating transition both CONTINUE and ABANDON end in termination. Checked
+        # lazily, before every Auto Scaling API call.
+        now = time.time()
+        for group in list(backend.autoscaling_groups.values()):
+            for state in list(group.instance_states):
+                if state.lifecycle_state != "Terminating:Wait":
+                    continue
+                hook = getattr(state, "bed_hook", None)
+                if hook is None or now >= state.bed_heartbeat + hook.heartbeat_timeout:
+                    finish_termination(backend, group, state)
+
+    # -- SetDesiredCapacity ---------------------------------------------------------------
+    # AWS (Auto Scaling User Guide, "Set scaling limits for your Auto Scaling group"): "The
+    # desired capacity must be equal to or greater than the minimum group size, and equal to or
+    # less than the maximum group size." SetDesiredCapacity outside [min, max] is answered with
+    # ValidationError "New SetDesiredCapacity value N is above max value M for the
+    # AutoScalingGroup." (resp. "below min value"). moto 5.2.5 accepts any value.
+    def set_desired_capacity(self: Any) -> Any:
+        name = self._get_param("AutoScalingGroupName")
+        desired = self._get_int_param("DesiredCapacity")
+        if desired is None:
+            # API reference: DesiredCapacity is Required.
+            raise ValidationError("DesiredCapacity is required")
+        group = group_or_error(self.autoscaling_backend, name)
+        if desired > group.max_size:
+            raise ValidationError(
+                f"New SetDesiredCapacity value {desired} is above max value {group.max_size} for the AutoScalingGroup."
+            )
+        if desired < group.min_size:
+            raise ValidationError(
+                f"New SetDesiredCapacity value {desired} is below min value {group.min_size} for the AutoScalingGroup."
+            )
+        self.autoscaling_backend.set_desired_capacity(name, desired)
+        return EmptyResult()
+
+    # -- TerminateInstanceInAutoScalingGroup ----------------------------------------------
+    # API reference: "ShouldDecrementDesiredCapacity - Indicates whether terminating the
+    # instance also decrements the size of the Auto Scaling group. Required: Yes." and "If you
+    # do not specify the option to decrement the desired capacity, Amazon EC2 Auto Scaling
+    # launches instances to replace the ones that are terminated."
+    # With decrement at min size AWS answers ValidationError "Currently, desiredSize equals
+    # minSize (N). Terminating instance without replacement will violate group's min size
+    # constraint. Either set shouldDecrementDesiredCapacity flag to false or lower group's min
+    # size." moto 5.2.5 decrements below min.
+    # With a termination lifecycle hook (User Guide, "Amazon EC2 Auto Scaling lifecycle
+    # hooks"), the instance moves to Terminating:Wait and stays in the group until
+    # CompleteLifecycleAction or the heartbeat timeout; moto 5.2.5 has no Terminating:Wait.
+    def terminate_instance_in_auto_scaling_group(self: Any) -> Any:
+        backend = self.autoscaling_backend
+        instance_id = self._get_param("InstanceId")
+        raw_decrement = self._get_param("ShouldDecrementDesiredCapacity")
+        if raw_decrement is None:
+            raise ValidationError(
+                "1 validation error detected: Value null at 'shouldDecrementDesiredCapacity' "
+                "failed to satisfy constraint: Member must not be null"
+            )
+        should_decrement = self._get_bool_param("ShouldDecrementDesiredCapacity", False)
+        group, state = find_instance(backend, instance_id)
+        if group is None:
+            raise not_found(instance_id)
+        original = group.desired_capacity
+        if state.lifecycle_state.startswith("Terminating"):
+            # Not documented by AWS; we answer a repeated request as a no-op (no second
+            # decrement, no second replacement) rather than inventing an error.
+            return ActionResult({"Activity": M.TerminateInstanceActivity(state.instance, original)})
+        if should_decrement and group.desired_capacity <= group.min_size:
+            raise ValidationError(
+                f"Currently, desiredSize equals minSize ({group.min_size}). Terminating instance "
+                "without replacement will violate group's min size constraint. Either set "
+                "shouldDecrementDesiredCapacity flag to false or lower group's min size."
+            )
+        hooks = terminating_hooks(backend, group.name)
+        if hooks:
+            state.lifecycle_state = "Terminating:Wait"
+            state.bed_hook = hooks[0]
+            state.bed_heartbeat = time.time()
+            if should_decrement:
+                group.desired_capacity = original - 1
+            # Launches the replacement when not decrementing: the waiting instance no longer
+            # counts as active (moto counts only InService instances).
+            group.set_desired_capacity(group.desired_capacity)
+            activity = M.TerminateInstanceActivity(state.instance, original)
+        else:
+            activity = backend.terminate_instance(instance_id, should_decrement)
+        return ActionResult({"Activity": activity})
+
+    # -- SetInstanceHealth ----------------------------------------------------------------
+    # Same "Instance Id not found" ValidationError for an instance no group manages (moto:
+    # StopIteration / InvalidInstanceID -> wrong code). HealthStatus: "Healthy | Unhealthy".
+    _orig_set_instance_health = R.AutoScalingResponse.set_instance_health
+
+    def set_instance_health(self: Any) -> Any:
+        instance_id = self._get_param("InstanceId")
+        if self._get_param("HealthStatus") not in ("Healthy", "Unhealthy"):
+            raise ValidationError("Valid instance health states are: [Healthy, Unhealthy]")
+        group, _ = find_instance(self.autoscaling_backend, instance_id)
+        if group is None:
+            raise not_found(instance_id)
+        return _orig_set_instance_health(self)
+
+    # -- CompleteLifecycleAction / RecordLifecycleActionHeartbeat ---------------------------
+    # API reference, CompleteLifecycleAction: "Completes the lifecycle action for the specified
+    # token or instance with the specified result." LifecycleActionResult: "The action for the
+    # group to take. You can specify either CONTINUE or ABANDON." For a terminating instance
+    # either result terminates it. RecordLifecycleActionHeartbeat: "Records a heartbeat for the
+    # lifecycle action associated with the specified token or instance. This extends the
+    # timeout by the length of time defined using the PutLifecycleHook API call."
+    # moto 5.2.5 implements neither (NotImplementedError -> 500).
+    # We identify the action by InstanceId (LifecycleActionToken is not supported).
+    def pending_action(self: Any) -> tuple[Any, Any, Any]:
+        backend = self.autoscaling_backend
+        group_name = self._get_param("AutoScalingGroupName")
+        hook_name = self._get_param("LifecycleHookName")
+        instance_id = self._get_param("InstanceId")
+        hook = backend.lifecycle_hooks.get(f"{group_name}_{hook_name}")
+        if hook is None:
+            raise ValidationError(f"No Lifecycle Hook found with name {hook_name} for group {group_name}")
+        group, state = find_instance(backend, instance_id)
+        if (
+            group is None
+            or group.name != group_name
+            or not state.lifecycle_state.endswith(":Wait")
+        ):
+            raise ValidationError(f"No active Lifecycle Action found with instance ID {instance_id}")
+        return backend, group, state
+
+    def complete_lifecycle_action(self: Any) -> Any:
+        result = self._get_param("LifecycleActionResult")
+        if result not in ("CONTINUE", "ABANDON"):
+            raise ValidationError("LifecycleActionResult must be CONTINUE or ABANDON")
+        backend, group, state = pending_action(self)
+        if state.lifecycle_state == "Terminating:Wait":
+            finish_termination(backend, group, state)
+        return EmptyResult()
+
+    def record_lifecycle_action_heartbeat(self: Any) -> Any:
+        _, _, state = pending_action(self)
+        state.bed_heartbeat = time.time()
+        return EmptyResult()
+
+    _orig_call_action = R.AutoScalingResponse.call_action
+
+    def call_action(self: Any) -> Any:
+        expire_lifecycle_actions(self.autoscaling_backend)
+        return _orig_call_action(self)
+
+    R.AutoScalingResponse.set_desired_capacity = set_desired_capacity
+    R.AutoScalingResponse.terminate_instance_in_auto_scaling_group = (
+        terminate_instance_in_auto_scaling_group
+    )
+    R.AutoScalingResponse.set_instance_health = set_instance_health
+    R.AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
+    R.AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
+    R.AutoScalingResponse.call_action = call_action
+
+
+# --------------------------------------------------------------------------------------------
+# Call log and faults
+# --------------------------------------------------------------------------------------------
+
+# Only these request params are logged (never parameter values, user data, tokens...).
+LOGGED_PARAMS: dict[str, tuple[str, ...]] = {
+    "TerminateInstanceInAutoScalingGroup": ("InstanceId", "ShouldDecrementDesiredCapacity"),
+    "SetDesiredCapacity": ("AutoScalingGroupName", "DesiredCapacity", "HonorCooldown"),
+    "SetInstanceHealth": ("InstanceId", "HealthStatus", "ShouldRespectGracePeriod"),
+    "CompleteLifecycleAction": (
+        "AutoScalingGroupName",
+        "LifecycleHookName",
+        "InstanceId",
+        "LifecycleActionResult",
+    ),
+    "RecordLifecycleActionHeartbeat": ("AutoScalingGroupName", "LifecycleHookName", "InstanceId"),
+    "SuspendProcesses": ("AutoScalingGroupName",),
+    "ResumeProcesses": ("AutoScalingGroupName",),
+    "PutParameter": ("Name", "Overwrite", "Type"),
+    "GetParameter": ("Name", "WithDecryption"),
+    "GetParameters": ("Names",),
+    "DeleteParameter": ("Name",),
+    "DeleteParameters": ("Names",),
+    "GetParametersByPath": ("Path",),
+    "PutMetricData": ("Namespace",),
+}
+
+# Names a test may use in a fault's "service" for a SigV4 signing name.
+SERVICE_ALIASES = {"cloudwatch": "monitoring", "asg": "autoscaling"}
+
+FAULT_KEYS = {"service", "action", "error", "status", "message", "count", "outage_ms", "delay_ms", "mode"}
+
+
+def _scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, list):
+        return [_scalar(x) for x in v]
+    return _scalar(v)
+
+
+class Fault:
+    def __init__(self, fid: int, spec: dict[str, Any]):
+        unknown = set(spec) - FAULT_KEYS
+        if unknown:
+            raise ValueError(f"unknown fault keys: {sorted(unknown)}")
+        service = spec.get("service")
+        if not isinstance(service, str) or not service:
+            raise ValueError("fault needs a 'service'")
+        self.id = fid
+        self.service = SERVICE_ALIASES.get(service.lower(), service.lower())
+        self.action: str | None = spec.get("action")
+        self.count: int | None = spec.get("count")
+        outage_ms = spec.get("outage_ms")
+        self.until_ns: int | None = (
+            time.monotonic_ns() + int(outage_ms) * 1_000_000 if outage_ms is not None else None
+        )
+        self.delay_ms = int(spec.get("delay_ms") or 0)
+        default_mode = "error" if ("error" in spec or outage_ms is not None) else "delay"
+        self.mode: str = spec.get("mode", default_mode)
+        if self.mode not in ("error", "reset", "delay"):
+            raise ValueError("mode must be error, reset or delay")
+        if self.mode == "delay" and not self.delay_ms:
+            raise ValueError("a fault needs error, outage_ms, mode=reset or delay_ms")
+        if outage_ms is not None and "error" not in spec:
+            self.error, self.status = "ServiceUnavailable", int(spec.get("status", 503))
+        else:
+            self.error = spec.get("error", "InternalFailure")
+            self.status = int(spec.get("status", 500 if self.error == "InternalFailure" else 400))
+        self.message: str = spec.get("message", f"injected by the test bed: {self.error}")
+        if self.count is not None and (not isinstance(self.count, int) or self.count < 1):
+            raise ValueError("count must be a positive integer")
+
+    def active(self, now_ns: int) -> bool:
+        if self.count is not None and self.count <= 0:
+            return False
+        return self.until_ns is None or now_ns < self.until_ns
+
+    def matches(self, service: str, action: str | None) -> bool:
+        return self.service == service and (self.action is None or self.action == action)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "service": self.service,
+            "action": self.action,
+            "mode": self.mode,
+            "error": self.error if self.mode == "error" else None,
+            "status": self.status if self.mode == "error" else None,
+            "remaining": self.count,
+            "remaining_ms": (
+                max(0, (self.until_ns - time.monotonic_ns()) // 1_000_000)
+                if self.until_ns is not None
+                else None
+            ),
+            "delay_ms": self.delay_ms,
+        }
+
+
+def _cbor_text(s: str) -> bytes:
+    b = s.encode("utf-8")
+    n = len(b)
+    if n < 24:
+        head = bytes([0x60 | n])
+    elif n < 256:
+        head = bytes([0x78, n])
+    else:
+        head = bytes([0x79]) + n.to_bytes(2, "big")
+    return head + b
+
+
+def _xml_escape(s: str) -> str:
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def error_response(
+    service: str, protocol: str, code: str, message: str, status: int
+) -> tuple[str, list[tuple[str, str]], bytes]:
+    """An AWS error in the shape the request's protocol expects, so the SDK parses the code."""
+    request_id = str(uuid.uuid4())
+    reason = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests",
+              500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Error")
+    status_line = f"{status} {reason}"
+    headers = [("x-amzn-RequestId", request_id)]
+    if protocol == "json":
+        body = json.dumps({"__type": code, "message": message}).encode()
+        headers += [("Content-Type", "application/x-amz-json-1.1"), ("x-amzn-ErrorType", code)]
+    elif protocol == "cbor":
+        body = bytes([0xA2]) + _cbor_text("__type") + _cbor_text(code) + _cbor_text("message") + _cbor_text(message)
+        headers += [("Content-Type", "application/cbor"), ("smithy-protocol", "rpc-v2-cbor")]
+    elif service == "ec2":
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error>'
+            f"<Code>{_xml_escape(code)}</Code><Message>{_xml_escape(message)}</Message>"
+            f"</Error></Errors><RequestID>{request_id}</RequestID></Response>"
+        ).encode()
+        headers += [("Content-Type", "text/xml")]
+    elif service == "s3":
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Error>'
+            f"<Code>{_xml_escape(code)}</Code><Message>{_xml_escape(message)}</Message>"
+            f"<RequestId>{request_id}</RequestId></Error>"
+        ).encode()
+        headers += [("Content-Type", "application/xml")]
+    else:  # awsQuery: autoscaling, cloudformation, sts, monitoring (query)
+        kind = "Receiver" if status >= 500 else "Sender"
+        body = (
+            f'<ErrorResponse xmlns="https://{service}.amazonaws.com/doc/"><Error>'
+            f"<Type>{kind}</Type><Code>{_xml_escape(code)}</Code>"
+            f"<Message>{_xml_escape(message)}</Message></Error>"
+            f"<RequestId>{request_id}</RequestId></ErrorResponse>"
+        ).encode()
+        headers += [("Content-Type", "text/xml")]
+    headers.append(("Content-Length", str(len(body))))
+    return status_line, headers, body
+
+
+_XML_CODE = re.compile(rb"<Code>([^<]+)</Code>")
+
+
+def error_code_of(headers: list[tuple[str, str]], body: bytes) -> str | None:
+    for k, v in headers:
+        if k.lower() == "x-amzn-errortype":
+            return v.split(":", 1)[0].rsplit("#", 1)[-1]
+    m = _XML_CODE.search(body)
+    if m:
+        return m.group(1).decode("utf-8", "replace")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(doc, dict):
+        code = doc.get("__type") or doc.get("code")
+        if isinstance(code, str):
+            return code.rsplit("#", 1)[-1]
+    return None
+
+
+class Bed:
+    """WSGI middleware: /_bed/ control API, call log, faults, serialised access to moto."""
+
+    def __init__(self, app: Callable[..., Any]):
+        self.app = app
+        self.moto_lock = threading.Lock()
+        self.lock = threading.Lock()
+        self.calls: list[dict[str, Any]] = []
+        self.seq = 0
+        self.faults: list[Fault] = []
+        self.fault_seq = 0
+
+    # -- WSGI entry ---------------------------------------------------------------------
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path.startswith("/_bed/"):
+            return self.control(environ, start_response)
+        if path.startswith("/moto-api"):
+            with self.moto_lock:
+                return list(self.app(environ, start_response))
+        return self.aws(environ, start_response)
+
+    # -- AWS requests ---------------------------------------------------------------------
+    def aws(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        t_ns = time.monotonic_ns()
+        service = self.service_of(environ)
+        body = self.read_body(environ)
+        protocol, action, params = self.parse(environ, body)
+        record = {
+            "seq": 0,
+            "t_ns": t_ns,
+            "end_ns": None,
+            "service": service,
+            "action": action,
+            "params": params,
+            "status": None,
+            "error": None,
+            "fault": None,
+        }
+        with self.lock:
+            self.seq += 1
+            record["seq"] = self.seq
+            self.calls.append(record)
+            fault = None
+            for f in self.faults:
+                if f.active(t_ns) and f.matches(service, action):
+                    fault = f
+                    if f.count is not None:
+                        f.count -= 1
+                    break
+            self.faults = [f for f in self.faults if f.active(t_ns)]
+
+        if fault is not None:
+            if fault.delay_ms:
+                time.sleep(fault.delay_ms / 1000)
+            if fault.mode == "reset":
+                self.finish(record, None, None, "reset")
+                sock = environ.get("werkzeug.socket")
+                if sock is not None:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                start_response("500 Internal Server Error", [("Content-Length", "0")])
+                return [b""]
+            if fault.mode == "error":
+                status_line, headers, out = error_response(
+                    service, protocol, fault.error, fault.message, fault.status
+                )
+                self.finish(record, fault.status, fault.error, "error")
+                start_response(status_line, headers)
+                return [out]
+            record["fault"] = "delay"
+
+        captured: dict[str, Any] = {}
+
+        def capture(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            captured["status"] = status
+            captured["headers"] = headers
+            return start_response(status, headers, exc_info)
+
+        with self.moto_lock:
+            result = self.app(environ, capture)
+            try:
+                out = b"".join(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        status = int(str(captured.get("status", "500")).split(" ", 1)[0])
+        code = error_code_of(captured.get("headers", []), out) if status >= 400 else None
+        self.finish(record, status, code, record["fault"])
+        return [out]
+
+    def finish(self, record: dict[str, Any], status: int | None, error: str | None, fault: str | None) -> None:
+        with self.lock:
+            record["end_ns"] = time.monotonic_ns()
+            record["status"] = status
+            record["error"] = error
+            record["fault"] = fault
+
+    @staticmethod
+    def service_of(environ: dict[str, Any]) -> str:
+        auth = environ.get("HTTP_AUTHORIZATION", "")
+        # SigV4: "AWS4-HMAC-SHA256 Credential=AKID/20250101/us-east-1/ssm/aws4_request, ..."
+        m = re.search(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/", auth)
+        if m:
+            return m.group(1).lower()
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if target.startswith("AmazonSSM."):
+            return "ssm"
+        return "unknown"
+
+    @staticmethod
+    def read_body(environ: dict[str, Any]) -> bytes:
+        ctype = environ.get("CONTENT_TYPE", "")
+        if not (
+            ctype.startswith("application/x-www-form-urlencoded")
+            or "json" in ctype
+            or "cbor" in ctype
+        ):
+            return b""
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return b""
+        if length <= 0:
+            return b""
+        body = environ["wsgi.input"].read(length)
+        environ["wsgi.input"] = io.BytesIO(body)
+        return body
+
+    @staticmethod
+    def parse(environ: dict[str, Any], body: bytes) -> tuple[str, str, dict[str, Any]]:
+        """(protocol, action, whitelisted params) of an AWS request."""
+        target = environ.get("HTTP_X_AMZ_TARGET")
+        if target:
+            action = target.rsplit(".", 1)[-1]
+            try:
+                doc = json.loads(body or b"{}")
+            except ValueError:
+                doc = {}
+            src = doc if isinstance(doc, dict) else {}
+            params = {k: _norm(src[k]) for k in LOGGED_PARAMS.get(action, ()) if k in src}
+            return "json", action, params
+        path = environ.get("PATH_INFO", "")
+        if environ.get("HTTP_SMITHY_PROTOCOL", "").startswith("rpc-v2-cbor"):
+            # POST /service/<Service>/operation/<Operation>
+            return "cbor", path.rstrip("/").rsplit("/", 1)[-1] or "?", {}
+        form: dict[str, list[str]] = {}
+        if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded") and body:
+            form = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        action_values = form.get("Action") or query.get("Action")
+        if action_values:
+            action = action_values[0]
+            params = {
+                k: form.get(k, query.get(k, [""]))[0]
+                for k in LOGGED_PARAMS.get(action, ())
+                if k in form or k in query
+            }
+            return "query", action, params
+        # REST protocols (S3): "<METHOD> <path>" is the best name we have.
+        return "rest", f"{environ.get('REQUEST_METHOD', '?')} {path}", {}
+
+    # -- control API ----------------------------------------------------------------------
+    def control(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "").rstrip("/")
+        try:
+            status, doc = self.route(method, path, environ)
+        except (ValueError, TypeError) as e:  # bad JSON, unknown keys, wrong types
+            status, doc = 400, {"error": str(e)}
+        out = json.dumps(doc).encode()
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}[status]
+        start_response(
+            f"{status} {reason}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(out)))],
+        )
+        return [out]
+
+    def route(self, method: str, path: str, environ: dict[str, Any]) -> tuple[int, Any]:
+        if path == "/_bed/health" and method == "GET":
+            import moto
+
+            return 200, {"ok": True, "moto": moto.__version__}
+        if path == "/_bed/calls" and method == "GET":
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            since = int(query.get("since", ["0"])[0])
+            with self.lock:
+                calls = [dict(c) for c in self.calls if c["seq"] > since]
+                last = self.seq
+            return 200, {"calls": calls, "last_seq": last}
+        if path == "/_bed/calls/clear" and method == "POST":
+            with self.lock:
+                n = len(self.calls)
+                self.calls = []
+            return 200, {"cleared": n}
+        if path == "/_bed/faults":
+            if method == "POST":
+                spec = json.loads(Bed.read_body(environ) or b"null")
+                if not isinstance(spec, dict):
+                    raise ValueError("fault must be a JSON object (Content-Type: application/json)")
+                with self.lock:
+                    self.fault_seq += 1
+                    fault = Fault(self.fault_seq, spec)
+                    self.faults.append(fault)
+                return 200, {"id": fault.id}
+            if method == "GET":
+                now = time.monotonic_ns()
+                with self.lock:
+                    return 200, {"faults": [f.to_json() for f in self.faults if f.active(now)]}
+            if method == "DELETE":
+                with self.lock:
+                    n = len(self.faults)
+                    self.faults = []
+                return 200, {"cleared": n}
+            return 405, {"error": f"{method} not allowed"}
+        return 404, {"error": f"no such bed endpoint: {method} {path}"}
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0 = ephemeral)")
+    parser.add_argument("--exit-on-stdin-eof", action="store_true")
+    args = parser.parse_args(argv)
+
+    # Dummy credentials for anything moto does with boto3 internally.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+    from werkzeug.serving import make_server
+
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+
+    apply_patches()
+
+    server = make_server(
+        "127.0.0.1",
+        args.port,
+        Bed(DomainDispatcherApplication(create_backend_app)),
+        threaded=True,
+        request_handler=MotoRequestHandler,
+    )
+    port = server.server_address[1]
+    # moto uses MOTO_PORT when it has to address itself.
+    os.environ["MOTO_PORT"] = str(port)
+
+    if args.exit_on_stdin_eof:
+
+        def watch_stdin() -> None:
+            try:
+                while sys.stdin.buffer.read(4096):
+                    pass
+            finally:
+                os._exit(0)
+
+        threading.Thread(target=watch_stdin, name="stdin-eof", daemon=True).start()
+
+    # os._exit: nothing to flush, and a clean interpreter shutdown would trip over the daemon
+    # thread blocked on stdin.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+    print(f"LISTENING {port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,142 @@
+//! One test's world: moto, a fake hub, a stack's parameters, a scratch directory.
+
+use crate::fleet::{Fleet, FleetOptions, InstanceOptions};
+use crate::hub::{Hub, HubOptions};
+use crate::moto::Moto;
+use agent_supervisor::config::RuntimeConfig;
+use anyhow::bail;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A registration token distinctive enough that finding it in any output is a leak.
+pub const TOKEN: &str = "reg-token-7c1d-SECRET-e2e";
+
+pub struct Bed {
+    pub moto: Arc<Moto>,
+    pub hub: Hub,
+    pub root: PathBuf,
+    pub stack: String,
+    pub config_parameter: String,
+    pub token_parameter: String,
+}
+
+impl Bed {
+    /// Starts moto (warmed up) and a hub, and stores the token.
+    pub async fn start(stack: &str) -> anyhow::Result<Bed> {
+        Self::start_with(stack, HubOptions::default()).await
+    }
+
+    pub async fn start_with(stack: &str, hub: HubOptions) -> anyhow::Result<Bed> {
+        let moto = Arc::new(Moto::start().await?);
+        moto.warm_up().await;
+        let hub = Hub::start(HubOptions {
+            registration_token: TOKEN.to_string(),
+            ..hub
+        })
+        .await?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        let root = std::env::temp_dir().join(format!(
+            "agent-fleet-{stack}-{}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&root)?;
+        let bed = Bed {
+            moto,
+            hub,
+            root,
+            stack: stack.to_string(),
+            config_parameter: format!("/agent-fleet/{stack}/config"),
+            token_parameter: format!("/agent-fleet/{stack}/token"),
+        };
+        bed.moto
+            .put_parameter(&bed.token_parameter, TOKEN, true)
+            .await?;
+        Ok(bed)
+    }
+
+    /// The runtime config a stack would write, aimed at the hub.
+    pub fn runtime_config(&self, group: &str) -> RuntimeConfig {
+        RuntimeConfig {
+            endpoint: self.hub.endpoint(),
+            token_parameter: self.token_parameter.clone(),
+            agent_group: group.to_string(),
+            disconnect_after_job: true,
+            idle_timeout_secs: 300,
+            interruption_grace_secs: 10,
+            cache_bucket: None,
+            no_https: true,
+        }
+    }
+
+    pub async fn put_config(&self, cfg: &RuntimeConfig) -> anyhow::Result<()> {
+        self.put_config_json(&serde_json::to_string(cfg)?).await
+    }
+
+    pub async fn put_config_json(&self, json: &str) -> anyhow::Result<()> {
+        self.moto
+            .put_parameter(&self.config_parameter, json, false)
+            .await
+    }
+
+    pub fn user_data(&self) -> String {
+        crate::fleet::user_data(&self.stack, &self.config_parameter)
+    }
+
+    /// Options for one simulated instance of `group`.
+    pub fn instance(&self, id: &str, group: &str) -> InstanceOptions {
+        InstanceOptions {
+            user_data: Some(self.user_data()),
+            ..InstanceOptions::new(id, group, &self.moto, &self.root)
+        }
+    }
+
+    /// A launcher over `groups`.
+    pub fn fleet(&self, groups: &[&str], args: &[&str], agent_env: &[(&str, &str)]) -> Fleet {
+        Fleet::start(
+            self.moto.clone(),
+            FleetOptions {
+                groups: groups.iter().map(|g| g.to_string()).collect(),
+                user_data: self.user_data(),
+                root: self.root.clone(),
+                args: args.iter().map(|a| a.to_string()).collect(),
+                agent_env: agent_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                poll: Duration::from_millis(150),
+                stop_timeout: Duration::from_secs(10),
+            },
+        )
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        if std::env::var_os("AGENT_FLEET_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or fails naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,157 @@
+//! `make demo`: a whole agent fleet on this machine. Emulated AWS (moto), a fake
+//! Semaphore, and one real `agent-supervisor` per instance of a 3-instance group. A wave
+//! of jobs goes through; the timeline shows what each part does, then a summary.
+
+use agent_fleet_tests::bed::Bed;
+use agent_fleet_tests::fleet::FleetEvent;
+use agent_fleet_tests::hub::{HubEvent, JobSpec};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+const GROUP: &str = "demo-agents";
+const JOBS: usize = 8;
+
+fn short(id: &str) -> String {
+    // "i-0123456789abcdef0__a1b2c3" -> "i-…cdef0"
+    let inst = id.split("__").next().unwrap_or(id);
+    match inst.len() {
+        n if n > 8 => format!("i-…{}", &inst[n - 5..]),
+        _ => inst.to_string(),
+    }
+}
+
+/// The value of `key=` in a supervisor log line (quoted or bare).
+fn field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    if let Some(q) = rest.strip_prefix('"') {
+        q.split('"').next().map(str::to_string)
+    } else {
+        rest.split_whitespace().next().map(str::to_string)
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    println!("agent-fleet demo: a {JOBS}-job wave through a fixed group of 3 instances");
+    println!("(emulated AWS and Semaphore on 127.0.0.1; every instance runs the real agent-supervisor)\n");
+    let t0 = Instant::now();
+    print!("starting the AWS emulator (moto) and the fake Semaphore hub … ");
+    let bed = Bed::start("demo").await?;
+    println!("ready in {:.1}s", t0.elapsed().as_secs_f64());
+    bed.moto.create_group(GROUP, 3, 3, 3).await?;
+    let mut cfg = bed.runtime_config(GROUP);
+    cfg.idle_timeout_secs = 6;
+    bed.put_config(&cfg).await?;
+    println!(
+        "group {GROUP}: min 3, max 3, desired 3; one job per instance; idle timeout {}s\n",
+        cfg.idle_timeout_secs
+    );
+
+    let mut hub_events = bed.hub.subscribe();
+    let fleet = bed.fleet(&[GROUP], &[], &[]);
+    let mut fleet_events = fleet.subscribe();
+    let start = Instant::now();
+    let at = move || format!("{:>6.1}s", start.elapsed().as_secs_f64());
+
+    let mut job_no: BTreeMap<String, usize> = BTreeMap::new();
+    let mut finished = 0usize;
+    let mut passed = 0usize;
+    let mut reasons: BTreeMap<String, usize> = BTreeMap::new();
+    let mut in_place = 0usize;
+    let mut registered = 0usize;
+    let mut wave_sent = false;
+    let mut running = 0usize;
+    let mut max_running = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut settle_since: Option<Instant> = None;
+
+    loop {
+        if !wave_sent && bed.hub.live_agents().len() >= 3 {
+            wave_sent = true;
+            println!("{}  ── sending a wave of {JOBS} jobs ──", at());
+            for i in 1..=JOBS {
+                let secs = 1 + (i % 3);
+                let id = bed.hub.enqueue_job(JobSpec {
+                    commands: vec![format!("echo building part {i}; sleep {secs}")],
+                    env: vec![],
+                });
+                job_no.insert(id, i);
+            }
+        }
+        if wave_sent && finished == JOBS && bed.hub.live_agents().len() >= 3 {
+            let since = *settle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(8) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            println!("{}  demo timed out; showing what happened so far", at());
+            break;
+        }
+        tokio::select! {
+            ev = hub_events.recv() => match ev {
+                Ok(HubEvent::JobQueued { id }) => println!("{}  job {:>2} queued", at(), job_no.get(&id).copied().unwrap_or(0)),
+                Ok(HubEvent::JobStarted { id, agent }) => {
+                    running += 1;
+                    max_running = max_running.max(running);
+                    println!("{}  job {:>2} started on {}", at(), job_no.get(&id).copied().unwrap_or(0), short(&agent));
+                }
+                Ok(HubEvent::JobFinished { id, agent, result }) => {
+                    running = running.saturating_sub(1);
+                    finished += 1;
+                    if result == "passed" { passed += 1; }
+                    println!("{}  job {:>2} {result} on {}", at(), job_no.get(&id).copied().unwrap_or(0), short(&agent));
+                }
+                Ok(HubEvent::AgentRegistered { name }) => {
+                    registered += 1;
+                    println!("{}  agent registered on {}", at(), short(&name));
+                }
+                Ok(HubEvent::AgentShutdown { name, reason }) => println!("{}  agent on {} told to shut down: {reason}", at(), short(&name)),
+                _ => {}
+            },
+            ev = fleet_events.recv() => match ev {
+                Ok(FleetEvent::Launched { instance_id, .. }) => println!("{}  instance {} launched", at(), short(&instance_id)),
+                Ok(FleetEvent::Terminated { instance_id }) => println!("{}  instance {} terminated by Auto Scaling", at(), short(&instance_id)),
+                Ok(FleetEvent::Desired { desired, .. }) => println!("{}  desired capacity = {desired}", at()),
+                Ok(FleetEvent::Log { instance_id, line }) => {
+                    if line.contains("terminating this instance") {
+                        let why = field(&line, "why").unwrap_or_default();
+                        let dec = field(&line, "decrement").unwrap_or_default();
+                        *reasons.entry(why.clone()).or_default() += 1;
+                        println!("{}  instance {} ends itself: {why} (decrement desired: {dec})", at(), short(&instance_id));
+                    } else if line.contains("restarting the agent in place") {
+                        in_place += 1;
+                        println!("{}  instance {} idle at min size: agent restarted in place, no churn", at(), short(&instance_id));
+                    } else if line.contains(" ERROR ") || line.contains("launch failed") {
+                        println!("{}  instance {}: {line}", at(), short(&instance_id));
+                    }
+                }
+                _ => {}
+            },
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+
+    let g = bed.moto.group(GROUP).await?;
+    println!("\n── summary ({:.0}s) ──", start.elapsed().as_secs_f64());
+    println!("jobs: {finished}/{JOBS} finished, {passed} passed; at most {max_running} at once");
+    println!(
+        "instances launched: {}; agents registered: {registered}",
+        fleet.launched().len()
+    );
+    for (why, n) in &reasons {
+        println!("instances that ended themselves: {n} × {why}");
+    }
+    println!("idle agents restarted in place at min size: {in_place}");
+    println!(
+        "group now: desired {}, in service {}",
+        g.desired,
+        g.in_service().len()
+    );
+    fleet.shutdown().await;
+    if finished != JOBS {
+        anyhow::bail!("only {finished} of {JOBS} jobs finished");
+    }
+    Ok(())
+}

@@ -1,0 +1,596 @@
+//! The EC2 side of the test bed: simulated instances, each a real `agent-supervisor`
+//! process with its own fake IMDS, and a launcher that keeps one per in-service instance
+//! of the emulated groups, stopping it (like a shutdown: SIGTERM, then SIGKILL) when
+//! Auto Scaling terminates the instance. A whole fleet on one machine.
+
+use crate::imds::{FakeImds, InstanceMeta};
+use crate::moto::Moto;
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{broadcast, watch};
+
+/// The directory holding the workspace's built binaries (`agent-supervisor`, `agent`).
+/// Found next to the running executable: a test in `target/<profile>/deps/`, a bin in
+/// `target/<profile>/`. `AGENT_FLEET_BIN_DIR` overrides.
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Ok(d) = std::env::var("AGENT_FLEET_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().context("current_exe")?;
+    for dir in exe.ancestors().skip(1).take(3) {
+        if dir.join("agent-supervisor").is_file() && dir.join("agent").is_file() {
+            return Ok(dir.to_path_buf());
+        }
+    }
+    bail!(
+        "agent-supervisor and agent binaries not found near {}; build them first: cargo build --workspace --bins",
+        exe.display()
+    )
+}
+
+/// The user data the launch template writes (see the supervisor's `config` module).
+pub fn user_data(stack: &str, config_parameter: &str) -> String {
+    format!("AGENT_FLEET_STACK={stack}\nAGENT_FLEET_CONFIG_PARAMETER={config_parameter}\n")
+}
+
+/// What a simulated instance's supervisor is started with.
+#[derive(Debug, Clone)]
+pub struct InstanceOptions {
+    pub instance_id: String,
+    pub group: String,
+    pub user_data: Option<String>,
+    pub life_cycle: String,
+    /// The emulator's environment (AWS_ENDPOINT_URL, credentials, …).
+    pub aws_env: Vec<(String, String)>,
+    /// Parent of the instance's own directory.
+    pub root: PathBuf,
+    /// Extra `run` arguments.
+    pub args: Vec<String>,
+    /// Extra environment for the fake agent (knobs such as FAKE_AGENT_REGISTER_TRIES).
+    pub agent_env: Vec<(String, String)>,
+    /// Point IMDS somewhere else (an unreachable-IMDS test).
+    pub imds_endpoint_override: Option<String>,
+}
+
+impl InstanceOptions {
+    pub fn new(instance_id: &str, group: &str, moto: &Moto, root: &Path) -> Self {
+        Self {
+            instance_id: instance_id.to_string(),
+            group: group.to_string(),
+            user_data: None,
+            life_cycle: "on-demand".into(),
+            aws_env: moto.env(),
+            root: root.to_path_buf(),
+            args: vec![],
+            agent_env: vec![],
+            imds_endpoint_override: None,
+        }
+    }
+}
+
+/// Something that happened in the simulated fleet, for timelines and tests.
+#[derive(Debug, Clone)]
+pub enum FleetEvent {
+    Launched {
+        instance_id: String,
+        group: String,
+    },
+    Log {
+        instance_id: String,
+        line: String,
+    },
+    Exited {
+        instance_id: String,
+        status: Option<i32>,
+    },
+    Terminated {
+        instance_id: String,
+    },
+    Desired {
+        group: String,
+        desired: i32,
+    },
+}
+
+/// One simulated instance: a fake IMDS and a running `agent-supervisor run`.
+pub struct Instance {
+    pub id: String,
+    pub group: String,
+    pub imds: FakeImds,
+    pub pid: i32,
+    pub dir: PathBuf,
+    pub started: Instant,
+    /// CLOCK_MONOTONIC ns just before the supervisor was spawned.
+    pub spawned_mono_ns: u64,
+    lines: Arc<Mutex<Vec<String>>>,
+    exit: watch::Receiver<Option<ExitStatus>>,
+}
+
+impl Instance {
+    pub async fn start(
+        opts: InstanceOptions,
+        events: Option<broadcast::Sender<FleetEvent>>,
+    ) -> anyhow::Result<Instance> {
+        let bins = bin_dir()?;
+        let meta = InstanceMeta {
+            instance_id: opts.instance_id.clone(),
+            user_data: opts.user_data.clone(),
+            life_cycle: opts.life_cycle.clone(),
+            ..InstanceMeta::default()
+        };
+        let imds = FakeImds::start(meta).await?;
+        let dir = opts.root.join(&opts.instance_id);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let events_path = dir.join("agent-events.jsonl");
+        let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+            .unwrap_or_else(|| "root".into());
+        let mut cmd = tokio::process::Command::new(bins.join("agent-supervisor"));
+        cmd.arg("run")
+            .arg("--agent-binary")
+            .arg(bins.join("agent"))
+            .arg("--agent-user")
+            .arg(&user)
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .arg("--poweroff-command")
+            .arg(format!("touch {}", dir.join("powered-off").display()))
+            .arg("--agent-env")
+            .arg(format!("FAKE_AGENT_EVENTS={}", events_path.display()))
+            .args(
+                opts.agent_env
+                    .iter()
+                    .flat_map(|(k, v)| ["--agent-env".to_string(), format!("{k}={v}")]),
+            )
+            .args(&opts.args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "HOME",
+                std::env::var("HOME").unwrap_or_else(|_| "/root".into()),
+            )
+            .env("USER", &user)
+            .envs(opts.aws_env.iter().map(|(k, v)| (k, v)))
+            .env(
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+                opts.imds_endpoint_override
+                    .clone()
+                    .unwrap_or_else(|| imds.endpoint()),
+            )
+            .env(
+                "AGENT_SUPERVISOR_LOG",
+                std::env::var("AGENT_SUPERVISOR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let spawned_mono_ns = crate::moto::monotonic_ns();
+        let started = Instant::now();
+        let mut child = cmd.spawn().context("spawning agent-supervisor")?;
+        let pid = child.id().map(|p| p as i32).unwrap_or_default();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let lines = lines.clone();
+            let events = events.clone();
+            let id = opts.instance_id.clone();
+            let log = dir.join("supervisor.log");
+            tokio::spawn(async move {
+                let mut r = BufReader::new(stream).lines();
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .ok();
+                while let Ok(Some(line)) = r.next_line().await {
+                    if let Some(f) = file.as_mut() {
+                        use std::io::Write;
+                        let _ = writeln!(f, "{line}");
+                    }
+                    if let Some(tx) = &events {
+                        let _ = tx.send(FleetEvent::Log {
+                            instance_id: id.clone(),
+                            line: line.clone(),
+                        });
+                    }
+                    if let Ok(mut l) = lines.lock() {
+                        l.push(line);
+                    }
+                }
+            });
+        }
+        let (exit_tx, exit) = watch::channel(None);
+        let id = opts.instance_id.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await.ok();
+            if let Some(tx) = &events {
+                let _ = tx.send(FleetEvent::Exited {
+                    instance_id: id,
+                    status: status.and_then(|s| s.code()),
+                });
+            }
+            let _ = exit_tx.send(status);
+        });
+        Ok(Instance {
+            id: opts.instance_id,
+            group: opts.group,
+            imds,
+            pid,
+            dir,
+            started,
+            spawned_mono_ns,
+            lines,
+            exit,
+        })
+    }
+
+    /// Everything the supervisor printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().map(|l| l.join("\n")).unwrap_or_default()
+    }
+
+    /// Waits for a supervisor output line containing `needle`.
+    pub async fn wait_for_line(&self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .ok()
+                .and_then(|l| l.iter().find(|l| l.contains(needle)).cloned())
+            {
+                return Ok(l);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "instance {}: no line containing {needle:?} within {timeout:?}; output:\n{}",
+                    self.id,
+                    self.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Lines the fake agent wrote to its events file (`start`, `registered`, `exit`, …).
+    pub fn agent_events(&self) -> Vec<serde_json::Value> {
+        agent_events(&self.dir.join("agent-events.jsonl"))
+    }
+
+    /// Waits until a fake agent event satisfies `f`.
+    pub async fn wait_for_event(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&[serde_json::Value]) -> bool,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ev = self.agent_events();
+            if f(&ev) {
+                return Ok(ev);
+            }
+            if Instant::now() > deadline {
+                bail!("instance {}: {what} did not happen within {timeout:?}; agent events: {ev:?}\nsupervisor output:\n{}", self.id, self.output());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.pid), sig);
+    }
+
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        *self.exit.borrow()
+    }
+
+    /// Waits for the supervisor to exit.
+    pub async fn wait_exit(&self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        let mut rx = self.exit.clone();
+        let status = match tokio::time::timeout(timeout, rx.wait_for(|s| s.is_some())).await {
+            Ok(Ok(s)) => *s,
+            Ok(Err(_)) => bail!("supervisor status channel closed"),
+            Err(_) => None,
+        };
+        match status {
+            Some(s) => Ok(s),
+            None => bail!(
+                "instance {}: supervisor still running after {timeout:?}; output:\n{}",
+                self.id,
+                self.output()
+            ),
+        }
+    }
+
+    /// Process groups of every agent this instance started (the wrapper's pid).
+    pub fn agent_groups(&self) -> Vec<i32> {
+        self.agent_events()
+            .iter()
+            .filter(|e| {
+                e["event"] == "start"
+                    && e.get("child").is_none_or(|c| !c.as_bool().unwrap_or(false))
+            })
+            .filter_map(|e| e["pid"].as_i64().map(|p| p as i32))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Kills the supervisor and any agent group it left (test teardown).
+    pub fn kill_all(&self) {
+        self.signal(Signal::SIGKILL);
+        for g in self.agent_groups() {
+            let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Reads a fake agent's JSON-lines events file.
+pub fn agent_events(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Whether any live (non-zombie) process is left in a process group. Zombies are
+/// ignored: an orphan reparented to a PID 1 that is slow to reap is already dead.
+pub fn group_alive(pgid: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .any(|stat| {
+            // pid (comm) state ppid pgrp …; comm may hold spaces, so split after the last ')'.
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let mut f = rest.split_whitespace();
+            let state = f.next().unwrap_or("Z");
+            let pgrp = f.nth(1).and_then(|p| p.parse::<i32>().ok());
+            state != "Z" && pgrp == Some(pgid)
+        })
+}
+
+/// What the launcher is told.
+#[derive(Debug, Clone)]
+pub struct FleetOptions {
+    pub groups: Vec<String>,
+    pub user_data: String,
+    pub root: PathBuf,
+    pub args: Vec<String>,
+    pub agent_env: Vec<(String, String)>,
+    pub poll: Duration,
+    /// How long a terminated instance's supervisor gets after SIGTERM before SIGKILL.
+    pub stop_timeout: Duration,
+}
+
+/// The launcher: one supervisor per in-service instance of `groups`.
+pub struct Fleet {
+    events: broadcast::Sender<FleetEvent>,
+    state: Arc<Mutex<FleetState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct FleetState {
+    running: BTreeMap<String, Instance>,
+    /// Instances whose supervisor was stopped, kept for their output.
+    retired: Vec<Instance>,
+    launched: Vec<String>,
+    terminated: Vec<String>,
+}
+
+impl Fleet {
+    pub fn start(moto: Arc<Moto>, opts: FleetOptions) -> Fleet {
+        let (events, _) = broadcast::channel(4096);
+        let state = Arc::new(Mutex::new(FleetState::default()));
+        let task = tokio::spawn(launcher(moto, opts, state.clone(), events.clone()));
+        Fleet {
+            events,
+            state,
+            task,
+        }
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
+        self.events.subscribe()
+    }
+
+    /// Instance ids in launch order.
+    pub fn launched(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .map(|s| s.launched.clone())
+            .unwrap_or_default()
+    }
+
+    /// Instance ids whose termination the launcher carried out, in order.
+    pub fn terminated(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .map(|s| s.terminated.clone())
+            .unwrap_or_default()
+    }
+
+    /// Runs `f` on an instance (running or retired).
+    pub fn with_instance<T>(&self, id: &str, f: impl FnOnce(&Instance) -> T) -> Option<T> {
+        let s = self.state.lock().ok()?;
+        s.running
+            .get(id)
+            .or_else(|| s.retired.iter().find(|i| i.id == id))
+            .map(f)
+    }
+
+    /// All supervisor output of every instance, running and retired.
+    pub fn all_output(&self) -> String {
+        let Ok(s) = self.state.lock() else {
+            return String::new();
+        };
+        s.running
+            .values()
+            .chain(s.retired.iter())
+            .map(|i| format!("== {}\n{}\n", i.id, i.output()))
+            .collect()
+    }
+
+    /// Stops the launcher and every supervisor (SIGTERM, then SIGKILL and agent groups).
+    pub async fn shutdown(self) {
+        self.task.abort();
+        let instances: Vec<Instance> = match self.state.lock() {
+            Ok(mut s) => {
+                let mut all: Vec<Instance> = std::mem::take(&mut s.running).into_values().collect();
+                all.append(&mut s.retired);
+                all
+            }
+            Err(_) => vec![],
+        };
+        for i in &instances {
+            i.signal(Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline && instances.iter().any(|i| i.exit_status().is_none()) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(instances);
+    }
+}
+
+async fn launcher(
+    moto: Arc<Moto>,
+    opts: FleetOptions,
+    state: Arc<Mutex<FleetState>>,
+    events: broadcast::Sender<FleetEvent>,
+) {
+    let mut desired: BTreeMap<String, i32> = BTreeMap::new();
+    loop {
+        let mut live = HashSet::new();
+        let mut to_launch = vec![];
+        let mut ok = true;
+        for g in &opts.groups {
+            let Ok(group) = moto.group(g).await else {
+                ok = false;
+                continue;
+            };
+            if desired.get(g) != Some(&group.desired) {
+                desired.insert(g.clone(), group.desired);
+                let _ = events.send(FleetEvent::Desired {
+                    group: g.clone(),
+                    desired: group.desired,
+                });
+            }
+            for (id, lifecycle, _) in &group.instances {
+                if matches!(lifecycle.as_str(), "InService" | "Pending") {
+                    live.insert(id.clone());
+                    to_launch.push((id.clone(), g.clone()));
+                }
+            }
+        }
+        if ok {
+            // Terminated: stop like a shutdown would.
+            let gone: Vec<Instance> = match state.lock() {
+                Ok(mut s) => {
+                    let ids: Vec<String> = s
+                        .running
+                        .keys()
+                        .filter(|id| !live.contains(*id))
+                        .cloned()
+                        .collect();
+                    ids.iter().filter_map(|id| s.running.remove(id)).collect()
+                }
+                Err(_) => vec![],
+            };
+            for inst in gone {
+                inst.signal(Signal::SIGTERM);
+                let _ = events.send(FleetEvent::Terminated {
+                    instance_id: inst.id.clone(),
+                });
+                let state = state.clone();
+                let stop_timeout = opts.stop_timeout;
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + stop_timeout;
+                    while inst.exit_status().is_none() && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    inst.kill_all();
+                    if let Ok(mut s) = state.lock() {
+                        s.terminated.push(inst.id.clone());
+                        s.retired.push(inst);
+                    }
+                });
+            }
+        }
+        for (id, group) in to_launch {
+            let known = state
+                .lock()
+                .map(|s| s.launched.contains(&id))
+                .unwrap_or(true);
+            if known {
+                continue;
+            }
+            if let Ok(mut s) = state.lock() {
+                s.launched.push(id.clone());
+            }
+            let o = InstanceOptions {
+                user_data: Some(opts.user_data.clone()),
+                args: opts.args.clone(),
+                agent_env: opts.agent_env.clone(),
+                ..InstanceOptions::new(&id, &group, &moto, &opts.root)
+            };
+            match Instance::start(o, Some(events.clone())).await {
+                Ok(inst) => {
+                    let _ = events.send(FleetEvent::Launched {
+                        instance_id: id.clone(),
+                        group,
+                    });
+                    if let Ok(mut s) = state.lock() {
+                        s.running.insert(id, inst);
+                    }
+                }
+                Err(e) => {
+                    let _ = events.send(FleetEvent::Log {
+                        instance_id: id,
+                        line: format!("launch failed: {e:#}"),
+                    });
+                }
+            }
+        }
+        tokio::time::sleep(opts.poll).await;
+    }
+}

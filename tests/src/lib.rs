@@ -1,0 +1,9 @@
+//! The agent-fleet test bed: everything the end-to-end tests, `make demo` and
+//! `make bench` run against, on 127.0.0.1 with ephemeral ports. Nothing here
+//! reaches AWS or Semaphore.
+
+pub mod bed;
+pub mod fleet;
+pub mod hub;
+pub mod imds;
+pub mod moto;

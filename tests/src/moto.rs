@@ -1,0 +1,792 @@
+//! The AWS emulator of the test bed: moto's standalone server, launched through
+//! `tests/bed/moto_server.py` (which adds the Auto Scaling strictness moto lacks, a call log
+//! and fault injection; see the docstring there for the `/_bed/` control API).
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use agent_fleet_tests::moto::Moto;
+//! let moto = Moto::start().await?;          // ~2 s; needs `make venv`
+//! moto.warm_up().await;                     // absorb moto's first-call cost
+//! moto.create_group("fleet", 1, 4, 2).await?;
+//! let child_env = moto.env();               // AWS_ENDPOINT_URL=http://127.0.0.1:PORT, ...
+//! # Ok(()) }
+//! ```
+//!
+//! The child process is in its own process group and is killed (SIGKILL to the group) when
+//! [`Moto`] is dropped; it also exits by itself when the test process dies (it watches the
+//! stdin pipe we hold).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ssm::config::Credentials;
+use serde::Deserialize;
+
+/// Region every emulated resource lives in.
+pub const REGION: &str = "us-east-1";
+/// Availability zone of the groups [`Moto::create_group`] makes.
+pub const AZ: &str = "us-east-1a";
+/// An image id from moto's default AMI list (Ubuntu 16.04, x86_64); moto does not validate
+/// image ids unless told to.
+pub const IMAGE_ID: &str = "ami-785db401";
+/// moto's default account id.
+pub const ACCOUNT_ID: &str = "123456789012";
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STDERR_TAIL_LINES: usize = 200;
+
+/// One AWS request as the emulator logged it (`GET /_bed/calls`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Call {
+    /// Increases by one per request, never reset (not even by [`Moto::clear_calls`]).
+    pub seq: u64,
+    /// Arrival, CLOCK_MONOTONIC nanoseconds (compare with [`monotonic_ns`] in any process).
+    pub t_ns: u64,
+    /// When the response was produced; `None` while the request is in flight.
+    pub end_ns: Option<u64>,
+    /// SigV4 signing name: `ssm`, `autoscaling`, `ec2`, `s3`, `monitoring`, `cloudformation`…
+    pub service: String,
+    /// Operation name, e.g. `PutParameter`, `TerminateInstanceInAutoScalingGroup`.
+    pub action: String,
+    /// Whitelisted request params (see `LOGGED_PARAMS` in moto_server.py), as strings
+    /// (`"true"`, `"3"`) or lists of strings. Parameter values are never logged.
+    #[serde(default)]
+    pub params: BTreeMap<String, serde_json::Value>,
+    /// HTTP status of the answer (`None` while in flight or after a `reset` fault).
+    pub status: Option<u16>,
+    /// AWS error code of the answer, e.g. `ValidationError`, `ParameterAlreadyExists`.
+    pub error: Option<String>,
+    /// `Some("error" | "reset" | "delay")` when an injected fault shaped this answer.
+    pub fault: Option<String>,
+}
+
+impl Call {
+    /// A logged param as a string, e.g. `call.param("ShouldDecrementDesiredCapacity") == Some("false")`.
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.params.get(key).and_then(serde_json::Value::as_str)
+    }
+
+    /// `service` and `action` at once: `call.is("ssm", "PutParameter")`.
+    pub fn is(&self, service: &str, action: &str) -> bool {
+        self.service == service && self.action == action
+    }
+}
+
+/// An Auto Scaling group as `DescribeAutoScalingGroups` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupState {
+    pub name: String,
+    pub min: i32,
+    pub max: i32,
+    pub desired: i32,
+    /// `(instance_id, lifecycle_state, health_status)`, e.g.
+    /// `("i-0abc…", "InService", "Healthy")` or `(…, "Terminating:Wait", …)`.
+    pub instances: Vec<(String, String, String)>,
+}
+
+impl GroupState {
+    /// Ids of the instances whose lifecycle state is `InService`.
+    pub fn in_service(&self) -> Vec<String> {
+        self.instances
+            .iter()
+            .filter(|(_, state, _)| state == "InService")
+            .map(|(id, _, _)| id.clone())
+            .collect()
+    }
+
+    /// Lifecycle state of one instance, if the group has it.
+    pub fn state_of(&self, instance_id: &str) -> Option<&str> {
+        self.instances
+            .iter()
+            .find(|(id, _, _)| id == instance_id)
+            .map(|(_, state, _)| state.as_str())
+    }
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock of [`Call::t_ns`].
+pub fn monotonic_ns() -> u64 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(ts.tv_nsec() as u64),
+        Err(_) => 0,
+    }
+}
+
+/// The repository root (`tests/..`).
+pub fn repo_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// A running moto server on 127.0.0.1 (see the module docs).
+pub struct Moto {
+    child: Child,
+    _stdin: ChildStdin,
+    port: u16,
+    http: reqwest::Client,
+    log: Arc<Mutex<VecDeque<String>>>,
+    started_in: Duration,
+}
+
+impl std::fmt::Debug for Moto {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Moto")
+            .field("pid", &self.child.id())
+            .field("endpoint", &self.endpoint())
+            .finish()
+    }
+}
+
+impl Moto {
+    /// Start the emulator and wait until it listens (about 2 s; 30 s timeout).
+    pub async fn start() -> anyhow::Result<Moto> {
+        let root = repo_root();
+        let python = root.join(".venv/bin/python");
+        let script = root.join("tests/bed/moto_server.py");
+        if !python.exists() {
+            bail!(
+                "{} not found: the test bed's Python venv is missing; run `make venv` in {} \
+                 (python3 -m venv .venv && .venv/bin/pip install -r tests/bed/requirements.txt)",
+                python.display(),
+                root.display()
+            );
+        }
+        let t0 = Instant::now();
+        let mut cmd = Command::new(&python);
+        cmd.arg(&script)
+            .arg("--exit-on-stdin-eof")
+            .current_dir(&root)
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("spawning {} {}", python.display(), script.display()))?;
+
+        let log = Arc::new(Mutex::new(VecDeque::new()));
+        let (stdin, stdout, stderr) =
+            match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+                (Some(i), Some(o), Some(e)) => (i, o, e),
+                _ => {
+                    kill_group(&mut child);
+                    bail!("moto child has no stdio pipes");
+                }
+            };
+        // Plain threads, not tasks: the pipes must keep draining even if this runtime ends
+        // while the server is shared with others.
+        spawn_reader("moto-stderr", stderr, Arc::clone(&log), None);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        spawn_reader("moto-stdout", stdout, Arc::clone(&log), Some(tx));
+
+        let port = match tokio::time::timeout(START_TIMEOUT, rx).await {
+            Ok(Ok(port)) => port,
+            outcome => {
+                let why = match outcome {
+                    Ok(_) => "exited before printing LISTENING".to_string(),
+                    Err(_) => format!("printed no LISTENING line within {START_TIMEOUT:?}"),
+                };
+                kill_group(&mut child);
+                // Let the stderr thread catch the last lines.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                bail!(
+                    "moto ({}) {why}; its output:\n{}",
+                    script.display(),
+                    tail(&log)
+                );
+            }
+        };
+        let http = match reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+        {
+            Ok(http) => http,
+            Err(e) => {
+                kill_group(&mut child);
+                return Err(e).context("building the control-API HTTP client");
+            }
+        };
+        Ok(Moto {
+            child,
+            _stdin: stdin,
+            port,
+            http,
+            log,
+            started_in: t0.elapsed(),
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// How long [`Moto::start`] took until the server listened.
+    pub fn started_in(&self) -> Duration {
+        self.started_in
+    }
+
+    /// The last lines moto wrote on stdout/stderr (tracebacks land here).
+    pub fn output_tail(&self) -> String {
+        tail(&self.log)
+    }
+
+    /// Environment for a child process whose AWS SDK must talk to this emulator.
+    ///
+    /// Does not disable IMDS (the supervisor needs its fake IMDS; point it there with
+    /// `AWS_EC2_METADATA_SERVICE_ENDPOINT`). Shared config/credentials files are set to
+    /// `/dev/null` so a developer's `~/.aws` cannot leak in; a launcher that wants full
+    /// isolation should also `env_remove("AWS_PROFILE")` / `AWS_SESSION_TOKEN`.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let endpoint = self.endpoint();
+        [
+            ("AWS_ENDPOINT_URL", endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", REGION),
+            ("AWS_DEFAULT_REGION", REGION),
+            // SDK retries off: tests see every failure, and the supervisor's own retry
+            // logic is what gets exercised.
+            ("AWS_MAX_ATTEMPTS", "1"),
+            ("AWS_RETRY_MODE", "standard"),
+            ("AWS_CONFIG_FILE", "/dev/null"),
+            ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+            // Never route 127.0.0.1 through a proxy from the environment.
+            ("NO_PROXY", "127.0.0.1,localhost"),
+            ("no_proxy", "127.0.0.1,localhost"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    /// SDK config aimed at this emulator: us-east-1, static dummy credentials, retries off.
+    pub async fn sdk_config(&self) -> SdkConfig {
+        aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "moto"))
+            .endpoint_url(self.endpoint())
+            .retry_config(RetryConfig::disabled())
+            .load()
+            .await
+    }
+
+    pub async fn autoscaling(&self) -> aws_sdk_autoscaling::Client {
+        aws_sdk_autoscaling::Client::new(&self.sdk_config().await)
+    }
+
+    pub async fn ssm(&self) -> aws_sdk_ssm::Client {
+        aws_sdk_ssm::Client::new(&self.sdk_config().await)
+    }
+
+    /// One call each to SSM and Auto Scaling (which also instantiates moto's EC2 backend), so
+    /// later timings exclude moto's first-call cost. These calls show in the call log.
+    pub async fn warm_up(&self) {
+        let config = self.sdk_config().await;
+        // A missing parameter: ParameterNotFound is the expected answer.
+        let _ = aws_sdk_ssm::Client::new(&config)
+            .get_parameter()
+            .name("/agent-fleet-test-bed/warm-up")
+            .send()
+            .await;
+        let _ = aws_sdk_autoscaling::Client::new(&config)
+            .describe_auto_scaling_groups()
+            .send()
+            .await;
+    }
+
+    /// Calls with `seq > since`, oldest first (`since = 0`: all since the last clear).
+    pub async fn calls(&self, since: u64) -> anyhow::Result<Vec<Call>> {
+        #[derive(Deserialize)]
+        struct Page {
+            calls: Vec<Call>,
+        }
+        let page: Page = self
+            .control(
+                reqwest::Method::GET,
+                &format!("/_bed/calls?since={since}"),
+                None,
+            )
+            .await?;
+        Ok(page.calls)
+    }
+
+    /// Highest sequence number handed out so far: a baseline for [`Moto::calls`].
+    pub async fn last_seq(&self) -> anyhow::Result<u64> {
+        #[derive(Deserialize)]
+        struct Page {
+            last_seq: u64,
+        }
+        // since=u64::MAX: an empty page, just the counter.
+        let page: Page = self
+            .control(
+                reqwest::Method::GET,
+                &format!("/_bed/calls?since={}", u64::MAX),
+                None,
+            )
+            .await?;
+        Ok(page.last_seq)
+    }
+
+    /// Empty the call log (sequence numbers keep increasing). Panics if the emulator is gone.
+    pub async fn clear_calls(&self) {
+        let res: anyhow::Result<serde_json::Value> = self
+            .control(reqwest::Method::POST, "/_bed/calls/clear", None)
+            .await;
+        if let Err(e) = res {
+            panic!("moto: clearing the call log failed: {e:#}");
+        }
+    }
+
+    /// Inject a fault, e.g.
+    /// `json!({"service": "ssm", "action": "PutParameter", "error": "ThrottlingException", "count": 5})`,
+    /// `json!({"service": "ssm", "outage_ms": 3000})` (503 ServiceUnavailable meanwhile),
+    /// `json!({"service": "ssm", "action": "PutParameter", "delay_ms": 2000, "count": 1})`,
+    /// `json!({"service": "autoscaling", "mode": "reset", "count": 1})` (connection closed).
+    /// Keys: service, action, error, status (default 400), message, count, outage_ms, delay_ms,
+    /// mode (error|reset|delay). Unknown keys are rejected.
+    pub async fn inject_fault(&self, fault: serde_json::Value) -> anyhow::Result<()> {
+        let _: serde_json::Value = self
+            .control(reqwest::Method::POST, "/_bed/faults", Some(fault))
+            .await?;
+        Ok(())
+    }
+
+    /// Remove every fault. Panics if the emulator is gone.
+    pub async fn clear_faults(&self) {
+        let res: anyhow::Result<serde_json::Value> = self
+            .control(reqwest::Method::DELETE, "/_bed/faults", None)
+            .await;
+        if let Err(e) = res {
+            panic!("moto: clearing faults failed: {e:#}");
+        }
+    }
+
+    /// Create or overwrite a parameter (`SecureString` when `secure`, else `String`).
+    pub async fn put_parameter(&self, name: &str, value: &str, secure: bool) -> anyhow::Result<()> {
+        let kind = if secure {
+            aws_sdk_ssm::types::ParameterType::SecureString
+        } else {
+            aws_sdk_ssm::types::ParameterType::String
+        };
+        self.ssm()
+            .await
+            .put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(kind)
+            .overwrite(true)
+            .send()
+            .await
+            .with_context(|| format!("PutParameter {name}"))?;
+        Ok(())
+    }
+
+    /// A parameter's value (decrypted), `None` if it does not exist.
+    pub async fn get_parameter(&self, name: &str) -> anyhow::Result<Option<String>> {
+        use aws_sdk_ssm::error::ProvideErrorMetadata;
+        match self
+            .ssm()
+            .await
+            .get_parameter()
+            .name(name)
+            .with_decryption(true)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(out.parameter.and_then(|p| p.value)),
+            Err(e) if e.code() == Some("ParameterNotFound") => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("GetParameter {name}")),
+        }
+    }
+
+    /// Create a group (through launch configuration `<name>-lc`, image [`IMAGE_ID`],
+    /// t3.micro, AZ [`AZ`]); moto launches `desired` InService instances at once.
+    pub async fn create_group(
+        &self,
+        name: &str,
+        min: i32,
+        max: i32,
+        desired: i32,
+    ) -> anyhow::Result<()> {
+        let asg = self.autoscaling().await;
+        let lc = format!("{name}-lc");
+        asg.create_launch_configuration()
+            .launch_configuration_name(&lc)
+            .image_id(IMAGE_ID)
+            .instance_type("t3.micro")
+            .send()
+            .await
+            .with_context(|| format!("CreateLaunchConfiguration {lc}"))?;
+        asg.create_auto_scaling_group()
+            .auto_scaling_group_name(name)
+            .launch_configuration_name(&lc)
+            .min_size(min)
+            .max_size(max)
+            .desired_capacity(desired)
+            .availability_zones(AZ)
+            .send()
+            .await
+            .with_context(|| format!("CreateAutoScalingGroup {name}"))?;
+        Ok(())
+    }
+
+    /// The group's sizes and instances.
+    pub async fn group(&self, name: &str) -> anyhow::Result<GroupState> {
+        let out = self
+            .autoscaling()
+            .await
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(name)
+            .send()
+            .await
+            .with_context(|| format!("DescribeAutoScalingGroups {name}"))?;
+        let group = out
+            .auto_scaling_groups()
+            .iter()
+            .find(|g| g.auto_scaling_group_name() == Some(name))
+            .ok_or_else(|| anyhow!("no Auto Scaling group named {name}"))?;
+        Ok(GroupState {
+            name: name.to_string(),
+            min: group.min_size().unwrap_or_default(),
+            max: group.max_size().unwrap_or_default(),
+            desired: group.desired_capacity().unwrap_or_default(),
+            instances: group
+                .instances()
+                .iter()
+                .map(|i| {
+                    (
+                        i.instance_id().unwrap_or_default().to_string(),
+                        i.lifecycle_state()
+                            .map(|s| s.as_str().to_string())
+                            .unwrap_or_default(),
+                        i.health_status().unwrap_or_default().to_string(),
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    async fn control<T: serde::de::DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.endpoint());
+        let mut req = self.http.request(method.clone(), &url);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}"))?;
+        let status = resp.status();
+        let text = resp
+            .text()
+            .await
+            .with_context(|| format!("{method} {url}: body"))?;
+        if !status.is_success() {
+            bail!("{method} {url}: {status}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("{method} {url}: parsing {text}"))
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        kill_group(&mut self.child);
+    }
+}
+
+/// SIGKILL the child's process group (its pgid is its pid), then reap it.
+fn kill_group(child: &mut Child) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn spawn_reader<R: std::io::Read + Send + 'static>(
+    name: &str,
+    pipe: R,
+    log: Arc<Mutex<VecDeque<String>>>,
+    mut listening: Option<tokio::sync::oneshot::Sender<u16>>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if let Some(port) = line
+                    .strip_prefix("LISTENING ")
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                {
+                    if let Some(tx) = listening.take() {
+                        let _ = tx.send(port);
+                        continue;
+                    }
+                }
+                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                if log.len() >= STDERR_TAIL_LINES {
+                    log.pop_front();
+                }
+                log.push_back(line);
+            }
+            // Dropping `listening` here (EOF before LISTENING) wakes the waiter with an error.
+        });
+    if let Err(e) = spawned {
+        eprintln!("moto: could not spawn the {name} reader thread: {e}");
+    }
+}
+
+fn tail(log: &Mutex<VecDeque<String>>) -> String {
+    let log = log.lock().unwrap_or_else(|e| e.into_inner());
+    log.iter().cloned().collect::<Vec<_>>().join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_autoscaling::error::ProvideErrorMetadata as _;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn moto_answers_like_aws_where_the_supervisor_depends_on_it() -> anyhow::Result<()> {
+        let moto = Moto::start().await?;
+        eprintln!("moto listening after {:?}", moto.started_in());
+        let t = Instant::now();
+        moto.warm_up().await;
+        eprintln!("warm-up took {:?}", t.elapsed());
+        let since = moto.last_seq().await?;
+
+        moto.create_group("fleet", 1, 3, 2).await?;
+        let g = moto.group("fleet").await?;
+        assert_eq!((g.min, g.max, g.desired), (1, 3, 2));
+        assert_eq!(g.in_service().len(), 2, "{g:?}");
+        assert!(g.instances.iter().all(|(_, _, h)| h == "Healthy"), "{g:?}");
+
+        let asg = moto.autoscaling().await;
+        // JOB_FINISHED: terminate without decrement -> a replacement appears.
+        let victim = g.in_service()[0].clone();
+        asg.terminate_instance_in_auto_scaling_group()
+            .instance_id(&victim)
+            .should_decrement_desired_capacity(false)
+            .send()
+            .await?;
+        let g = moto.group("fleet").await?;
+        assert_eq!(g.desired, 2);
+        assert_eq!(g.in_service().len(), 2, "{g:?}");
+        assert!(g.state_of(&victim).is_none(), "{g:?}");
+
+        // IDLE above min: decrement works; at min: ValidationError.
+        let idle = g.in_service()[0].clone();
+        asg.terminate_instance_in_auto_scaling_group()
+            .instance_id(&idle)
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await?;
+        let g = moto.group("fleet").await?;
+        assert_eq!((g.desired, g.instances.len()), (1, 1), "{g:?}");
+        let last = g.in_service()[0].clone();
+        let err = asg
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(&last)
+            .should_decrement_desired_capacity(true)
+            .send()
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("decrement at min size succeeded"))?;
+        assert_eq!(err.code(), Some("ValidationError"), "{err:?}");
+        assert_eq!(moto.group("fleet").await?.desired, 1);
+
+        // Unknown instance, desired above max / below min.
+        let err = asg
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id("i-0123456789abcdef0")
+            .should_decrement_desired_capacity(false)
+            .send()
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("terminating an unknown instance succeeded"))?;
+        assert_eq!(err.code(), Some("ValidationError"), "{err:?}");
+        for desired in [4, 0] {
+            let err = asg
+                .set_desired_capacity()
+                .auto_scaling_group_name("fleet")
+                .desired_capacity(desired)
+                .honor_cooldown(false)
+                .send()
+                .await
+                .err()
+                .ok_or_else(|| anyhow!("desired {desired} outside [1, 3] accepted"))?;
+            assert_eq!(err.code(), Some("ValidationError"), "{err:?}");
+        }
+        asg.set_desired_capacity()
+            .auto_scaling_group_name("fleet")
+            .desired_capacity(3)
+            .honor_cooldown(false)
+            .send()
+            .await?;
+        assert_eq!(moto.group("fleet").await?.in_service().len(), 3);
+
+        // SSM round trip and a throttling fault on GetParameter.
+        moto.put_parameter("/agent-fleet/test/token", "s3cr3t", true)
+            .await?;
+        assert_eq!(
+            moto.get_parameter("/agent-fleet/test/token")
+                .await?
+                .as_deref(),
+            Some("s3cr3t")
+        );
+        moto.inject_fault(serde_json::json!({
+            "service": "ssm", "action": "GetParameter", "error": "ThrottlingException", "count": 1
+        }))
+        .await?;
+        let ssm = moto.ssm().await;
+        let err = ssm
+            .get_parameter()
+            .name("/agent-fleet/test/token")
+            .send()
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("fault not injected"))?;
+        assert_eq!(err.code(), Some("ThrottlingException"), "{err:?}");
+        // count = 1: the next call goes through.
+        assert!(moto
+            .get_parameter("/agent-fleet/test/token")
+            .await?
+            .is_some());
+        // A query-protocol fault parses too.
+        moto.inject_fault(serde_json::json!({"service": "autoscaling", "error": "Throttling"}))
+            .await?;
+        let err = asg
+            .describe_auto_scaling_groups()
+            .send()
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("fault not injected"))?;
+        assert_eq!(err.code(), Some("Throttling"), "{err:?}");
+        moto.clear_faults().await;
+        asg.describe_auto_scaling_groups().send().await?;
+        assert!(moto
+            .inject_fault(serde_json::json!({"service": "ssm", "typo": 1}))
+            .await
+            .is_err());
+
+        // The call log.
+        let calls = moto.calls(since).await?;
+        let terminations: Vec<&Call> = calls
+            .iter()
+            .filter(|c| c.is("autoscaling", "TerminateInstanceInAutoScalingGroup"))
+            .collect();
+        assert_eq!(terminations.len(), 4, "{terminations:#?}");
+        assert_eq!(terminations[0].param("InstanceId"), Some(victim.as_str()));
+        assert_eq!(
+            terminations[0].param("ShouldDecrementDesiredCapacity"),
+            Some("false")
+        );
+        assert_eq!(terminations[0].status, Some(200));
+        assert_eq!(
+            terminations[2].param("ShouldDecrementDesiredCapacity"),
+            Some("true")
+        );
+        assert_eq!(terminations[2].error.as_deref(), Some("ValidationError"));
+        let desired: Vec<Option<&str>> = calls
+            .iter()
+            .filter(|c| c.is("autoscaling", "SetDesiredCapacity"))
+            .map(|c| c.param("DesiredCapacity"))
+            .collect();
+        assert_eq!(desired, [Some("4"), Some("0"), Some("3")]);
+        let put = calls
+            .iter()
+            .find(|c| c.is("ssm", "PutParameter"))
+            .ok_or_else(|| anyhow!("PutParameter not logged"))?;
+        assert_eq!(put.param("Name"), Some("/agent-fleet/test/token"));
+        assert!(!serde_json::to_string(&put.params)?.contains("s3cr3t"));
+        let throttled: Vec<&Call> = calls.iter().filter(|c| c.fault.is_some()).collect();
+        assert_eq!(throttled.len(), 2, "{throttled:#?}");
+        assert_eq!(throttled[0].error.as_deref(), Some("ThrottlingException"));
+        // Timestamps are this machine's CLOCK_MONOTONIC.
+        let now = monotonic_ns();
+        assert!(calls
+            .iter()
+            .all(|c| c.t_ns <= now && c.end_ns >= Some(c.t_ns)));
+        assert!(calls.windows(2).all(|w| w[0].seq < w[1].seq));
+
+        moto.clear_calls().await;
+        assert!(moto.calls(0).await?.is_empty());
+        Ok(())
+    }
+
+    /// `Moto::env()` alone aims a child's default SDK config at moto: checked in a child
+    /// process (this test binary running `env_child`) so no test mutates this process's env.
+    #[tokio::test]
+    async fn env_is_all_a_child_needs() -> anyhow::Result<()> {
+        let moto = Moto::start().await?;
+        moto.put_parameter("/agent-fleet/test/env", "from-moto", false)
+            .await?;
+        let out = tokio::process::Command::new(std::env::current_exe()?)
+            .args([
+                "--exact",
+                "moto::tests::env_child",
+                "--include-ignored",
+                "--test-threads=1",
+            ])
+            .envs(moto.env())
+            .env("BED_MOTO_ENV_CHILD", "1")
+            .kill_on_drop(true)
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child failed: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let calls = moto.calls(0).await?;
+        assert!(calls.iter().any(
+            |c| c.is("ssm", "GetParameter") && c.param("Name") == Some("/agent-fleet/test/env")
+        ));
+        Ok(())
+    }
+
+    #[tokio::test]
+    #[ignore = "run by env_is_all_a_child_needs in a child process"]
+    async fn env_child() -> anyhow::Result<()> {
+        if std::env::var("BED_MOTO_ENV_CHILD").is_err() {
+            return Ok(());
+        }
+        let config = aws_config::load_defaults(BehaviorVersion::latest()).await;
+        assert_eq!(config.region().map(|r| r.as_ref()), Some(REGION));
+        let out = aws_sdk_ssm::Client::new(&config)
+            .get_parameter()
+            .name("/agent-fleet/test/env")
+            .send()
+            .await?;
+        assert_eq!(
+            out.parameter.and_then(|p| p.value).as_deref(),
+            Some("from-moto")
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,513 @@
+//! End-to-end: real `agent-supervisor` processes against moto, a fake IMDS per instance,
+//! the fake hub and the fake agent. No network beyond 127.0.0.1.
+
+use agent_fleet_tests::bed::{eventually, Bed, TOKEN};
+use agent_fleet_tests::fleet::{group_alive, Instance};
+use agent_fleet_tests::hub::{JobSpec, JobState};
+use agent_fleet_tests::moto::Call;
+use nix::sys::signal::Signal;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+type R = anyhow::Result<()>;
+
+fn starts(events: &[serde_json::Value]) -> usize {
+    events.iter().filter(|e| e["event"] == "start").count()
+}
+
+fn terminate_calls(calls: &[Call]) -> Vec<(String, String, Option<String>)> {
+    calls
+        .iter()
+        .filter(|c| c.is("autoscaling", "TerminateInstanceInAutoScalingGroup"))
+        .map(|c| {
+            (
+                c.param("InstanceId").unwrap_or_default().to_string(),
+                c.param("ShouldDecrementDesiredCapacity")
+                    .unwrap_or_default()
+                    .to_string(),
+                c.error.clone(),
+            )
+        })
+        .collect()
+}
+
+fn assert_no_token(output: &str) {
+    assert!(
+        !output.contains(TOKEN),
+        "the registration token leaked into the supervisor's output:\n{output}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_job_replaces_the_busy_instance_and_idle_one_shrinks_the_group() -> R {
+    let bed = Bed::start("afterjob").await?;
+    let group = "afterjob-agents";
+    bed.moto.create_group(group, 0, 3, 2).await?;
+    let mut cfg = bed.runtime_config(group);
+    cfg.idle_timeout_secs = 4;
+    bed.put_config(&cfg).await?;
+    let fleet = bed.fleet(&[group], &[], &[]);
+
+    eventually(
+        "both agents registered",
+        Duration::from_secs(30),
+        || async { (bed.hub.live_agents().len() == 2).then_some(()) },
+    )
+    .await?;
+    let job = bed.hub.enqueue_job(JobSpec {
+        commands: vec!["sleep 1".into()],
+        env: vec![],
+    });
+    let done = eventually("the job finished", Duration::from_secs(30), || async {
+        bed.hub.job(&job).filter(|j| j.state == JobState::Finished)
+    })
+    .await?;
+    assert_eq!(done.result.as_deref(), Some("passed"));
+    let busy = done
+        .agent
+        .as_deref()
+        .and_then(|a| a.split("__").next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        busy.starts_with("i-"),
+        "agent name carries the instance id: {:?}",
+        done.agent
+    );
+
+    // The busy instance terminates without decrement; a replacement launches.
+    eventually(
+        "the busy instance asked to terminate",
+        Duration::from_secs(20),
+        || async {
+            let calls = bed.moto.calls(0).await.ok()?;
+            terminate_calls(&calls)
+                .into_iter()
+                .find(|(id, d, _)| *id == busy && d == "false")
+        },
+    )
+    .await?;
+    eventually(
+        "a replacement launched",
+        Duration::from_secs(20),
+        || async { (fleet.launched().len() >= 3).then_some(()) },
+    )
+    .await?;
+
+    // The other idles out and terminates with decrement: desired 2 -> 1.
+    let idle = fleet
+        .launched()
+        .into_iter()
+        .take(2)
+        .find(|id| *id != busy)
+        .unwrap_or_default();
+    eventually(
+        "the idle instance asked to terminate with decrement",
+        Duration::from_secs(30),
+        || async {
+            let calls = bed.moto.calls(0).await.ok()?;
+            terminate_calls(&calls)
+                .into_iter()
+                .find(|(id, d, err)| *id == idle && d == "true" && err.is_none())
+        },
+    )
+    .await?;
+    let g = bed.moto.group(group).await?;
+    assert_eq!(
+        g.desired, 1,
+        "idle scale-in must shrink desired 2 -> 1: {g:?}"
+    );
+    assert!(
+        g.state_of(&busy).is_none() && g.state_of(&idle).is_none(),
+        "both gone: {g:?}"
+    );
+
+    // The agent's config: strict keys passed (it registered), private, token not logged.
+    fleet.with_instance(&busy, |i| {
+        let cfg = i.dir.join("work/config.yaml");
+        let mode = std::fs::metadata(&cfg)
+            .map(|m| m.permissions().mode() & 0o777)
+            .unwrap_or(0);
+        assert_eq!(mode, 0o600, "config.yaml mode");
+    });
+    assert!(!bed
+        .moto
+        .calls(0)
+        .await?
+        .iter()
+        .any(|c| c.is("autoscaling", "SetDesiredCapacity")));
+    let output = fleet.all_output();
+    assert!(
+        output.contains("job finished (one job per instance)"),
+        "{output}"
+    );
+    assert!(output.contains("agent idle"), "{output}");
+    fleet.shutdown().await;
+    assert_no_token(&output);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_at_min_size_restarts_the_agent_in_place() -> R {
+    let bed = Bed::start("atmin").await?;
+    let group = "atmin-agents";
+    bed.moto.create_group(group, 1, 2, 1).await?;
+    let mut cfg = bed.runtime_config(group);
+    cfg.idle_timeout_secs = 1;
+    bed.put_config(&cfg).await?;
+    let fleet = bed.fleet(&[group], &[], &[]);
+    let id = eventually("instance launched", Duration::from_secs(20), || async {
+        fleet.launched().first().cloned()
+    })
+    .await?;
+
+    eventually(
+        "agent restarted in place twice",
+        Duration::from_secs(40),
+        || async {
+            fleet
+                .with_instance(&id, |i| starts(&i.agent_events()) >= 3)
+                .filter(|b| *b)
+        },
+    )
+    .await?;
+    let g = bed.moto.group(group).await?;
+    assert_eq!(
+        g.in_service(),
+        vec![id.clone()],
+        "same single instance: {g:?}"
+    );
+    assert_eq!(g.desired, 1);
+    assert_eq!(fleet.launched().len(), 1, "no launch");
+    let calls = bed.moto.calls(0).await?;
+    let terms = terminate_calls(&calls);
+    assert!(terms.len() >= 2, "{terms:?}");
+    assert!(
+        terms
+            .iter()
+            .all(|(i, d, e)| *i == id && d == "true" && e.as_deref() == Some("ValidationError")),
+        "{terms:?}"
+    );
+    assert!(!calls
+        .iter()
+        .any(|c| c.is("autoscaling", "SetInstanceHealth")
+            || c.is("autoscaling", "SetDesiredCapacity")));
+    let output = fleet.all_output();
+    assert!(output.contains("restarting the agent in place"), "{output}");
+    fleet.shutdown().await;
+    assert_no_token(&output);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_token_backs_off_names_the_parameter_and_never_churns() -> R {
+    let bed = Bed::start("crashloop").await?;
+    let group = "crashloop-agents";
+    bed.moto.create_group(group, 0, 2, 1).await?;
+    bed.put_config(&bed.runtime_config(group)).await?;
+    let revoked = "revoked-token-0000";
+    bed.moto
+        .put_parameter(&bed.token_parameter, revoked, true)
+        .await?;
+    let id = bed.moto.group(group).await?.in_service()[0].clone();
+    let mut o = bed.instance(&id, group);
+    o.agent_env = vec![
+        ("FAKE_AGENT_REGISTER_TRIES".into(), "1".into()),
+        ("FAKE_AGENT_REGISTER_INTERVAL_MS".into(), "50".into()),
+    ];
+    let inst = Instance::start(o, None).await?;
+    inst.wait_for_event("first agent start", Duration::from_secs(10), |e| {
+        starts(e) >= 1
+    })
+    .await?;
+    let window = Duration::from_secs(10);
+    tokio::time::sleep(window).await;
+    let events = inst.agent_events();
+    let n = starts(&events);
+    // Backoff 1 s, 2 s, 4 s, 8 s (±20 %): at most 5 starts in 10 s. A tight loop would be dozens.
+    assert!(
+        (3..=5).contains(&n),
+        "{n} agent starts in {window:?}: {events:?}"
+    );
+    let line = inst
+        .wait_for_line("agent failed to register (", Duration::from_secs(1))
+        .await?;
+    assert!(
+        line.contains(&bed.token_parameter),
+        "error names the token parameter: {line}"
+    );
+    let calls = bed.moto.calls(0).await?;
+    assert!(
+        terminate_calls(&calls).is_empty(),
+        "a fleet-wide fault must not churn instances"
+    );
+    assert!(!calls
+        .iter()
+        .any(|c| c.is("autoscaling", "SetInstanceHealth")));
+    assert!(inst.exit_status().is_none(), "supervisor keeps running");
+
+    // Fixing the token heals the instance without replacing it.
+    bed.moto
+        .put_parameter(&bed.token_parameter, TOKEN, true)
+        .await?;
+    eventually(
+        "agent registered with the fixed token",
+        Duration::from_secs(40),
+        || async { (!bed.hub.live_agents().is_empty()).then_some(()) },
+    )
+    .await?;
+    assert!(terminate_calls(&bed.moto.calls(0).await?).is_empty());
+    assert_no_token(&inst.output());
+    Ok(())
+}
+
+async fn drain_case(
+    stack: &str,
+    job: &str,
+    grace: u64,
+    margin: u64,
+) -> anyhow::Result<(Bed, Instance, String, Duration, std::process::ExitStatus)> {
+    let bed = Bed::start(stack).await?;
+    let group = format!("{stack}-agents");
+    bed.moto.create_group(&group, 0, 2, 1).await?;
+    let mut cfg = bed.runtime_config(&group);
+    cfg.interruption_grace_secs = grace;
+    bed.put_config(&cfg).await?;
+    let id = bed.moto.group(&group).await?.in_service()[0].clone();
+    let mut o = bed.instance(&id, &group);
+    o.args = vec!["--drain-margin-secs".into(), margin.to_string()];
+    let inst = Instance::start(o, None).await?;
+    eventually("agent registered", Duration::from_secs(20), || async {
+        (!bed.hub.live_agents().is_empty()).then_some(())
+    })
+    .await?;
+    let job_id = bed.hub.enqueue_job(JobSpec {
+        commands: vec![job.into()],
+        env: vec![],
+    });
+    eventually("job running", Duration::from_secs(20), || async {
+        bed.hub
+            .job(&job_id)
+            .filter(|j| j.state == JobState::Running)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    inst.signal(Signal::SIGTERM);
+    let status = inst
+        .wait_exit(Duration::from_secs(grace + margin + 10))
+        .await?;
+    Ok((bed, inst, job_id, t0.elapsed(), status))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_a_short_job_finish_within_its_grace() -> R {
+    let (grace, margin) = (5, 3);
+    let (bed, inst, job, took, status) =
+        drain_case("drainok", "sleep 2; echo done", grace, margin).await?;
+    assert_eq!(status.code(), Some(0), "{}", inst.output());
+    assert!(
+        took < Duration::from_secs(grace + margin + 1),
+        "took {took:?}"
+    );
+    let j = bed.hub.job(&job).expect("job");
+    assert_eq!(
+        j.result.as_deref(),
+        Some("passed"),
+        "the job got its grace: {j:?}"
+    );
+    for g in inst.agent_groups() {
+        assert!(!group_alive(g), "agent process group {g} survived");
+    }
+    assert!(
+        terminate_calls(&bed.moto.calls(0).await?).is_empty(),
+        "a drain is not a termination"
+    );
+    assert_no_token(&inst.output());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_stops_a_long_job_after_its_grace() -> R {
+    let (grace, margin) = (2, 3);
+    let (bed, inst, job, took, status) =
+        drain_case("drainlong", "sleep 120", grace, margin).await?;
+    assert_eq!(status.code(), Some(0), "{}", inst.output());
+    assert!(
+        took >= Duration::from_secs(grace),
+        "the job got its grace: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(grace + margin + 1),
+        "took {took:?}"
+    );
+    let j = bed.hub.job(&job).expect("job");
+    assert_eq!(j.result.as_deref(), Some("stopped"), "{j:?}");
+    for g in inst.agent_groups() {
+        assert!(!group_alive(g), "agent process group {g} survived");
+    }
+    assert_no_token(&inst.output());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_aborts_the_drain() -> R {
+    let bed = Bed::start("abort").await?;
+    let group = "abort-agents";
+    bed.moto.create_group(group, 0, 2, 1).await?;
+    let mut cfg = bed.runtime_config(group);
+    cfg.interruption_grace_secs = 60;
+    bed.put_config(&cfg).await?;
+    let id = bed.moto.group(group).await?.in_service()[0].clone();
+    let inst = Instance::start(bed.instance(&id, group), None).await?;
+    eventually("agent registered", Duration::from_secs(20), || async {
+        (!bed.hub.live_agents().is_empty()).then_some(())
+    })
+    .await?;
+    let job = bed.hub.enqueue_job(JobSpec {
+        commands: vec!["sleep 120".into()],
+        env: vec![],
+    });
+    eventually("job running", Duration::from_secs(20), || async {
+        bed.hub.job(&job).filter(|j| j.state == JobState::Running)
+    })
+    .await?;
+    inst.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t0 = Instant::now();
+    inst.signal(Signal::SIGTERM);
+    let status = inst.wait_exit(Duration::from_secs(10)).await?;
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "abort is prompt: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(status.code(), Some(130), "{}", inst.output());
+    for g in inst.agent_groups() {
+        assert!(!group_alive(g), "agent process group {g} survived");
+    }
+    Ok(())
+}
+
+/// Runs a supervisor that must refuse to start; returns its output.
+async fn refused(
+    bed: &Bed,
+    o: agent_fleet_tests::fleet::InstanceOptions,
+) -> anyhow::Result<String> {
+    let inst = Instance::start(o, None).await?;
+    let status = inst.wait_exit(Duration::from_secs(30)).await?;
+    let out = inst.output();
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "exit code 2 on bad input ({:?}): {out}",
+        status.signal()
+    );
+    assert_eq!(
+        starts(&inst.agent_events()),
+        0,
+        "no agent may start on bad input: {out}"
+    );
+    assert_no_token(&out);
+    let _ = bed;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_before_any_agent_starts() -> R {
+    let bed = Bed::start("badinput").await?;
+    let group = "badinput-agents";
+    bed.moto.create_group(group, 0, 1, 1).await?;
+    let id = bed.moto.group(group).await?.in_service()[0].clone();
+    let good = serde_json::to_value(bed.runtime_config(group))?;
+
+    // Missing config parameter.
+    let out = refused(&bed, bed.instance(&id, group)).await?;
+    assert!(
+        out.contains(&bed.config_parameter) && out.contains("does not exist"),
+        "{out}"
+    );
+
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "missing field",
+            {
+                let mut v = good.clone();
+                v.as_object_mut().map(|o| o.remove("endpoint"));
+                v
+            },
+            "missing field `endpoint`",
+        ),
+        (
+            "wrong type",
+            {
+                let mut v = good.clone();
+                v["idle_timeout_secs"] = "300".into();
+                v
+            },
+            "key `idle_timeout_secs`: invalid type",
+        ),
+        (
+            "unknown key",
+            {
+                let mut v = good.clone();
+                v["idle_timout_secs"] = 5.into();
+                v
+            },
+            "unknown field `idle_timout_secs`",
+        ),
+        (
+            "bad value",
+            {
+                let mut v = good.clone();
+                v["endpoint"] = "https://x.semaphoreci.com".into();
+                v
+            },
+            "key `endpoint`",
+        ),
+    ];
+    for (what, json, needle) in cases {
+        bed.put_config_json(&json.to_string()).await?;
+        let out = refused(&bed, bed.instance(&id, group)).await?;
+        assert!(
+            out.contains(needle) && out.contains(&bed.config_parameter),
+            "{what}: wanted {needle:?} in:\n{out}"
+        );
+    }
+
+    // Missing token parameter.
+    let mut cfg = bed.runtime_config(group);
+    cfg.token_parameter = "/agent-fleet/badinput/no-such-token".into();
+    bed.put_config(&cfg).await?;
+    let out = refused(&bed, bed.instance(&id, group)).await?;
+    assert!(
+        out.contains("/agent-fleet/badinput/no-such-token") && out.contains("token set"),
+        "{out}"
+    );
+
+    // User data that names no stack.
+    bed.put_config(&bed.runtime_config(group)).await?;
+    let mut o = bed.instance(&id, group);
+    o.user_data = Some("#!/bin/bash\necho hello\n".into());
+    let out = refused(&bed, o).await?;
+    assert!(out.contains("AGENT_FLEET_STACK"), "{out}");
+
+    // Unreachable IMDS: bounded retries, then a clear error.
+    let mut o = bed.instance(&id, group);
+    o.imds_endpoint_override = Some("http://127.0.0.1:9".into());
+    o.args = vec!["--imds-attempts".into(), "4".into()];
+    let t0 = Instant::now();
+    let out = refused(&bed, o).await?;
+    assert!(
+        out.contains("cannot read instance metadata after 4 attempts"),
+        "{out}"
+    );
+    assert_eq!(out.matches("IMDS not answering yet").count(), 3, "{out}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "bounded: {:?}",
+        t0.elapsed()
+    );
+    Ok(())
+}
