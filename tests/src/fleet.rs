@@ -57,6 +57,8 @@ pub struct InstanceOptions {
     pub agent_env: Vec<(String, String)>,
     /// Point IMDS somewhere else (an unreachable-IMDS test).
     pub imds_endpoint_override: Option<String>,
+    /// The supervisor's subcommand: `run` (default) or `check`.
+    pub command: String,
 }
 
 impl InstanceOptions {
@@ -71,6 +73,7 @@ impl InstanceOptions {
             args: vec![],
             agent_env: vec![],
             imds_endpoint_override: None,
+            command: "run".into(),
         }
     }
 }
@@ -135,7 +138,7 @@ impl Instance {
             .map(|u| u.name)
             .unwrap_or_else(|| "root".into());
         let mut cmd = tokio::process::Command::new(bins.join("agent-supervisor"));
-        cmd.arg("run")
+        cmd.arg(&opts.command)
             .arg("--agent-binary")
             .arg(bins.join("agent"))
             .arg("--agent-user")

@@ -511,3 +511,51 @@ async fn bad_input_is_refused_before_any_agent_starts() -> R {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_each_item_with_its_fix() -> R {
+    let bed = Bed::start("preflight").await?;
+    let group = "preflight-agents";
+    bed.moto.create_group(group, 0, 1, 1).await?;
+    bed.put_config(&bed.runtime_config(group)).await?;
+    let id = bed.moto.group(group).await?.in_service()[0].clone();
+
+    let mut o = bed.instance(&id, group);
+    o.command = "check".into();
+    let inst = Instance::start(o.clone(), None).await?;
+    let status = inst.wait_exit(Duration::from_secs(30)).await?;
+    let out = inst.output();
+    assert_eq!(status.code(), Some(0), "{out}");
+    for item in [
+        "imds",
+        "stack",
+        "runtime config",
+        "token parameter",
+        "group",
+        "agent user",
+        "agent binary",
+    ] {
+        assert!(out.contains(&format!("ok    {item}:")), "{item}: {out}");
+    }
+    assert!(out.contains(&format!("instance is in {group}")), "{out}");
+    assert_no_token(&out);
+
+    // A missing token: one FAIL line with the fix, exit 1, still no secret printed.
+    let mut cfg = bed.runtime_config(group);
+    cfg.token_parameter = "/agent-fleet/preflight/missing".into();
+    bed.put_config(&cfg).await?;
+    let mut o2 = o.clone();
+    o2.root = bed.root.join("second");
+    let inst = Instance::start(o2, None).await?;
+    let status = inst.wait_exit(Duration::from_secs(30)).await?;
+    let out = inst.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    let fail: Vec<&str> = out.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(fail.len(), 1, "{out}");
+    assert!(
+        fail[0].contains("/agent-fleet/preflight/missing") && fail[0].contains("fix:"),
+        "{out}"
+    );
+    assert_no_token(&out);
+    Ok(())
+}

@@ -119,7 +119,7 @@ async fn main() -> anyhow::Result<()> {
                         let why = field(&line, "why").unwrap_or_default();
                         let dec = field(&line, "decrement").unwrap_or_default();
                         *reasons.entry(why.clone()).or_default() += 1;
-                        println!("{}  instance {} ends itself: {why} (decrement desired: {dec})", at(), short(&instance_id));
+                        println!("{}  instance {} asks Auto Scaling to end it: {why} (decrement desired: {dec})", at(), short(&instance_id));
                     } else if line.contains("restarting the agent in place") {
                         in_place += 1;
                         println!("{}  instance {} idle at min size: agent restarted in place, no churn", at(), short(&instance_id));
@@ -141,7 +141,14 @@ async fn main() -> anyhow::Result<()> {
         fleet.launched().len()
     );
     for (why, n) in &reasons {
-        println!("instances that ended themselves: {n} × {why}");
+        let n = if why == "agent idle" {
+            n.saturating_sub(in_place)
+        } else {
+            *n
+        };
+        if n > 0 {
+            println!("instances that ended themselves: {n} × {why}");
+        }
     }
     println!("idle agents restarted in place at min size: {in_place}");
     println!(
