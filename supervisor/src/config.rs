@@ -117,6 +117,87 @@ pub struct RuntimeConfig {
     /// Talk plain HTTP to the endpoint. Only for a local hub; never in production.
     #[serde(default)]
     pub no_https: bool,
+    /// Demand-driven scale-up (`SEMAPHORE_AGENT_USE_DYNAMIC_SCALING`).
+    #[serde(default)]
+    pub scaler: ScalerConfig,
+    /// Leader-election timings and where the lease lives.
+    #[serde(default)]
+    pub election: ElectionConfig,
+}
+
+/// The scaler's knobs. They apply live (re-read on SIGHUP and periodically).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScalerConfig {
+    pub enabled: bool,
+    /// How often the leader polls Semaphore's `/metrics`.
+    pub poll_interval_ms: u64,
+    /// `none`, `number` or `percentage` (`SEMAPHORE_AGENT_OVERPROVISION_STRATEGY`).
+    pub overprovision_strategy: String,
+    /// `SEMAPHORE_AGENT_OVERPROVISION_FACTOR`: an integer ≥ 1 unless the strategy is `none`.
+    pub overprovision_factor: u32,
+}
+
+impl Default for ScalerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval_ms: 5000,
+            overprovision_strategy: "none".into(),
+            overprovision_factor: 0,
+        }
+    }
+}
+
+/// Lease timings (client-go's semantics). Validated: `lease > renew_deadline > 1.2 × retry`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ElectionConfig {
+    pub lease_ms: u64,
+    pub renew_deadline_ms: u64,
+    pub retry_ms: u64,
+    /// SSM path under which terms live (`<prefix>/<term>`). Default: the config
+    /// parameter's parent + `/leader`.
+    pub prefix: Option<String>,
+}
+
+impl Default for ElectionConfig {
+    fn default() -> Self {
+        Self {
+            lease_ms: 20_000,
+            renew_deadline_ms: 12_000,
+            retry_ms: 4_000,
+            prefix: None,
+        }
+    }
+}
+
+/// How many extra agents to keep ready beyond the jobs waiting and running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overprovision {
+    None,
+    /// `jobs + n`
+    Number(u32),
+    /// `jobs + ceil(jobs × p / 100)`
+    Percentage(u32),
+}
+
+/// Validated scaler knobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScalerSettings {
+    pub enabled: bool,
+    pub poll_interval: Duration,
+    pub overprovision: Overprovision,
+}
+
+/// Validated election timings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ElectionSettings {
+    pub lease: Duration,
+    pub renew_deadline: Duration,
+    pub retry: Duration,
+    /// No trailing slash; terms are `<prefix>/<term, zero-padded>`.
+    pub prefix: String,
 }
 
 fn default_true() -> bool {
@@ -154,6 +235,8 @@ pub struct Settings {
     pub interruption_grace: Duration,
     pub cache_bucket: Option<String>,
     pub no_https: bool,
+    pub scaler: ScalerSettings,
+    pub election: ElectionSettings,
 }
 
 impl Settings {
@@ -224,7 +307,12 @@ impl Settings {
             }
             other => other,
         };
+        let scaler = validate_scaler(&raw.scaler).map_err(|(key, p)| invalid(key, &p))?;
+        let election =
+            validate_election(&raw.election, parameter).map_err(|(key, p)| invalid(key, &p))?;
         Ok(Self {
+            scaler,
+            election,
             config_parameter: parameter.to_string(),
             endpoint: endpoint.to_string(),
             token_parameter: raw.token_parameter,
@@ -236,6 +324,81 @@ impl Settings {
             no_https: raw.no_https,
         })
     }
+}
+
+fn validate_scaler(c: &ScalerConfig) -> Result<ScalerSettings, (&'static str, String)> {
+    if !(1000..=300_000).contains(&c.poll_interval_ms) {
+        return Err((
+            "scaler.poll_interval_ms",
+            "must be between 1000 and 300000".into(),
+        ));
+    }
+    let overprovision = match (c.overprovision_strategy.as_str(), c.overprovision_factor) {
+        ("none", _) => Overprovision::None,
+        ("number" | "percentage", 0) => {
+            return Err((
+                "scaler.overprovision_factor",
+                "must be an integer ≥ 1 when the strategy is number or percentage".into(),
+            ))
+        }
+        ("number", n) => Overprovision::Number(n),
+        ("percentage", n) => Overprovision::Percentage(n),
+        (other, _) => {
+            return Err((
+                "scaler.overprovision_strategy",
+                format!("is {other:?}; use none, number or percentage"),
+            ))
+        }
+    };
+    Ok(ScalerSettings {
+        enabled: c.enabled,
+        poll_interval: Duration::from_millis(c.poll_interval_ms),
+        overprovision,
+    })
+}
+
+fn validate_election(
+    c: &ElectionConfig,
+    config_parameter: &str,
+) -> Result<ElectionSettings, (&'static str, String)> {
+    let (lease, deadline, retry) = (c.lease_ms, c.renew_deadline_ms, c.retry_ms);
+    if retry < 100 {
+        return Err(("election.retry_ms", "must be at least 100".into()));
+    }
+    if deadline * 10 <= retry * 12 {
+        return Err((
+            "election.renew_deadline_ms",
+            format!("({deadline}) must be more than 1.2 × retry_ms ({retry})"),
+        ));
+    }
+    if lease <= deadline {
+        return Err((
+            "election.lease_ms",
+            format!("({lease}) must be more than renew_deadline_ms ({deadline})"),
+        ));
+    }
+    let prefix = match &c.prefix {
+        Some(p) => p.trim_end_matches('/').to_string(),
+        None => {
+            let parent = config_parameter
+                .rsplit_once('/')
+                .map(|(p, _)| p)
+                .unwrap_or_default();
+            format!("{parent}/leader")
+        }
+    };
+    if !valid_parameter_name(&format!("{prefix}/0000000001")) {
+        return Err((
+            "election.prefix",
+            "is not a valid SSM parameter path".into(),
+        ));
+    }
+    Ok(ElectionSettings {
+        lease: Duration::from_millis(lease),
+        renew_deadline: Duration::from_millis(deadline),
+        retry: Duration::from_millis(retry),
+        prefix,
+    })
 }
 
 /// SSM's rule: 1-2048 of `a-zA-Z0-9_.-/`, and at most 15 levels.
@@ -289,6 +452,49 @@ mod tests {
         assert_eq!(s.idle_timeout, Duration::from_secs(300));
         assert_eq!(s.cache_bucket, None);
         assert!(!s.no_https);
+    }
+
+    #[test]
+    fn scaler_and_election_defaults_and_rules() {
+        let s = Settings::parse("/agent-fleet/x/config", GOOD).expect("valid");
+        assert_eq!(s.scaler.poll_interval, Duration::from_secs(5));
+        assert_eq!(s.scaler.overprovision, Overprovision::None);
+        assert_eq!(s.election.prefix, "/agent-fleet/x/leader");
+        assert_eq!(s.election.lease, Duration::from_secs(20));
+        for (patch, key) in [
+            (r#""election":{"lease_ms":10000}"#, "election.lease_ms"),
+            (
+                r#""election":{"retry_ms":11000}"#,
+                "election.renew_deadline_ms",
+            ),
+            (
+                r#""scaler":{"overprovision_strategy":"number"}"#,
+                "scaler.overprovision_factor",
+            ),
+            (
+                r#""scaler":{"overprovision_strategy":"lots","overprovision_factor":2}"#,
+                "scaler.overprovision_strategy",
+            ),
+            (
+                r#""scaler":{"poll_interval_ms":10}"#,
+                "scaler.poll_interval_ms",
+            ),
+        ] {
+            let json = GOOD.replace('}', &format!(",{patch}}}"));
+            let m = Settings::parse("/p", &json).expect_err(patch).to_string();
+            assert!(m.contains(&format!("`{key}`")), "{patch}: {m}");
+        }
+        let json = GOOD.replace(
+            '}',
+            r#","scaler":{"overprovision_strategy":"percentage","overprovision_factor":50}}"#,
+        );
+        assert_eq!(
+            Settings::parse("/p", &json)
+                .expect("ok")
+                .scaler
+                .overprovision,
+            Overprovision::Percentage(50)
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod hook;
+pub mod leadership;
 pub mod lifecycle;
 pub mod telemetry;
 

@@ -70,6 +70,8 @@ impl Bed {
             interruption_grace_secs: 10,
             cache_bucket: None,
             no_https: true,
+            scaler: Default::default(),
+            election: Default::default(),
         }
     }
 
