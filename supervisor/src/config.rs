@@ -12,6 +12,29 @@ use std::time::Duration;
 /// The user-data keys that name the stack to the supervisor.
 pub const USER_DATA_STACK_KEY: &str = "AGENT_FLEET_STACK";
 pub const USER_DATA_CONFIG_KEY: &str = "AGENT_FLEET_CONFIG_PARAMETER";
+pub const USER_DATA_ROLE_KEY: &str = "AGENT_FLEET_ROLE";
+
+/// What this instance is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    /// Runs an agent, and stands for leader.
+    #[default]
+    Agent,
+    /// No agent: only the election (as a preferred candidate) and the scaler. The
+    /// one-instance group that lets the fleet scale up from zero runs this.
+    Scaler,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "agent" => Ok(Self::Agent),
+            "scaler" => Ok(Self::Scaler),
+            other => Err(format!("role {other:?} is not agent or scaler")),
+        }
+    }
+}
 
 /// Which stack this instance belongs to, read from its user data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +42,8 @@ pub struct StackIdentity {
     pub stack_name: String,
     /// Name of the SSM parameter holding the [`RuntimeConfig`] JSON.
     pub config_parameter: String,
+    /// The role the launch template gives this instance, if any.
+    pub role: Option<Role>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +52,8 @@ pub enum UserDataError {
     MissingStack,
     #[error("user data line {line}: {USER_DATA_STACK_KEY} {value:?} is not a valid stack name (1-128 of A-Z a-z 0-9 -)")]
     BadStack { line: usize, value: String },
+    #[error("user data line {line}: {USER_DATA_ROLE_KEY}: {detail}")]
+    BadRole { line: usize, detail: String },
 }
 
 impl StackIdentity {
@@ -41,6 +68,7 @@ impl StackIdentity {
     pub fn from_user_data(text: &str) -> Result<Self, UserDataError> {
         let mut stack = None;
         let mut config = None;
+        let mut role = None;
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -62,6 +90,12 @@ impl StackIdentity {
                     stack = Some(value.to_string());
                 }
                 USER_DATA_CONFIG_KEY if !value.is_empty() => config = Some(value.to_string()),
+                USER_DATA_ROLE_KEY => {
+                    role = Some(value.parse().map_err(|detail| UserDataError::BadRole {
+                        line: i + 1,
+                        detail,
+                    })?)
+                }
                 _ => {}
             }
         }
@@ -71,6 +105,7 @@ impl StackIdentity {
         Ok(Self {
             stack_name,
             config_parameter,
+            role,
         })
     }
 }
@@ -433,6 +468,13 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(id.config_parameter, "/x/y");
+        assert_eq!(id.role, None);
+        let id = StackIdentity::from_user_data("AGENT_FLEET_STACK=a\nAGENT_FLEET_ROLE=scaler\n")
+            .expect("parses");
+        assert_eq!(id.role, Some(Role::Scaler));
+        assert!(
+            StackIdentity::from_user_data("AGENT_FLEET_STACK=a\nAGENT_FLEET_ROLE=boss\n").is_err()
+        );
     }
 
     #[test]

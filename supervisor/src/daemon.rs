@@ -7,17 +7,22 @@ use crate::agent::{Launch, RunAs, RunningAgent, ShutdownReason};
 use crate::aws::autoscaling::SdkAutoScaling;
 use crate::aws::imds::{instance_info, SdkImds};
 use crate::aws::ssm::{Parameter, ParameterStore, SdkParameterStore, SsmError};
-use crate::config::{Settings, StackIdentity};
+use crate::config::{Role, Settings, StackIdentity};
+use crate::leader::LeaderWork;
 use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
 use crate::{hook, Shutdown};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 /// Knobs of the daemon itself (the AMI's systemd unit sets them), as opposed to the
 /// runtime config the stack writes to SSM.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
+    /// Overrides the role the user data gives (`AGENT_FLEET_ROLE`).
+    pub role: Option<Role>,
     pub agent_binary: PathBuf,
     pub agent_user: String,
     pub work_dir: PathBuf,
@@ -223,6 +228,40 @@ pub async fn run(
     let asg = SdkAutoScaling::new(&sdk);
     let mut token = read_token(&ssm, &settings, opts.aws_retry_backoff).await?;
     let token_read = started.elapsed();
+    let role = opts.role.or(identity.role).unwrap_or_default();
+
+    let (settings_tx, settings_rx) = watch::channel(settings.clone());
+    let settings_tx = Arc::new(settings_tx);
+    let _reload = AbortOnDrop(tokio::spawn(reload_config(
+        ssm.clone(),
+        settings_tx.clone(),
+        opts.aws_retry_backoff,
+    )));
+    let mut leader = LeaderWork::start(
+        &sdk,
+        &identity.stack_name,
+        &instance_id,
+        role == Role::Scaler,
+        settings_rx.clone(),
+        &token,
+    )
+    .map_err(DaemonError::Runtime)?;
+    if role == Role::Scaler {
+        tracing::info!(
+            instance_id = %instance_id,
+            stack = %identity.stack_name,
+            group = %settings.agent_group,
+            "scaler-only role: no agent; standing for leader"
+        );
+        tokio::select! {
+            _ = shutdown.drain.cancelled() => {}
+            _ = shutdown.abort.cancelled() => {}
+        }
+        if let Some(l) = leader.take() {
+            l.stop_and_release().await;
+        }
+        return Ok(());
+    }
 
     let run_as = RunAs::lookup(&opts.agent_user).map_err(DaemonError::Input)?;
     let owner = run_as.as_ref().map(|r| (r.uid.as_raw(), r.gid.as_raw()));
@@ -262,7 +301,8 @@ pub async fn run(
     let mut runs = 0u64;
     loop {
         if runs > 0 {
-            refresh(&ssm, &opts, &mut settings, &mut token).await;
+            refresh(&ssm, &opts, &settings_tx, &mut token).await;
+            settings = settings_rx.borrow().clone();
         }
         runs += 1;
         let agent_name = format!("{instance_id}__{}", random_hex(6));
@@ -318,6 +358,9 @@ pub async fn run(
         let exit = tokio::select! {
             biased;
             _ = shutdown.drain.cancelled() => {
+                if let Some(l) = leader.take() {
+                    l.stop_and_release().await;
+                }
                 return drain(&mut agent, &settings, &opts, &shutdown, &mut reasons).await;
             }
             r = agent.wait() => r.map_err(|e| DaemonError::Runtime(format!("waiting for the agent: {e}")))?,
@@ -375,6 +418,10 @@ pub async fn run(
                         continue;
                     }
                     Termination::Requested | Termination::PoweredOff => {
+                        // The instance is going: hand leadership on now, not at SIGTERM.
+                        if let Some(l) = leader.take() {
+                            l.stop_and_release().await;
+                        }
                         return wait_for_end(&opts, &shutdown).await;
                     }
                 }
@@ -443,21 +490,68 @@ async fn drain(
 async fn refresh<P: ParameterStore>(
     ssm: &P,
     opts: &RunOptions,
-    settings: &mut Settings,
+    settings: &watch::Sender<Settings>,
     token: &mut String,
 ) {
-    match get_parameter(ssm, &settings.config_parameter, opts.aws_retry_backoff).await {
-        Ok(p) => match Settings::parse(&settings.config_parameter, &p.value) {
-            Ok(s) => *settings = s,
-            Err(e) => tracing::error!(error = %e, "keeping the previous runtime config"),
-        },
-        Err(e) => tracing::warn!(error = %e, "keeping the previous runtime config"),
-    }
-    match read_token(ssm, settings, opts.aws_retry_backoff).await {
+    reload_once(ssm, settings, opts.aws_retry_backoff).await;
+    let current = settings.borrow().clone();
+    match read_token(ssm, &current, opts.aws_retry_backoff).await {
         Ok(t) => *token = t,
         Err(e) => tracing::error!(error = %e, "keeping the previous registration token"),
     }
 }
+
+/// Reads the runtime config parameter again; publishes it when it changed.
+async fn reload_once<P: ParameterStore>(
+    ssm: &P,
+    settings: &watch::Sender<Settings>,
+    backoff: Duration,
+) {
+    let parameter = settings.borrow().config_parameter.clone();
+    match get_parameter(ssm, &parameter, backoff).await {
+        Ok(p) => match Settings::parse(&parameter, &p.value) {
+            Ok(s) => {
+                settings.send_if_modified(|cur| {
+                    let changed = *cur != s;
+                    if changed {
+                        tracing::info!(parameter = %parameter, "runtime config changed: scaler knobs apply now, agent knobs at the next agent start");
+                        *cur = s;
+                    }
+                    changed
+                });
+            }
+            Err(e) => tracing::error!(error = %e, "keeping the previous runtime config"),
+        },
+        Err(e) => tracing::warn!(error = %e, "keeping the previous runtime config"),
+    }
+}
+
+/// Live config: re-read every [`RELOAD_EVERY`] and on SIGHUP.
+async fn reload_config<P: ParameterStore>(
+    ssm: P,
+    settings: Arc<watch::Sender<Settings>>,
+    backoff: Duration,
+) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        let hup_recv = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = hup_recv => tracing::info!("SIGHUP: re-reading the runtime config"),
+            _ = tokio::time::sleep(RELOAD_EVERY) => {}
+        }
+        reload_once(&ssm, &settings, backoff).await;
+    }
+}
+
+/// How often the runtime config is re-read.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(60);
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

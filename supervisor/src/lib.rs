@@ -32,10 +32,14 @@ pub mod aws;
 pub mod check;
 pub mod config;
 pub mod daemon;
+pub mod election;
 pub mod hook;
+pub mod leader;
 pub mod leadership;
 pub mod lifecycle;
+pub mod scaler;
 pub mod telemetry;
+pub mod tls;
 
 use tokio_util::sync::CancellationToken;
 

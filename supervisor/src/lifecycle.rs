@@ -344,6 +344,12 @@ mod tests {
         async fn group(&self, _: &str) -> Result<Option<GroupSizes>, AsgError> {
             Ok(None)
         }
+        async fn set_desired_capacity(&self, _: &str, _: i32) -> Result<(), AsgError> {
+            Ok(())
+        }
+        async fn suspend_processes(&self, _: &str, _: &[&str]) -> Result<(), AsgError> {
+            Ok(())
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -32,6 +32,10 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// `agent`, or `scaler` (no agent; election and scaling only). Default: the user
+    /// data's AGENT_FLEET_ROLE, else agent.
+    #[arg(long, env = "AGENT_SUPERVISOR_ROLE")]
+    role: Option<agent_supervisor::config::Role>,
     /// The Semaphore agent binary.
     #[arg(
         long,
@@ -108,6 +112,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 impl RunArgs {
     fn options(self) -> RunOptions {
         RunOptions {
+            role: self.role,
             agent_binary: self.agent_binary,
             agent_user: self.agent_user,
             work_dir: self.work_dir,
@@ -135,6 +140,7 @@ impl RunArgs {
 fn main() {
     let started = Instant::now();
     let cli = Cli::parse();
+    agent_supervisor::tls::install_crypto_provider();
     let code = match cli.command {
         // The hook must return at once and never touch the runtime or the journal.
         Command::Hook { socket } => hook::client(&socket),

@@ -1258,10 +1258,13 @@ mod tests {
     impl Api {
         fn new(hub: &Hub) -> Api {
             Api {
-                http: reqwest::Client::builder()
-                    .no_proxy()
-                    .build()
-                    .expect("http client"),
+                http: {
+                    agent_supervisor::tls::install_crypto_provider();
+                    reqwest::Client::builder()
+                }
+                .no_proxy()
+                .build()
+                .expect("http client"),
                 base: format!("{}{API_BASE}", hub.base_url()),
             }
         }

@@ -344,10 +344,13 @@ mod tests {
     use super::*;
 
     fn http() -> reqwest::Client {
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("reqwest client")
+        {
+            agent_supervisor::tls::install_crypto_provider();
+            reqwest::Client::builder()
+        }
+        .no_proxy()
+        .build()
+        .expect("reqwest client")
     }
 
     #[test]

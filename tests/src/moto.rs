@@ -206,6 +206,7 @@ impl Moto {
                 );
             }
         };
+        agent_supervisor::tls::install_crypto_provider();
         let http = match reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(30))

@@ -1,4 +1,5 @@
-//! Auto Scaling: terminating this instance, marking it unhealthy, reading its group.
+//! Auto Scaling: terminating this instance, marking it unhealthy, reading its group, and
+//! (for the leader's scaler) raising the group's desired capacity and suspending processes.
 
 use super::{classify, describe, Retry};
 use std::future::Future;
@@ -55,6 +56,20 @@ pub trait AutoScaling: Send + Sync {
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Option<GroupSizes>, AsgError>> + Send;
+    /// `SetDesiredCapacity` with `HonorCooldown=false`: demand, not a cooldown, decides.
+    /// Auto Scaling answers ValidationError outside `[min, max]`.
+    fn set_desired_capacity(
+        &self,
+        group: &str,
+        desired: i32,
+    ) -> impl Future<Output = Result<(), AsgError>> + Send;
+    /// `SuspendProcesses` for the named processes (e.g. `AZRebalance`, which would
+    /// otherwise terminate instances mid-job to even out zones).
+    fn suspend_processes(
+        &self,
+        group: &str,
+        processes: &[&str],
+    ) -> impl Future<Output = Result<(), AsgError>> + Send;
 }
 
 #[derive(Clone)]
@@ -147,5 +162,28 @@ impl AutoScaling for SdkAutoScaling {
             max: g.max_size().unwrap_or_default(),
             desired: g.desired_capacity().unwrap_or_default(),
         }))
+    }
+
+    async fn set_desired_capacity(&self, group: &str, desired: i32) -> Result<(), AsgError> {
+        self.client
+            .set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(desired)
+            .honor_cooldown(false)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err("SetDesiredCapacity", e))
+    }
+
+    async fn suspend_processes(&self, group: &str, processes: &[&str]) -> Result<(), AsgError> {
+        self.client
+            .suspend_processes()
+            .auto_scaling_group_name(group)
+            .set_scaling_processes(Some(processes.iter().map(|p| p.to_string()).collect()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err("SuspendProcesses", e))
     }
 }

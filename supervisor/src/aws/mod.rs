@@ -6,6 +6,7 @@
 //! which is how the tests aim the daemon at the emulators.
 
 pub mod autoscaling;
+pub mod cloudwatch;
 pub mod imds;
 pub mod s3;
 pub mod ssm;

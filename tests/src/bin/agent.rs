@@ -474,12 +474,15 @@ impl Api {
         let timeout = knobs
             .sync_timeout
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .user_agent(format!("SemaphoreAgent/{VERSION}"))
-            .no_proxy()
-            .build()?;
+        let http = {
+            agent_supervisor::tls::install_crypto_provider();
+            reqwest::Client::builder()
+        }
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(format!("SemaphoreAgent/{VERSION}"))
+        .no_proxy()
+        .build()?;
         let scheme = if cfg.no_https { "http" } else { "https" };
         Ok(Api {
             http,

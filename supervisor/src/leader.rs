@@ -1,0 +1,152 @@
+//! Leader work on this instance: the election and, while leading, the scaler — started
+//! together, stopped in the order the lease's safety needs (scaler first, then release).
+
+use crate::aws::autoscaling::SdkAutoScaling;
+use crate::aws::cloudwatch::QueryCloudWatch;
+use crate::aws::ssm::SdkParameterStore;
+use crate::config::Settings;
+use crate::election::{Elector, SsmLeaseStore};
+use crate::leadership::Leadership;
+use crate::scaler::{HttpDemand, Scaler, SsmTokenSource, Token};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The running election and scaler of this process.
+pub struct LeaderWork {
+    election_stop: CancellationToken,
+    scaler_stop: CancellationToken,
+    election: JoinHandle<Elector<SsmLeaseStore>>,
+    scaler: Option<JoinHandle<()>>,
+    extra: Vec<JoinHandle<()>>,
+    pub leadership: watch::Receiver<Leadership>,
+}
+
+impl LeaderWork {
+    /// Starts the election (and the scaler, when dynamic scaling is on). `preferred` is
+    /// the scaler-only role. Returns `None` when dynamic scaling is off: no leader needed.
+    pub fn start(
+        sdk: &aws_config::SdkConfig,
+        stack_name: &str,
+        instance_id: &str,
+        preferred: bool,
+        settings: watch::Receiver<Settings>,
+        token: &str,
+    ) -> Result<Option<Self>, String> {
+        let current = settings.borrow().clone();
+        if !current.scaler.enabled {
+            tracing::info!("dynamic scaling is off: no leader election");
+            return Ok(None);
+        }
+        let (fleet_tx, fleet_rx) = watch::channel(Vec::new());
+        let (lead_tx, leadership) = watch::channel(Leadership::default());
+        let election_stop = CancellationToken::new();
+        let scaler_stop = CancellationToken::new();
+        let elector = Elector::new(
+            SsmLeaseStore::new(sdk),
+            current.election.clone(),
+            instance_id,
+            preferred,
+            fleet_rx,
+        );
+        let election = tokio::spawn(elector.run(election_stop.clone(), lead_tx));
+        let demand = HttpDemand::new().map_err(|e| e.to_string())?;
+        let sink = QueryCloudWatch::new(sdk).map_err(|e| e.to_string())?;
+        let scaler = Scaler::new(
+            stack_name.to_string(),
+            settings.clone(),
+            demand,
+            SdkAutoScaling::new(sdk),
+            SsmTokenSource::new(SdkParameterStore::new(sdk), settings.clone()),
+            sink,
+        )
+        .with_token(Token::new(token.to_string()));
+        let scaler = tokio::spawn(scaler.run(leadership.clone(), scaler_stop.clone()));
+        let members = tokio::spawn(feed_members(
+            aws_sdk_autoscaling::Client::new(sdk),
+            settings,
+            leadership.clone(),
+            fleet_tx,
+            scaler_stop.clone(),
+        ));
+        Ok(Some(Self {
+            election_stop,
+            scaler_stop,
+            election,
+            scaler: Some(scaler),
+            extra: vec![members],
+            leadership,
+        }))
+    }
+
+    /// Stops leader work, then releases the lease so a successor need not wait it out.
+    pub async fn stop_and_release(mut self) {
+        self.scaler_stop.cancel();
+        if let Some(s) = self.scaler.take() {
+            let _ = s.await;
+        }
+        for t in self.extra.drain(..) {
+            t.abort();
+        }
+        self.election_stop.cancel();
+        match (&mut self.election).await {
+            Ok(mut elector) => match elector.release().await {
+                Ok(Some(term)) => tracing::info!(term, "leadership released"),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the lease; a successor takes over when it expires")
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "election task ended abnormally"),
+        }
+    }
+}
+
+/// While leading, tells the election which instances make up the fleet (it names
+/// standbys from them) every 30 s.
+async fn feed_members(
+    asg: aws_sdk_autoscaling::Client,
+    settings: watch::Receiver<Settings>,
+    mut leadership: watch::Receiver<Leadership>,
+    fleet: watch::Sender<Vec<String>>,
+    stop: CancellationToken,
+) {
+    loop {
+        let leading = matches!(*leadership.borrow(), Leadership::Leader { .. });
+        if leading {
+            let group = settings.borrow().agent_group.clone();
+            let out = asg
+                .describe_auto_scaling_groups()
+                .auto_scaling_group_names(&group)
+                .send()
+                .await;
+            match out {
+                Ok(out) => {
+                    let ids: Vec<String> = out
+                        .auto_scaling_groups()
+                        .iter()
+                        .flat_map(|g| g.instances())
+                        .filter(|i| {
+                            i.lifecycle_state()
+                                .is_some_and(|s| s.as_str() == "InService")
+                        })
+                        .filter_map(|i| i.instance_id().map(str::to_string))
+                        .collect();
+                    fleet.send_if_modified(|cur| {
+                        let changed = *cur != ids;
+                        *cur = ids;
+                        changed
+                    });
+                }
+                Err(e) => {
+                    tracing::debug!(error = %crate::aws::describe(&e), "could not list the fleet for standbys")
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = leadership.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
+        }
+    }
+}
