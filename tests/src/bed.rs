@@ -99,8 +99,11 @@ impl Bed {
 
     /// A launcher over `groups`.
     pub fn fleet(&self, groups: &[&str], args: &[&str], agent_env: &[(&str, &str)]) -> Fleet {
-        Fleet::start(
-            self.moto.clone(),
+        Fleet::start(self.moto.clone(), self.fleet_options(groups, args, agent_env))
+    }
+
+    pub fn fleet_options(&self, groups: &[&str], args: &[&str], agent_env: &[(&str, &str)]) -> FleetOptions {
+        {
             FleetOptions {
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 user_data: self.user_data(),
@@ -110,10 +113,11 @@ impl Bed {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
+                group_args: Default::default(),
                 poll: Duration::from_millis(150),
                 stop_timeout: Duration::from_secs(10),
-            },
-        )
+            }
+        }
     }
 }
 

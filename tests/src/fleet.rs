@@ -399,6 +399,8 @@ pub struct FleetOptions {
     pub root: PathBuf,
     pub args: Vec<String>,
     pub agent_env: Vec<(String, String)>,
+    /// Extra `run` arguments for the instances of one group (e.g. `--role scaler`).
+    pub group_args: BTreeMap<String, Vec<String>>,
     pub poll: Duration,
     /// How long a terminated instance's supervisor gets after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
@@ -570,9 +572,11 @@ async fn launcher(
             if let Ok(mut s) = state.lock() {
                 s.launched.push(id.clone());
             }
+            let mut args = opts.args.clone();
+            args.extend(opts.group_args.get(&group).cloned().unwrap_or_default());
             let o = InstanceOptions {
                 user_data: Some(opts.user_data.clone()),
-                args: opts.args.clone(),
+                args,
                 agent_env: opts.agent_env.clone(),
                 ..InstanceOptions::new(&id, &group, &moto, &opts.root)
             };

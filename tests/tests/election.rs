@@ -62,13 +62,13 @@ fn leading_term(output: &str) -> Option<u64> {
     let last = output
         .lines()
         .filter(|l| {
-            l.contains(" leading ")
+            l.contains(" leading term=")
                 || l.contains("stepped down")
-                || l.contains(" following ")
+                || l.contains(" following term=")
                 || l.contains("released the lease")
         })
         .last()?;
-    if last.contains(" leading ") {
+    if last.contains(" leading term=") {
         num(last, "term")
     } else {
         None
@@ -139,7 +139,7 @@ async fn one_leader_then_failover_after_sigkill() -> R {
                 .all(|i| {
                     let out = cands[i].output();
                     out.lines()
-                        .filter(|l| l.contains(" following "))
+                        .filter(|l| l.contains(" following term="))
                         .last()
                         .and_then(|l| num(l, "term"))
                         == Some(term)

@@ -14,8 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 /// Reads per second that the followers outside the standbys share, fleet-wide. With the
 /// leader (2 calls per retry) and [`STANDBYS`] standbys (1 per retry) at the default
-/// 4 s retry this keeps the fleet near 1.35 SSM calls/s at any size up to
-/// [`MAX_FOLLOWER_POLL`] × this budget members (≈ 1,000).
+/// 4 s retry the fleet makes ≈ 1.35 SSM calls/s at any size up to
+/// [`MAX_FOLLOWER_POLL`] × this budget ≈ 1,080 members; beyond that the cap wins and the
+/// rate creeps up (1.5 calls/s at ≈ 2,700 members).
 pub const FOLLOWER_READS_PER_SEC: f64 = 0.1;
 
 /// The slowest a follower outside the standbys ever polls. It bounds failover when the
@@ -354,7 +355,11 @@ impl<S: LeaseStore> Elector<S> {
             Ok(None) => return Next::Go(State::Start { floor: o.term }),
             Err(e) => {
                 // Take over only on a fresh read that confirms the version stood still.
-                tracing::debug!(term = o.term, error = %e, "cannot read the lease; will poll again");
+                if e.is_transient() {
+                    tracing::debug!(term = o.term, error = %e, "cannot read the lease; will poll again");
+                } else {
+                    tracing::warn!(term = o.term, error = %e, "cannot read the lease; will poll again");
+                }
                 return self.schedule(o);
             }
         }
@@ -404,7 +409,7 @@ impl<S: LeaseStore> Elector<S> {
         let fast = self.preferred
             || o.record
                 .as_ref()
-                .is_some_and(|r| r.standbys.iter().any(|s| *s == self.instance_id));
+                .is_some_and(|r| r.standbys.contains(&self.instance_id));
         o.next_poll = if fast {
             let poll = now + self.jitter(self.settings.retry);
             // Exactly at the takeover instant — unless that passed while reads failed.
@@ -442,7 +447,7 @@ impl<S: LeaseStore> Elector<S> {
         let new_term = term + 1;
         let prefix = self.settings.prefix.clone();
         let name = term_name(&prefix, new_term);
-        let (standbys, follower_poll) = self.plan();
+        let (standbys, follower_poll) = self.plan(&[]);
         let mut lead = Lead {
             term: new_term,
             seq: 0,
@@ -467,7 +472,7 @@ impl<S: LeaseStore> Elector<S> {
                 let now = Instant::now();
                 lead.version = version;
                 lead.valid_until = start + self.settings.renew_deadline;
-                lead.lead_from = now;
+                lead.lead_from = now + self.settings.renew_deadline;
                 lead.next_renew = start + self.settings.retry;
                 let reason = match old {
                     None if term == 0 => "no term yet",
@@ -514,10 +519,17 @@ impl<S: LeaseStore> Elector<S> {
                         );
                         self.schedule(o)
                     }
-                    Ok(None) => Next::Go(State::Start { floor: term }),
+                    // Gone already, or unreadable: start over from the list, unhurried.
+                    Ok(None) => {
+                        let pause = self.jitter(self.settings.retry);
+                        self.pause(pause, State::Start { floor: term }, shutdown)
+                            .await
+                    }
                     Err(e) => {
-                        tracing::debug!(term = new_term, error = %e, "cannot read the new term");
-                        Next::Go(State::Start { floor: term })
+                        tracing::warn!(term = new_term, error = %e, "cannot read the new term; retrying");
+                        let pause = self.jitter(self.settings.retry);
+                        self.pause(pause, State::Start { floor: term }, shutdown)
+                            .await
                     }
                 }
             }
@@ -621,7 +633,7 @@ impl<S: LeaseStore> Elector<S> {
         let start = Instant::now();
         l.next_renew = start + self.settings.retry;
         l.seq += 1;
-        let (standbys, follower_poll) = self.plan();
+        let (standbys, follower_poll) = self.plan(&l.standbys);
         l.standbys = standbys;
         l.follower_poll = follower_poll;
         let name = term_name(&self.settings.prefix, l.term);
@@ -728,7 +740,9 @@ impl<S: LeaseStore> Elector<S> {
     }
 
     /// The standbys to name and the slow followers' interval, from the fleet list.
-    fn plan(&self) -> (Vec<String>, Duration) {
+    /// Standbys still in the fleet keep their role (a newly named one learns it only at
+    /// its next slow poll); vacancies go to the first members in the list's order.
+    fn plan(&self, current: &[String]) -> (Vec<String>, Duration) {
         let fleet = self.fleet.borrow();
         if fleet.is_empty() {
             return (Vec::new(), UNKNOWN_FLEET_FOLLOWER_POLL);
@@ -738,11 +752,20 @@ impl<S: LeaseStore> Elector<S> {
             .iter()
             .filter(|id| **id != self.instance_id && seen.insert(*id))
             .collect();
-        let standbys: Vec<String> = members
+        let mut standbys: Vec<String> = current
             .iter()
+            .filter(|s| seen.contains(s))
             .take(STANDBYS)
-            .map(|s| s.to_string())
+            .cloned()
             .collect();
+        for m in &members {
+            if standbys.len() == STANDBYS {
+                break;
+            }
+            if !standbys.contains(m) {
+                standbys.push(m.to_string());
+            }
+        }
         let others = members.len().saturating_sub(standbys.len());
         let retry = self.settings.retry;
         let poll = Duration::from_secs_f64(others as f64 / FOLLOWER_READS_PER_SEC)

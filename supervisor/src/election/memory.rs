@@ -3,6 +3,7 @@
 
 use super::store::{term_of, Created, LeaseStore, StoreError};
 use crate::aws::Retry;
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -241,12 +242,10 @@ fn injected(op: Op, name: &str) -> StoreError {
 impl LeaseStore for MemoryStore {
     async fn create(&self, name: &str, value: &str) -> Result<Created, StoreError> {
         let (n, v) = (name.to_string(), value.to_string());
-        self.call(Op::Create, name, move |s| {
-            let mut params = s.params();
-            if params.contains_key(&n) {
-                Created::AlreadyExists
-            } else {
-                params.insert(n, (v, 1));
+        self.call(Op::Create, name, move |s| match s.params().entry(n) {
+            Entry::Occupied(_) => Created::AlreadyExists,
+            Entry::Vacant(e) => {
+                e.insert((v, 1));
                 Created::Won { version: 1 }
             }
         })
@@ -307,25 +306,28 @@ mod tests {
     async fn has_ssm_semantics() {
         let s = MemoryStore::new();
         assert_eq!(
-            s.create("/p/0000000001", "a").await.unwrap(),
+            s.create("/p/0000000001", "a").await.expect("ok"),
             Created::Won { version: 1 }
         );
         assert_eq!(
-            s.create("/p/0000000001", "b").await.unwrap(),
+            s.create("/p/0000000001", "b").await.expect("ok"),
             Created::AlreadyExists
         );
-        assert_eq!(s.overwrite("/p/0000000001", "c").await.unwrap(), 2);
-        assert_eq!(s.get("/p/0000000001").await.unwrap(), Some(("c".into(), 2)));
-        assert_eq!(s.overwrite("/p/0000000007", "x").await.unwrap(), 1);
+        assert_eq!(s.overwrite("/p/0000000001", "c").await.expect("ok"), 2);
+        assert_eq!(
+            s.get("/p/0000000001").await.expect("ok"),
+            Some(("c".into(), 2))
+        );
+        assert_eq!(s.overwrite("/p/0000000007", "x").await.expect("ok"), 1);
         s.raw_put("/p/other", "y");
         s.raw_put("/p/0000000009/deeper", "z");
         s.raw_put("/q/0000000099", "z");
-        assert_eq!(s.latest_term("/p").await.unwrap(), Some(7));
-        s.delete("/p/0000000007").await.unwrap();
-        s.delete("/p/0000000007").await.unwrap();
-        assert_eq!(s.get("/p/0000000007").await.unwrap(), None);
-        assert_eq!(s.latest_term("/p").await.unwrap(), Some(1));
-        assert_eq!(s.latest_term("/none").await.unwrap(), None);
+        assert_eq!(s.latest_term("/p").await.expect("ok"), Some(7));
+        s.delete("/p/0000000007").await.expect("ok");
+        s.delete("/p/0000000007").await.expect("ok");
+        assert_eq!(s.get("/p/0000000007").await.expect("ok"), None);
+        assert_eq!(s.latest_term("/p").await.expect("ok"), Some(1));
+        assert_eq!(s.latest_term("/none").await.expect("ok"), None);
         let c = s.calls();
         assert_eq!(
             (c.create, c.overwrite, c.get, c.delete, c.list),
@@ -339,7 +341,7 @@ mod tests {
         for t in 1..=25 {
             s.raw_put(&format!("/p/{t:010}"), "v");
         }
-        assert_eq!(s.latest_term("/p").await.unwrap(), Some(25));
+        assert_eq!(s.latest_term("/p").await.expect("ok"), Some(25));
         assert_eq!(s.calls().list, 3);
     }
 
@@ -348,16 +350,16 @@ mod tests {
         let s = MemoryStore::new();
         let h = s.handle();
         h.fail_next(2);
-        assert!(h.get("/a").await.unwrap_err().is_transient());
+        assert!(h.get("/a").await.expect_err("fails").is_transient());
         assert!(h.create("/a", "v").await.is_err());
         assert!(s.create("/a", "v").await.is_ok());
-        assert!(h.get("/a").await.unwrap().is_some());
+        assert!(h.get("/a").await.expect("ok").is_some());
         h.fail_all(true);
         assert!(h.delete("/a").await.is_err());
         h.fail_all(false);
         h.set_latency(Some(Duration::from_secs(3)));
         let t0 = tokio::time::Instant::now();
-        assert_eq!(h.overwrite("/a", "w").await.unwrap(), 2);
+        assert_eq!(h.overwrite("/a", "w").await.expect("ok"), 2);
         assert_eq!(t0.elapsed(), Duration::from_secs(3));
         assert_eq!(s.calls().total(), 6);
     }

@@ -24,7 +24,8 @@
 //!   else at the `follower_poll_ms` the leader computes from the fleet size
 //!   ([`FOLLOWER_READS_PER_SEC`] shared, capped at [`MAX_FOLLOWER_POLL`]). Fleet total in
 //!   steady state: leader 2 calls + standbys 1 call per `retry`, plus that budget —
-//!   ≈ 1.35 calls/s at the default timings whatever the size, up to about 1,000 members.
+//!   ≈ 1.35 calls/s at the default timings whatever the size up to ≈ 1,080 members
+//!   (≤ 1.5 up to ≈ 2,700). Each start-up adds two calls (list + read).
 //! - **Failover** after a crash: ≈ lease + renew_deadline + retry (one more retry when no
 //!   preferred candidate is alive); after a release: ≈ retry + renew_deadline.
 //!

@@ -102,16 +102,16 @@ mod tests {
     #[test]
     fn round_trips_and_tolerates_unknown_keys() {
         let r = sample();
-        assert_eq!(Record::parse(&r.to_json()).unwrap(), r);
-        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+        assert_eq!(Record::parse(&r.to_json()).expect("ok"), r);
+        let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("ok");
         v["priority"] = serde_json::json!(3);
-        assert_eq!(Record::parse(&v.to_string()).unwrap(), r);
+        assert_eq!(Record::parse(&v.to_string()).expect("ok"), r);
         assert_eq!(r.holder_instance(), "i-0abc");
     }
 
     #[test]
     fn missing_or_mistyped_keys_are_refused() {
-        let good: serde_json::Value = serde_json::from_str(&sample().to_json()).unwrap();
+        let good: serde_json::Value = serde_json::from_str(&sample().to_json()).expect("ok");
         for key in [
             "holder",
             "seq",
@@ -122,7 +122,7 @@ mod tests {
             "follower_poll_ms",
         ] {
             let mut v = good.clone();
-            v.as_object_mut().unwrap().remove(key);
+            v.as_object_mut().expect("ok").remove(key);
             assert!(Record::parse(&v.to_string()).is_err(), "without {key}");
             let mut v = good.clone();
             v[key] = serde_json::json!({"x": 1});

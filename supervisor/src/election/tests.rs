@@ -47,7 +47,7 @@ impl Stopper {
 
     fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
-        if let Some(w) = self.waker.lock().unwrap().take() {
+        if let Some(w) = self.waker.lock().expect("lock").take() {
             w.wake();
         }
     }
@@ -63,7 +63,7 @@ impl<F: Future> Future for Stoppable<F> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         if self.stopper.paused.load(Ordering::SeqCst) {
-            *self.stopper.waker.lock().unwrap() = Some(cx.waker().clone());
+            *self.stopper.waker.lock().expect("lock") = Some(cx.waker().clone());
             if self.stopper.paused.load(Ordering::SeqCst) {
                 return Poll::Pending;
             }
@@ -170,7 +170,7 @@ impl Fleet {
     async fn shut_down(&mut self, who: usize) -> Elector<MemoryStore> {
         let m = &mut self.members[who];
         m.stop.cancel();
-        m.task.take().unwrap().await.unwrap()
+        m.task.take().expect("running").await.expect("run returns")
     }
 
     fn drain(&mut self) {
@@ -254,7 +254,7 @@ async fn exactly_one_leader_among_five_and_all_agree_on_the_term() {
         f.start(i, false);
     }
     let t0 = Instant::now();
-    let first = f.wait_for_leader(LEASE + RETRY, 0).await.unwrap();
+    let first = f.wait_for_leader(LEASE + RETRY, 0).await.expect("a leader");
     assert!(first.at - t0 <= LEASE + RETRY);
     f.run_for(LEASE + RETRY - (first.at - t0)).await;
     assert_eq!(f.leaders(), vec![first.who]);
@@ -286,11 +286,11 @@ async fn a_killed_leader_is_replaced_within_lease_plus_deadline_plus_retry() {
         for i in 0..5 {
             f.start(i, false);
         }
-        let first = f.wait_for_leader(LEASE + RETRY, 0).await.unwrap();
+        let first = f.wait_for_leader(LEASE + RETRY, 0).await.expect("a leader");
         f.run_for(LEASE + RETRY.mul_f64(seed as f64 / 5.0)).await;
         f.kill(first.who);
         let killed = Instant::now();
-        let next = f.wait_for_leader(LEASE * 5, 1).await.unwrap();
+        let next = f.wait_for_leader(LEASE * 5, 1).await.expect("a new leader");
         let took = next.at - killed;
         // Non-preferred candidates wait one extra retry for a preferred one that is not
         // there; each poll is jittered by up to 10 %.
@@ -308,7 +308,7 @@ async fn a_live_preferred_candidate_wins_the_failover() {
     for seed in 0..5 {
         let mut f = Fleet::new(5, seed);
         let old = f.start(0, false);
-        f.wait_for_leader(LEASE, 0).await.unwrap();
+        f.wait_for_leader(LEASE, 0).await.expect("a new leader");
         for i in 1..4 {
             f.start(i, false);
         }
@@ -316,7 +316,7 @@ async fn a_live_preferred_candidate_wins_the_failover() {
         f.run_for(LEASE + RETRY.mul_f64(seed as f64 / 5.0)).await;
         f.kill(old);
         let killed = Instant::now();
-        let next = f.wait_for_leader(LEASE * 5, 1).await.unwrap();
+        let next = f.wait_for_leader(LEASE * 5, 1).await.expect("a new leader");
         assert_eq!(next.who, preferred, "seed {seed}");
         let took = next.at - killed;
         assert!(
@@ -334,7 +334,7 @@ async fn a_leader_whose_store_fails_steps_down_by_its_deadline() {
         for i in 0..4 {
             f.start(i, false);
         }
-        let first = f.wait_for_leader(LEASE + RETRY, 0).await.unwrap();
+        let first = f.wait_for_leader(LEASE + RETRY, 0).await.expect("a leader");
         f.run_for(LEASE + RETRY.mul_f64(seed as f64 / 4.0)).await;
         let m = &f.members[first.who];
         if slow {
@@ -354,11 +354,11 @@ async fn a_leader_whose_store_fails_steps_down_by_its_deadline() {
                 e.who == who && matches!(e.state, Leadership::Follower { .. })
             })
             .await
-            .unwrap();
+            .expect("stepped down");
         assert!(down.at <= valid_until, "stepped down at {:?}", down.at);
         assert!(down.at - broke <= DEADLINE);
         // Nobody else has led yet at that instant, and someone takes over later.
-        let next = f.wait_for_leader(LEASE * 3, 1).await.unwrap();
+        let next = f.wait_for_leader(LEASE * 3, 1).await.expect("a new leader");
         assert_ne!(next.who, who);
         assert!(f.members[who]
             .rx
@@ -378,7 +378,7 @@ async fn a_stopped_leader_never_overlaps_its_successor() {
         for i in 0..4 {
             f.start(i, false);
         }
-        let first = f.wait_for_leader(LEASE + RETRY, 0).await.unwrap();
+        let first = f.wait_for_leader(LEASE + RETRY, 0).await.expect("a leader");
         let who = first.who;
         // Store calls that take a while, so a stop can land in the middle of a renew.
         let latency = Duration::from_millis(rng.u64(0..1500));
@@ -419,7 +419,7 @@ async fn release_hands_over_at_once_to_the_preferred_candidate() {
     for seed in 0..5 {
         let mut f = Fleet::new(4, seed);
         let old = f.start(0, false);
-        f.wait_for_leader(LEASE, 0).await.unwrap();
+        f.wait_for_leader(LEASE, 0).await.expect("a new leader");
         f.start(1, false);
         f.start(2, false);
         let preferred = f.start(3, true);
@@ -434,10 +434,10 @@ async fn release_hands_over_at_once_to_the_preferred_candidate() {
             }
         );
         assert_eq!(elector.held_term(), Some(1));
-        assert_eq!(elector.release().await.unwrap(), Some(1));
-        assert_eq!(elector.release().await.unwrap(), None);
+        assert_eq!(elector.release().await.expect("released"), Some(1));
+        assert_eq!(elector.release().await.expect("released"), None);
         let released = Instant::now();
-        let next = f.wait_for_leader(LEASE * 3, 1).await.unwrap();
+        let next = f.wait_for_leader(LEASE * 3, 1).await.expect("a new leader");
         assert_eq!(next.who, preferred);
         assert!(
             next.at - released <= RETRY + RETRY / 10 + DEADLINE,
@@ -452,14 +452,14 @@ async fn release_hands_over_at_once_to_the_preferred_candidate() {
 async fn release_without_a_preferred_candidate_still_skips_the_lease() {
     let mut f = Fleet::new(3, 9);
     let old = f.start(0, false);
-    f.wait_for_leader(LEASE, 0).await.unwrap();
+    f.wait_for_leader(LEASE, 0).await.expect("a new leader");
     f.start(1, false);
     f.start(2, false);
     f.run_for(LEASE).await;
     let mut elector = f.shut_down(old).await;
-    elector.release().await.unwrap();
+    elector.release().await.expect("released");
     let released = Instant::now();
-    let next = f.wait_for_leader(LEASE * 3, 1).await.unwrap();
+    let next = f.wait_for_leader(LEASE * 3, 1).await.expect("a new leader");
     assert!(next.at - released <= RETRY * 2 + RETRY / 5 + DEADLINE);
     f.assert_windows_disjoint();
 }
@@ -468,13 +468,13 @@ async fn release_without_a_preferred_candidate_still_skips_the_lease() {
 async fn a_restarted_supervisor_takes_over_its_predecessors_term() {
     let mut f = Fleet::new(3, 4);
     let old = f.start(0, true);
-    f.wait_for_leader(LEASE, 0).await.unwrap();
+    f.wait_for_leader(LEASE, 0).await.expect("a new leader");
     f.start(1, false);
     f.run_for(LEASE).await;
     f.kill(old);
     let restarted_at = Instant::now();
     let again = f.start(0, true);
-    let next = f.wait_for_leader(LEASE * 3, 1).await.unwrap();
+    let next = f.wait_for_leader(LEASE * 3, 1).await.expect("a new leader");
     assert_eq!(next.who, again);
     assert!(next.at - restarted_at <= DEADLINE + Duration::from_millis(10));
     f.assert_windows_disjoint();
@@ -484,20 +484,23 @@ async fn a_restarted_supervisor_takes_over_its_predecessors_term() {
 async fn old_terms_are_deleted() {
     let mut f = Fleet::new(3, 5);
     let mut leader = f.start(0, false);
-    f.wait_for_leader(LEASE, 0).await.unwrap();
+    f.wait_for_leader(LEASE, 0).await.expect("a new leader");
     f.start(1, false);
     f.start(2, false);
     for round in 1..=5u64 {
         f.run_for(LEASE).await;
         let mut elector = f.shut_down(leader).await;
-        elector.release().await.unwrap();
+        elector.release().await.expect("released");
         let instance = f.members[leader]
             .instance_id
             .trim_start_matches("i-")
             .parse()
-            .unwrap();
+            .expect("instance number");
         f.start(instance, false);
-        let next = f.wait_for_leader(LEASE * 3, round).await.unwrap();
+        let next = f
+            .wait_for_leader(LEASE * 3, round)
+            .await
+            .expect("a new leader");
         leader = next.who;
     }
     f.run_for(RETRY * 2).await;
@@ -523,7 +526,7 @@ async fn malformed_records_do_not_stop_the_election() {
         for i in 0..3 {
             f.start(i, i == 0);
         }
-        let first = f.wait_for_leader(LEASE * 3, 1).await.unwrap();
+        let first = f.wait_for_leader(LEASE * 3, 1).await.expect("a new leader");
         assert_eq!(first.state.term(), Some(2), "junk {junk:?}");
 
         // Junk over the live term: the leader overwrites it and keeps leading.
@@ -534,7 +537,7 @@ async fn malformed_records_do_not_stop_the_election() {
 
         // Junk as the next term: the leader steps down, the junk term expires.
         f.store.raw_put(&name(3), junk);
-        let next = f.wait_for_leader(LEASE * 4, 3).await.unwrap();
+        let next = f.wait_for_leader(LEASE * 4, 3).await.expect("a new leader");
         assert_eq!(next.state.term(), Some(4), "junk {junk:?}");
         f.assert_windows_disjoint();
     }
@@ -544,9 +547,9 @@ async fn malformed_records_do_not_stop_the_election() {
 async fn the_leader_names_standbys_and_a_slow_poll_from_the_fleet_size() {
     let mut f = Fleet::new(50, 6);
     let old = f.start(7, false);
-    f.wait_for_leader(LEASE, 0).await.unwrap();
-    let (value, _) = f.store.peek(&name(1)).unwrap();
-    let r = Record::parse(&value).unwrap();
+    f.wait_for_leader(LEASE, 0).await.expect("a new leader");
+    let (value, _) = f.store.peek(&name(1)).expect("term 1");
+    let r = Record::parse(&value).expect("a record");
     assert_eq!(r.holder, f.members[old].holder);
     assert_eq!(r.standbys, vec!["i-0", "i-1", "i-2"]);
     // 46 others share FOLLOWER_READS_PER_SEC.
@@ -559,7 +562,7 @@ async fn the_leader_names_standbys_and_a_slow_poll_from_the_fleet_size() {
     // A fleet with 3 members: nobody left to poll slowly, and the floor is `retry`.
     f.fleet_tx.send_replace(vec!["i-7".into(), "i-0".into()]);
     f.run_for(RETRY * 2).await;
-    let r = Record::parse(&f.store.peek(&name(1)).unwrap().0).unwrap();
+    let r = Record::parse(&f.store.peek(&name(1)).expect("term 1").0).expect("a record");
     assert_eq!(
         (r.follower_poll(), r.standbys),
         (RETRY, vec!["i-0".to_string()])
@@ -572,7 +575,7 @@ async fn store_outage_then_recovery() {
     for i in 0..3 {
         f.start(i, false);
     }
-    f.wait_for_leader(LEASE, 0).await.unwrap();
+    f.wait_for_leader(LEASE, 0).await.expect("a new leader");
     for m in &f.members {
         m.store.fail_all(true);
     }
@@ -581,7 +584,7 @@ async fn store_outage_then_recovery() {
     for m in &f.members {
         m.store.fail_all(false);
     }
-    let next = f.wait_for_leader(LEASE * 5, 0).await.unwrap();
+    let next = f.wait_for_leader(LEASE * 5, 0).await.expect("a new leader");
     assert!(next.state.term().is_some());
     f.run_for(LEASE * 2).await;
     assert_eq!(f.leaders().len(), 1);
@@ -591,7 +594,7 @@ async fn store_outage_then_recovery() {
 #[tokio::test]
 async fn mono_ns_is_clock_monotonic() {
     let now = tokio::time::Instant::now();
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock");
     let mono = ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64;
     let ours = mono_ns(now);
     assert!(ours.abs_diff(mono) < 50_000_000, "{ours} vs {mono}");

@@ -7,6 +7,15 @@
 //!   after an IDLE shutdown → the
 //!   TerminateInstanceInAutoScalingGroup request arriving at the emulator (same clock).
 //! - `idle_rss_kib`: the daemon's RSS after 60 s idle with an agent running.
+//! - `scale_reaction_ms_p50`/`_p95`: a job enqueued at the hub → the leader's
+//!   `SetDesiredCapacity` arriving at the emulator, ≥ 30 trials, default settings.
+//! - `failover_ms_p50`/`_max`: SIGKILL of the leader → another supervisor's first leader
+//!   action, ≥ 10 kills at the default timings (lease 20 s, renew deadline 12 s, retry 4 s).
+//! - `ssm_calls_per_s_{10,100,1000}`: the election of that many candidates simulated on
+//!   paused time against an in-memory store with SSM's semantics.
+//!
+//! `--only boot,idle,rss,scale,failover,ssm` picks sections; `--runs`, `--rss-secs`,
+//! `--kills` change the counts.
 
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::Instance;
@@ -31,11 +40,38 @@ fn arg_usize(name: &str, default: usize) -> usize {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    let only: Vec<String> = std::env::args()
+        .skip_while(|a| a != "--only")
+        .nth(1)
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
+    if want("ssm") {
+        ssm_simulation()?;
+    }
     let runs = arg_usize("--runs", 25);
     let rss_secs = arg_usize("--rss-secs", 60) as u64;
     let bed = Bed::start("bench").await?;
 
-    // boot_to_spawn
+    if want("boot") {
+        boot_to_spawn(&bed, runs).await?;
+    }
+    if want("idle") {
+        idle_exit(&bed, runs).await?;
+    }
+    if want("rss") {
+        idle_rss(&bed, rss_secs).await?;
+    }
+    if want("scale") {
+        scale_reaction(&bed, arg_usize("--trials", 30)).await?;
+    }
+    if want("failover") {
+        failover(&bed, arg_usize("--kills", 10)).await?;
+    }
+    Ok(())
+}
+
+async fn boot_to_spawn(bed: &Bed, runs: usize) -> anyhow::Result<()> {
     let group = "bench-boot";
     bed.moto.create_group(group, 0, 1, 1).await?;
     bed.put_config(&bed.runtime_config(group)).await?;
@@ -70,6 +106,10 @@ async fn main() -> anyhow::Result<()> {
         boot.last().copied().unwrap_or(f64::NAN)
     );
     println!("BENCH boot_to_spawn_ms_p50 {p50:.1} ms");
+    Ok(())
+}
+
+async fn idle_exit(bed: &Bed, runs: usize) -> anyhow::Result<()> {
 
     // idle_exit_to_terminate: min 1 = desired 1, so each idle exit is refused at min
     // size and the agent restarts in place: one trial per idle cycle.
@@ -122,8 +162,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("BENCH idle_exit_to_terminate_ms_p50 {p50:.1} ms");
     inst.kill_all();
-    drop(inst);
+    Ok(())
+}
 
+async fn idle_rss(bed: &Bed, rss_secs: u64) -> anyhow::Result<()> {
     // idle_rss: an agent that never idles out, the daemon left alone.
     let group = "bench-rss";
     bed.moto.create_group(group, 0, 1, 1).await?;
@@ -157,5 +199,138 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("BENCH idle_rss_kib {rss} KiB");
     inst.kill_all();
+    Ok(())
+}
+
+fn num(line: &str, key: &str) -> Option<u64> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[start..]
+        .trim_start_matches('"')
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn scaler_instance(bed: &Bed, group: &str, id: &str, root: &str) -> agent_fleet_tests::fleet::InstanceOptions {
+    let mut o = bed.instance(id, group);
+    o.args = vec!["--role".into(), "scaler".into()];
+    o.root = bed.root.join(root);
+    o
+}
+
+async fn scale_reaction(bed: &Bed, trials: usize) -> anyhow::Result<()> {
+    let group = "bench-scale";
+    bed.moto.create_group(group, 0, (trials + 5) as i32, 0).await?;
+    bed.put_config(&bed.runtime_config(group)).await?; // default poll 5 s, default election
+    let inst = Instance::start(scaler_instance(bed, group, "i-0000000000bench01", "scale"), None).await?;
+    inst.wait_for_line(" leading term=", Duration::from_secs(60)).await?;
+    println!("scale reaction: leader up; {trials} trials of one job each (poll interval 5 s)");
+    let mut ms = Vec::new();
+    for trial in 1..=trials {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(200..1500))).await;
+        let t = agent_fleet_tests::moto::monotonic_ns();
+        bed.hub.enqueue_job(agent_fleet_tests::hub::JobSpec { commands: vec!["true".into()], env: vec![] });
+        let seen = eventually("SetDesiredCapacity", Duration::from_secs(20), || async {
+            let calls = bed.moto.calls(0).await.ok()?;
+            calls.into_iter().find(|c| {
+                c.is("autoscaling", "SetDesiredCapacity")
+                    && c.param("AutoScalingGroupName") == Some(group)
+                    && c.param("DesiredCapacity") == Some(trial.to_string().as_str())
+            })
+        })
+        .await?;
+        ms.push(seen.t_ns.saturating_sub(t) as f64 / 1e6);
+    }
+    let p50 = percentile(&mut ms, 0.5);
+    let p95 = percentile(&mut ms, 0.95);
+    println!("job enqueued → SetDesiredCapacity over {trials} trials: p50 {p50:.0} ms, p95 {p95:.0} ms (target p95 ≤ poll + 1 s = 6000 ms)");
+    println!("BENCH scale_reaction_ms_p50 {p50:.0} ms");
+    println!("BENCH scale_reaction_ms_p95 {p95:.0} ms");
+    inst.kill_all();
+    Ok(())
+}
+
+async fn failover(bed: &Bed, kills: usize) -> anyhow::Result<()> {
+    let group = "bench-failover";
+    bed.moto.create_group(group, 0, 5, 0).await?;
+    let param = "/agent-fleet/bench/failover-config";
+    bed.moto.put_parameter(param, &serde_json::to_string(&bed.runtime_config(group))?, false).await?;
+    let mut spawned = 0usize;
+    let mut start = |bed: &Bed| {
+        spawned += 1;
+        let mut o = scaler_instance(bed, group, &format!("i-00000000fail{spawned:04}"), &format!("failover-{spawned}"));
+        o.user_data = Some(agent_fleet_tests::fleet::user_data("bench", param));
+        o
+    };
+    let mut cands = Vec::new();
+    for _ in 0..3 {
+        cands.push(Instance::start(start(bed), None).await?);
+    }
+    let actions = |i: &Instance| i.output().lines().filter(|l| l.contains("leader action")).count();
+    let leading = |i: &Instance| {
+        i.output()
+            .lines()
+            .filter(|l| l.contains(" leading term=") || l.contains("stepped down") || l.contains(" following term="))
+            .last()
+            .is_some_and(|l| l.contains(" leading term="))
+    };
+    let mut ms = Vec::new();
+    for k in 1..=kills {
+        let leader = eventually("a leader acting", Duration::from_secs(120), || async {
+            cands.iter().position(|c| leading(c) && actions(c) > 0)
+        })
+        .await?;
+        let term = cands[leader].output().lines().filter(|l| l.contains(" leading term=")).last().and_then(|l| num(l, "term")).unwrap_or(0);
+        let before: Vec<usize> = cands.iter().map(actions).collect();
+        cands[leader].kill_all();
+        let killed = std::time::Instant::now();
+        let next = eventually("a new leader acting", Duration::from_secs(120), || async {
+            (0..cands.len()).find(|&i| i != leader && actions(&cands[i]) > before[i])
+        })
+        .await?;
+        let took = killed.elapsed();
+        ms.push(took.as_secs_f64() * 1000.0);
+        println!("kill {k}: term {term} → a new leader acted after {:.1} s", took.as_secs_f64());
+        let _ = next;
+        let dead = cands.remove(leader);
+        drop(dead);
+        cands.push(Instance::start(start(bed), None).await?);
+    }
+    let max = ms.iter().copied().fold(0.0, f64::max);
+    let p50 = percentile(&mut ms, 0.5);
+    println!("failover over {kills} SIGKILLs: p50 {:.1} s, max {:.1} s (target max ≤ 40 s)", p50 / 1000.0, max / 1000.0);
+    println!("BENCH failover_ms_p50 {p50:.0} ms");
+    println!("BENCH failover_ms_max {max:.0} ms");
+    for c in &cands {
+        c.kill_all();
+    }
+    Ok(())
+}
+
+/// The election of 10, 100 and 1000 candidates on paused time (in-memory SSM).
+fn ssm_simulation() -> anyhow::Result<()> {
+    let cfg = agent_supervisor::config::ElectionSettings {
+        lease: Duration::from_secs(20),
+        renew_deadline: Duration::from_secs(12),
+        retry: Duration::from_secs(4),
+        prefix: "/agent-fleet/sim/leader".into(),
+    };
+    println!("election simulation (paused time, in-memory store with SSM semantics, default timings):");
+    println!("{:>10} {:>14} {:>12}", "candidates", "SSM calls/s", "failover");
+    for n in [10usize, 100, 1000] {
+        let cfg = cfg.clone();
+        let report = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .map(|rt| rt.block_on(agent_supervisor::election::simulate(n, Duration::from_secs(600), cfg)))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("simulation thread panicked"))??;
+        println!("{:>10} {:>14.3} {:>10.1} s", n, report.ssm_calls_per_sec, report.failover.as_secs_f64());
+        println!("BENCH ssm_calls_per_s_{n} {:.3} calls/s", report.ssm_calls_per_sec);
+    }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! `make demo`: a whole agent fleet on this machine. Emulated AWS (moto), a fake
-//! Semaphore, and one real `agent-supervisor` per instance of a 3-instance group. A wave
-//! of jobs goes through; the timeline shows what each part does, then a summary.
+//! Semaphore, and one real `agent-supervisor` per instance: an agent group that starts
+//! at 0 and a one-instance scaler-role group. The scaler-role instance wins the lease in
+//! SSM, sees the wave of jobs, raises desired capacity; agents launch, run one job each,
+//! and the group scales back in to 0 as they idle out. The timeline shows every part.
 
 use agent_fleet_tests::bed::Bed;
 use agent_fleet_tests::fleet::FleetEvent;
@@ -9,6 +11,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 const GROUP: &str = "demo-agents";
+const SCALER_GROUP: &str = "demo-scaler";
 const JOBS: usize = 8;
 
 fn short(id: &str) -> String {
@@ -33,23 +36,38 @@ fn field(line: &str, key: &str) -> Option<String> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    println!("agent-fleet demo: a {JOBS}-job wave through a fixed group of 3 instances");
+    println!("agent-fleet demo: a {JOBS}-job wave, scaled up from zero and back");
     println!("(emulated AWS and Semaphore on 127.0.0.1; every instance runs the real agent-supervisor)\n");
     let t0 = Instant::now();
     print!("starting the AWS emulator (moto) and the fake Semaphore hub … ");
     let bed = Bed::start("demo").await?;
     println!("ready in {:.1}s", t0.elapsed().as_secs_f64());
-    bed.moto.create_group(GROUP, 3, 3, 3).await?;
+    bed.moto.create_group(GROUP, 0, 5, 0).await?;
+    bed.moto.create_group(SCALER_GROUP, 1, 1, 1).await?;
     let mut cfg = bed.runtime_config(GROUP);
     cfg.idle_timeout_secs = 6;
+    cfg.scaler.poll_interval_ms = 2000;
+    // Quicker than the defaults (20 s / 12 s / 4 s) so the demo's first scale-up is soon.
+    cfg.election.lease_ms = 6000;
+    cfg.election.renew_deadline_ms = 4000;
+    cfg.election.retry_ms = 1000;
     bed.put_config(&cfg).await?;
     println!(
-        "group {GROUP}: min 3, max 3, desired 3; one job per instance; idle timeout {}s\n",
+        "agent group {GROUP}: min 0, max 5, desired 0; one job per instance; idle timeout {}s",
         cfg.idle_timeout_secs
+    );
+    println!(
+        "scaler group {SCALER_GROUP}: 1 instance in the scaler-only role (polls Semaphore every {}s while it leads)\n",
+        cfg.scaler.poll_interval_ms / 1000
     );
 
     let mut hub_events = bed.hub.subscribe();
-    let fleet = bed.fleet(&[GROUP], &[], &[]);
+    let mut opts = bed.fleet_options(&[SCALER_GROUP, GROUP], &[], &[]);
+    opts.group_args.insert(
+        SCALER_GROUP.to_string(),
+        vec!["--role".into(), "scaler".into()],
+    );
+    let fleet = agent_fleet_tests::fleet::Fleet::start(bed.moto.clone(), opts);
     let mut fleet_events = fleet.subscribe();
     let start = Instant::now();
     let at = move || format!("{:>6.1}s", start.elapsed().as_secs_f64());
@@ -64,10 +82,13 @@ async fn main() -> anyhow::Result<()> {
     let mut running = 0usize;
     let mut max_running = 0usize;
     let deadline = Instant::now() + Duration::from_secs(180);
+    let mut leader: Option<String> = None;
+    let mut desired: BTreeMap<String, i32> = BTreeMap::new();
+    let mut scale_ups = 0usize;
     let mut settle_since: Option<Instant> = None;
 
     loop {
-        if !wave_sent && bed.hub.live_agents().len() >= 3 {
+        if !wave_sent && leader.is_some() {
             wave_sent = true;
             println!("{}  ── sending a wave of {JOBS} jobs ──", at());
             for i in 1..=JOBS {
@@ -79,9 +100,9 @@ async fn main() -> anyhow::Result<()> {
                 job_no.insert(id, i);
             }
         }
-        if wave_sent && finished == JOBS && bed.hub.live_agents().len() >= 3 {
+        if wave_sent && finished == JOBS && desired.get(GROUP) == Some(&0) {
             let since = *settle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() > Duration::from_secs(8) {
+            if since.elapsed() > Duration::from_secs(2) {
                 break;
             }
         }
@@ -111,11 +132,28 @@ async fn main() -> anyhow::Result<()> {
                 _ => {}
             },
             ev = fleet_events.recv() => match ev {
-                Ok(FleetEvent::Launched { instance_id, .. }) => println!("{}  instance {} launched", at(), short(&instance_id)),
+                Ok(FleetEvent::Launched { instance_id, group }) => println!("{}  instance {} launched in {group}", at(), short(&instance_id)),
                 Ok(FleetEvent::Terminated { instance_id }) => println!("{}  instance {} terminated by Auto Scaling", at(), short(&instance_id)),
-                Ok(FleetEvent::Desired { desired, .. }) => println!("{}  desired capacity = {desired}", at()),
+                Ok(FleetEvent::Desired { group, desired: d }) => {
+                    desired.insert(group.clone(), d);
+                    println!("{}  {group}: desired capacity = {d}", at());
+                }
                 Ok(FleetEvent::Log { instance_id, line }) => {
-                    if line.contains("terminating this instance") {
+                    if line.contains(" leading term=") {
+                        let term = field(&line, "term").unwrap_or_default();
+                        leader = Some(instance_id.clone());
+                        println!("{}  instance {} is the leader (term {term}, lease in SSM)", at(), short(&instance_id));
+                    } else if line.contains("scaling decision") && !line.contains("action=none") && !line.contains("action=\"none\"") {
+                        scale_ups += 1;
+                        println!(
+                            "{}  leader: {} jobs queued+running → target {}, desired was {} → {}",
+                            at(),
+                            field(&line, "jobs").unwrap_or_default(),
+                            field(&line, "target").unwrap_or_default(),
+                            field(&line, "desired").unwrap_or_default(),
+                            field(&line, "action").unwrap_or_default(),
+                        );
+                    } else if line.contains("terminating this instance") {
                         let why = field(&line, "why").unwrap_or_default();
                         let dec = field(&line, "decrement").unwrap_or_default();
                         *reasons.entry(why.clone()).or_default() += 1;
@@ -151,6 +189,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("idle agents restarted in place at min size: {in_place}");
+    println!("scaling decisions that acted: {scale_ups}; leader: {}", leader.as_deref().map(short).unwrap_or_else(|| "none".into()));
     println!(
         "group now: desired {}, in service {}",
         g.desired,
