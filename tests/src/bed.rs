@@ -99,10 +99,18 @@ impl Bed {
 
     /// A launcher over `groups`.
     pub fn fleet(&self, groups: &[&str], args: &[&str], agent_env: &[(&str, &str)]) -> Fleet {
-        Fleet::start(self.moto.clone(), self.fleet_options(groups, args, agent_env))
+        Fleet::start(
+            self.moto.clone(),
+            self.fleet_options(groups, args, agent_env),
+        )
     }
 
-    pub fn fleet_options(&self, groups: &[&str], args: &[&str], agent_env: &[(&str, &str)]) -> FleetOptions {
+    pub fn fleet_options(
+        &self,
+        groups: &[&str],
+        args: &[&str],
+        agent_env: &[(&str, &str)],
+    ) -> FleetOptions {
         {
             FleetOptions {
                 groups: groups.iter().map(|g| g.to_string()).collect(),

@@ -67,7 +67,7 @@ fn leading_term(output: &str) -> Option<u64> {
                 || l.contains(" following term=")
                 || l.contains("released the lease")
         })
-        .last()?;
+        .next_back()?;
     if last.contains(" leading term=") {
         num(last, "term")
     } else {
@@ -139,8 +139,7 @@ async fn one_leader_then_failover_after_sigkill() -> R {
                 .all(|i| {
                     let out = cands[i].output();
                     out.lines()
-                        .filter(|l| l.contains(" following term="))
-                        .last()
+                        .rfind(|l| l.contains(" following term="))
                         .and_then(|l| num(l, "term"))
                         == Some(term)
                 })

@@ -559,7 +559,15 @@ async fn the_leader_names_standbys_and_a_slow_poll_from_the_fleet_size() {
     );
     assert_eq!((r.lease(), r.released), (LEASE, false));
 
-    // A fleet with 3 members: nobody left to poll slowly, and the floor is `retry`.
+    // Standbys keep their role while they are members; vacancies go by list order.
+    let mut ids: Vec<String> = (0..50).rev().map(|i| format!("i-{i}")).collect();
+    ids.retain(|id| id != "i-1");
+    f.fleet_tx.send_replace(ids);
+    f.run_for(RETRY * 2).await;
+    let r = Record::parse(&f.store.peek(&name(1)).expect("term 1").0).expect("a record");
+    assert_eq!(r.standbys, vec!["i-0", "i-2", "i-49"]);
+
+    // A fleet of two: nobody left to poll slowly, and the floor is `retry`.
     f.fleet_tx.send_replace(vec!["i-7".into(), "i-0".into()]);
     f.run_for(RETRY * 2).await;
     let r = Record::parse(&f.store.peek(&name(1)).expect("term 1").0).expect("a record");

@@ -19,7 +19,9 @@
 //!    after a raise may still show the old desired; we don't ask twice).
 //! 5. `SuspendProcesses AZRebalance` once per term (after the scale-up, so the first
 //!    reaction is not delayed): rebalancing would terminate instances mid-job.
-//! 6. `PutMetricData` (one call, table below).
+//! 6. `PutMetricData` (one call, table below) on a term's first poll, on every scale-up,
+//!    and otherwise once a minute ([`METRICS_EVERY`]): CloudWatch's standard resolution
+//!    is a minute, and a call per 5 s poll would cost more than the scaler's instance.
 //!
 //! With `scaler.enabled` false the leader skips steps 1–4 (no Semaphore polls) but still
 //! keeps AZRebalance suspended and publishes `LeaderTerm`.
@@ -34,7 +36,7 @@
 //! failures log one error line per distinct error (again after ten minutes), and a
 //! `recovered` line when they stop.
 //!
-//! ## Metrics (namespace `Semaphore`, one `PutMetricData` per poll)
+//! ## Metrics (namespace `Semaphore`, one `PutMetricData` a minute and per scale-up)
 //!
 //! | metric            | dimensions                                      | value |
 //! |-------------------|-------------------------------------------------|-------|
@@ -96,6 +98,8 @@ pub const SUSPENDED_PROCESSES: &[&str] = &["AZRebalance"];
 /// Longest pause between polls after failures (unless the poll interval or
 /// `Retry-After` is longer).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// Metrics are published at most this often (plus on every scale-up).
+pub const METRICS_EVERY: Duration = Duration::from_secs(60);
 /// A failure that keeps repeating is logged again after this long.
 const REPEAT_ERROR_AFTER: Duration = Duration::from_secs(600);
 
@@ -144,6 +148,8 @@ struct TermState {
     suspended: Option<String>,
     /// Last `scaling decision` logged: (jobs, target, desired, action).
     last_decision: Option<(u64, i32, i32, &'static str)>,
+    /// When this term last published metrics (see [`METRICS_EVERY`]).
+    last_metrics: Option<Instant>,
 }
 
 impl TermState {
@@ -154,6 +160,7 @@ impl TermState {
             raised_for_target: false,
             suspended: None,
             last_decision: None,
+            last_metrics: None,
         }
     }
 }
@@ -367,7 +374,14 @@ where
             }
         }
         self.keep_suspended(st, leadership, group).await;
-        self.publish(st.term, leadership, group, &report).await;
+        // Publish on a term's first poll, on every scale-up, and otherwise once per
+        // METRICS_EVERY: CloudWatch's standard resolution is a minute, and one
+        // PutMetricData per 5 s poll would cost more than the scaler's instance.
+        let due = st.last_metrics.is_none_or(|t| t.elapsed() >= METRICS_EVERY);
+        if due || report.scale_ups > 0 {
+            st.last_metrics = Some(Instant::now());
+            self.publish(st.term, leadership, group, &report).await;
+        }
         next
     }
 

@@ -110,7 +110,6 @@ async fn boot_to_spawn(bed: &Bed, runs: usize) -> anyhow::Result<()> {
 }
 
 async fn idle_exit(bed: &Bed, runs: usize) -> anyhow::Result<()> {
-
     // idle_exit_to_terminate: min 1 = desired 1, so each idle exit is refused at min
     // size and the agent restarts in place: one trial per idle cycle.
     let group = "bench-idle";
@@ -212,7 +211,12 @@ fn num(line: &str, key: &str) -> Option<u64> {
         .ok()
 }
 
-fn scaler_instance(bed: &Bed, group: &str, id: &str, root: &str) -> agent_fleet_tests::fleet::InstanceOptions {
+fn scaler_instance(
+    bed: &Bed,
+    group: &str,
+    id: &str,
+    root: &str,
+) -> agent_fleet_tests::fleet::InstanceOptions {
     let mut o = bed.instance(id, group);
     o.args = vec!["--role".into(), "scaler".into()];
     o.root = bed.root.join(root);
@@ -221,16 +225,26 @@ fn scaler_instance(bed: &Bed, group: &str, id: &str, root: &str) -> agent_fleet_
 
 async fn scale_reaction(bed: &Bed, trials: usize) -> anyhow::Result<()> {
     let group = "bench-scale";
-    bed.moto.create_group(group, 0, (trials + 5) as i32, 0).await?;
+    bed.moto
+        .create_group(group, 0, (trials + 5) as i32, 0)
+        .await?;
     bed.put_config(&bed.runtime_config(group)).await?; // default poll 5 s, default election
-    let inst = Instance::start(scaler_instance(bed, group, "i-0000000000bench01", "scale"), None).await?;
-    inst.wait_for_line(" leading term=", Duration::from_secs(60)).await?;
+    let inst = Instance::start(
+        scaler_instance(bed, group, "i-0000000000bench01", "scale"),
+        None,
+    )
+    .await?;
+    inst.wait_for_line(" leading term=", Duration::from_secs(60))
+        .await?;
     println!("scale reaction: leader up; {trials} trials of one job each (poll interval 5 s)");
     let mut ms = Vec::new();
     for trial in 1..=trials {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(200..1500))).await;
         let t = agent_fleet_tests::moto::monotonic_ns();
-        bed.hub.enqueue_job(agent_fleet_tests::hub::JobSpec { commands: vec!["true".into()], env: vec![] });
+        bed.hub.enqueue_job(agent_fleet_tests::hub::JobSpec {
+            commands: vec!["true".into()],
+            env: vec![],
+        });
         let seen = eventually("SetDesiredCapacity", Duration::from_secs(20), || async {
             let calls = bed.moto.calls(0).await.ok()?;
             calls.into_iter().find(|c| {
@@ -255,11 +269,22 @@ async fn failover(bed: &Bed, kills: usize) -> anyhow::Result<()> {
     let group = "bench-failover";
     bed.moto.create_group(group, 0, 5, 0).await?;
     let param = "/agent-fleet/bench/failover-config";
-    bed.moto.put_parameter(param, &serde_json::to_string(&bed.runtime_config(group))?, false).await?;
+    bed.moto
+        .put_parameter(
+            param,
+            &serde_json::to_string(&bed.runtime_config(group))?,
+            false,
+        )
+        .await?;
     let mut spawned = 0usize;
     let mut start = |bed: &Bed| {
         spawned += 1;
-        let mut o = scaler_instance(bed, group, &format!("i-00000000fail{spawned:04}"), &format!("failover-{spawned}"));
+        let mut o = scaler_instance(
+            bed,
+            group,
+            &format!("i-00000000fail{spawned:04}"),
+            &format!("failover-{spawned}"),
+        );
         o.user_data = Some(agent_fleet_tests::fleet::user_data("bench", param));
         o
     };
@@ -267,12 +292,20 @@ async fn failover(bed: &Bed, kills: usize) -> anyhow::Result<()> {
     for _ in 0..3 {
         cands.push(Instance::start(start(bed), None).await?);
     }
-    let actions = |i: &Instance| i.output().lines().filter(|l| l.contains("leader action")).count();
+    let actions = |i: &Instance| {
+        i.output()
+            .lines()
+            .filter(|l| l.contains("leader action"))
+            .count()
+    };
     let leading = |i: &Instance| {
         i.output()
             .lines()
-            .filter(|l| l.contains(" leading term=") || l.contains("stepped down") || l.contains(" following term="))
-            .last()
+            .rfind(|l| {
+                l.contains(" leading term=")
+                    || l.contains("stepped down")
+                    || l.contains(" following term=")
+            })
             .is_some_and(|l| l.contains(" leading term="))
     };
     let mut ms = Vec::new();
@@ -281,7 +314,12 @@ async fn failover(bed: &Bed, kills: usize) -> anyhow::Result<()> {
             cands.iter().position(|c| leading(c) && actions(c) > 0)
         })
         .await?;
-        let term = cands[leader].output().lines().filter(|l| l.contains(" leading term=")).last().and_then(|l| num(l, "term")).unwrap_or(0);
+        let term = cands[leader]
+            .output()
+            .lines()
+            .rfind(|l| l.contains(" leading term="))
+            .and_then(|l| num(l, "term"))
+            .unwrap_or(0);
         let before: Vec<usize> = cands.iter().map(actions).collect();
         cands[leader].kill_all();
         let killed = std::time::Instant::now();
@@ -291,7 +329,10 @@ async fn failover(bed: &Bed, kills: usize) -> anyhow::Result<()> {
         .await?;
         let took = killed.elapsed();
         ms.push(took.as_secs_f64() * 1000.0);
-        println!("kill {k}: term {term} → a new leader acted after {:.1} s", took.as_secs_f64());
+        println!(
+            "kill {k}: term {term} → a new leader acted after {:.1} s",
+            took.as_secs_f64()
+        );
         let _ = next;
         let dead = cands.remove(leader);
         drop(dead);
@@ -299,7 +340,11 @@ async fn failover(bed: &Bed, kills: usize) -> anyhow::Result<()> {
     }
     let max = ms.iter().copied().fold(0.0, f64::max);
     let p50 = percentile(&mut ms, 0.5);
-    println!("failover over {kills} SIGKILLs: p50 {:.1} s, max {:.1} s (target max ≤ 40 s)", p50 / 1000.0, max / 1000.0);
+    println!(
+        "failover over {kills} SIGKILLs: p50 {:.1} s, max {:.1} s (target max ≤ 40 s)",
+        p50 / 1000.0,
+        max / 1000.0
+    );
     println!("BENCH failover_ms_p50 {p50:.0} ms");
     println!("BENCH failover_ms_max {max:.0} ms");
     for c in &cands {
@@ -316,8 +361,13 @@ fn ssm_simulation() -> anyhow::Result<()> {
         retry: Duration::from_secs(4),
         prefix: "/agent-fleet/sim/leader".into(),
     };
-    println!("election simulation (paused time, in-memory store with SSM semantics, default timings):");
-    println!("{:>10} {:>14} {:>12}", "candidates", "SSM calls/s", "failover");
+    println!(
+        "election simulation (paused time, in-memory store with SSM semantics, default timings):"
+    );
+    println!(
+        "{:>10} {:>14} {:>12}",
+        "candidates", "SSM calls/s", "failover"
+    );
     for n in [10usize, 100, 1000] {
         let cfg = cfg.clone();
         let report = std::thread::spawn(move || {
@@ -325,12 +375,26 @@ fn ssm_simulation() -> anyhow::Result<()> {
                 .enable_time()
                 .start_paused(true)
                 .build()
-                .map(|rt| rt.block_on(agent_supervisor::election::simulate(n, Duration::from_secs(600), cfg)))
+                .map(|rt| {
+                    rt.block_on(agent_supervisor::election::simulate(
+                        n,
+                        Duration::from_secs(600),
+                        cfg,
+                    ))
+                })
         })
         .join()
         .map_err(|_| anyhow::anyhow!("simulation thread panicked"))??;
-        println!("{:>10} {:>14.3} {:>10.1} s", n, report.ssm_calls_per_sec, report.failover.as_secs_f64());
-        println!("BENCH ssm_calls_per_s_{n} {:.3} calls/s", report.ssm_calls_per_sec);
+        println!(
+            "{:>10} {:>14.3} {:>10.1} s",
+            n,
+            report.ssm_calls_per_sec,
+            report.failover.as_secs_f64()
+        );
+        println!(
+            "BENCH ssm_calls_per_s_{n} {:.3} calls/s",
+            report.ssm_calls_per_sec
+        );
     }
     Ok(())
 }

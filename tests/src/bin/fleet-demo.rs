@@ -189,7 +189,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("idle agents restarted in place at min size: {in_place}");
-    println!("scaling decisions that acted: {scale_ups}; leader: {}", leader.as_deref().map(short).unwrap_or_else(|| "none".into()));
+    println!(
+        "scaling decisions that acted: {scale_ups}; leader: {}",
+        leader
+            .as_deref()
+            .map(short)
+            .unwrap_or_else(|| "none".into())
+    );
     println!(
         "group now: desired {}, in service {}",
         g.desired,
