@@ -59,15 +59,12 @@ fn actions(output: &str) -> Vec<(u64, u64, u64)> {
 
 /// Latest transition per instance: Some(term) when its last word was `leading`.
 fn leading_term(output: &str) -> Option<u64> {
-    let last = output
-        .lines()
-        .filter(|l| {
-            l.contains(" leading term=")
-                || l.contains("stepped down")
-                || l.contains(" following term=")
-                || l.contains("released the lease")
-        })
-        .next_back()?;
+    let last = output.lines().rfind(|l| {
+        l.contains(" leading term=")
+            || l.contains("stepped down")
+            || l.contains(" following term=")
+            || l.contains("released the lease")
+    })?;
     if last.contains(" leading term=") {
         num(last, "term")
     } else {
