@@ -32,9 +32,10 @@ build-release:
 demo: venv build
 	$(TARGET_DIR)/debug/fleet-demo
 
-lint:
+lint: venv
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/cfn-lint cfn/agent-fleet.yaml
 
 unit:
 	$(CARGO) test --workspace --lib --bins
