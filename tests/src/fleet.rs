@@ -173,6 +173,12 @@ impl Instance {
                 "AGENT_SUPERVISOR_LOG",
                 std::env::var("AGENT_SUPERVISOR_LOG").unwrap_or_else(|_| "info".into()),
             )
+            // glibc's arena count, for memory experiments (the AMI's unit may set it).
+            .envs(
+                std::env::var("MALLOC_ARENA_MAX")
+                    .ok()
+                    .map(|v| ("MALLOC_ARENA_MAX", v)),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -239,7 +239,8 @@ async fn scale_reaction(bed: &Bed, trials: usize) -> anyhow::Result<()> {
     println!("scale reaction: leader up; {trials} trials of one job each (poll interval 5 s)");
     let mut ms = Vec::new();
     for trial in 1..=trials {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(200..1500))).await;
+        // Uniform over the poll period, so arrivals are not in step with the polls.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..5000))).await;
         let t = agent_fleet_tests::moto::monotonic_ns();
         bed.hub.enqueue_job(agent_fleet_tests::hub::JobSpec {
             commands: vec!["true".into()],
