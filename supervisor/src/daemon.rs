@@ -247,6 +247,9 @@ pub async fn run(
     )
     .map_err(DaemonError::Runtime)?;
     if role == Role::Scaler {
+        if leader.is_none() {
+            tracing::warn!("scaler-only role, but dynamic scaling is off in the runtime config: this instance has nothing to do");
+        }
         tracing::info!(
             instance_id = %instance_id,
             stack = %identity.stack_name,
