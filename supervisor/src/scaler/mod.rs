@@ -714,27 +714,9 @@ fn check(leadership: &watch::Receiver<Leadership>, term: u64) -> Option<Check> {
         return None;
     };
     Some(Check {
-        check_mono_ns: mono_ns(now),
-        valid_until_mono_ns: mono_ns(*valid_until),
+        check_mono_ns: crate::election::mono_ns(now),
+        valid_until_mono_ns: crate::election::mono_ns(*valid_until),
     })
-}
-
-/// A tokio instant as CLOCK_MONOTONIC nanoseconds (what std's `Instant` is built on,
-/// and what other processes and the test bed can compare with).
-fn mono_ns(t: Instant) -> u64 {
-    let t = t.into_std();
-    let now = std::time::Instant::now();
-    let now_ns = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|ts| {
-            u64::try_from(ts.tv_sec()).unwrap_or_default() * 1_000_000_000
-                + u64::try_from(ts.tv_nsec()).unwrap_or_default()
-        })
-        .unwrap_or_default();
-    match now.checked_duration_since(t) {
-        Some(ago) => now_ns.saturating_sub(u64::try_from(ago.as_nanos()).unwrap_or(u64::MAX)),
-        None => now_ns
-            .saturating_add(u64::try_from(t.duration_since(now).as_nanos()).unwrap_or(u64::MAX)),
-    }
 }
 
 /// One error line per distinct failure, per kind of call.
