@@ -549,20 +549,38 @@ async fn launcher(
             };
             for inst in gone {
                 inst.signal(Signal::SIGTERM);
+                let id = inst.id.clone();
                 let _ = events.send(FleetEvent::Terminated {
-                    instance_id: inst.id.clone(),
+                    instance_id: id.clone(),
                 });
+                // Retired at once, so its output stays visible while it shuts down.
+                if let Ok(mut s) = state.lock() {
+                    s.retired.push(inst);
+                }
                 let state = state.clone();
                 let stop_timeout = opts.stop_timeout;
                 tokio::spawn(async move {
                     let deadline = Instant::now() + stop_timeout;
-                    while inst.exit_status().is_none() && Instant::now() < deadline {
+                    let exited = || {
+                        state
+                            .lock()
+                            .ok()
+                            .and_then(|s| {
+                                s.retired
+                                    .iter()
+                                    .find(|i| i.id == id)
+                                    .map(|i| i.exit_status().is_some())
+                            })
+                            .unwrap_or(true)
+                    };
+                    while !exited() && Instant::now() < deadline {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
-                    inst.kill_all();
                     if let Ok(mut s) = state.lock() {
-                        s.terminated.push(inst.id.clone());
-                        s.retired.push(inst);
+                        if let Some(i) = s.retired.iter().find(|i| i.id == id) {
+                            i.kill_all();
+                        }
+                        s.terminated.push(id);
                     }
                 });
             }
