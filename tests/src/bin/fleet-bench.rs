@@ -15,7 +15,7 @@
 //!   paused time against an in-memory store with SSM's semantics.
 //!
 //! `--only boot,idle,rss,scale,failover,ssm` picks sections; `--runs`, `--rss-secs`,
-//! `--kills` change the counts.
+//! `--kills`, `--trials` change the counts; `--rss-no-leader` measures RSS without leader work.
 
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::Instance;
@@ -170,6 +170,9 @@ async fn idle_rss(bed: &Bed, rss_secs: u64) -> anyhow::Result<()> {
     bed.moto.create_group(group, 0, 1, 1).await?;
     let mut cfg = bed.runtime_config(group);
     cfg.idle_timeout_secs = 0;
+    // `--rss-no-leader`: dynamic scaling off, so no election or scaler runs (to see
+    // what leader work costs in memory).
+    cfg.scaler.enabled = !std::env::args().any(|a| a == "--rss-no-leader");
     let rss_param = "/agent-fleet/bench/rss-config";
     bed.moto
         .put_parameter(rss_param, &serde_json::to_string(&cfg)?, false)
