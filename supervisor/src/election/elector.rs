@@ -592,16 +592,21 @@ impl<S: LeaseStore> Elector<S> {
         );
     }
 
-    /// Renew deadline missed: stop leading at once and watch the term like anyone else.
-    /// This process never writes the term again.
-    fn fail_stop(&mut self, l: Lead, tx: &watch::Sender<Leadership>) -> Next {
+    /// The one log line of every way out of leadership (operators grep for it).
+    fn log_step_down(&self, l: &Lead, reason: &'static str) {
         tracing::warn!(
             term = l.term,
             holder = %self.holder,
-            reason = "renew deadline missed",
+            reason,
             valid_until_mono_ns = mono_ns(l.valid_until),
             "stepped down"
         );
+    }
+
+    /// Renew deadline missed: stop leading at once and watch the term like anyone else.
+    /// This process never writes the term again.
+    fn fail_stop(&mut self, l: Lead, tx: &watch::Sender<Leadership>) -> Next {
+        self.log_step_down(&l, "renew deadline missed");
         publish(
             tx,
             Leadership::Follower {
@@ -665,13 +670,7 @@ impl<S: LeaseStore> Elector<S> {
             }
             Ok((version, _)) if version <= l.version => {
                 // Deleted and written anew: the fleet is two or more terms ahead.
-                tracing::warn!(
-                    term = l.term,
-                    holder = %self.holder,
-                    reason = "term parameter was deleted",
-                    valid_until_mono_ns = mono_ns(l.valid_until),
-                    "stepped down"
-                );
+                self.log_step_down(&l, "term parameter was deleted");
                 publish(
                     tx,
                     Leadership::Follower {
@@ -683,13 +682,7 @@ impl<S: LeaseStore> Elector<S> {
             }
             Ok((_, Some((value, version)))) => {
                 let newer = l.term + 1;
-                tracing::warn!(
-                    term = l.term,
-                    holder = %self.holder,
-                    reason = "a newer term exists",
-                    valid_until_mono_ns = mono_ns(l.valid_until),
-                    "stepped down"
-                );
+                self.log_step_down(&l, "a newer term exists");
                 let o = self.observe_new(newer, &value, version, false, "a newer term exists", tx);
                 self.schedule(o)
             }
