@@ -10,8 +10,14 @@ PYTHON ?= python3
 VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+# Tools built from crates.io that no package list has (cfn-guard). CI keeps them outside the
+# clone so they are built once per machine.
+TOOLS_DIR ?= .tools
+CFN_GUARD_VERSION := 3.2.1
+CFN_GUARD := $(TOOLS_DIR)/bin/cfn-guard
+AGENT_FLEET := $(TARGET_DIR)/debug/agent-fleet
 
-.PHONY: all venv build build-release demo test lint unit e2e bench clean
+.PHONY: all venv tools build build-release demo test lint unit e2e bench clean deploy diff destroy status token
 
 all: build
 
@@ -23,6 +29,12 @@ $(VENV_STAMP): tests/bed/requirements.txt
 
 venv: $(VENV_STAMP)
 
+$(CFN_GUARD):
+	@echo "==> building cfn-guard $(CFN_GUARD_VERSION) into $(TOOLS_DIR) (once; about 9 minutes on 2 cores)"
+	$(CARGO) install --quiet --locked --root $(TOOLS_DIR) cfn-guard --version $(CFN_GUARD_VERSION)
+
+tools: $(CFN_GUARD)
+
 build:
 	$(CARGO) build --workspace --bins
 
@@ -32,10 +44,12 @@ build-release:
 demo: venv build
 	$(TARGET_DIR)/debug/fleet-demo
 
-lint: venv
+lint: venv tools
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/cfn-lint cfn/agent-fleet.yaml
+	$(CFN_GUARD) validate --rules cfn/rules/agent-fleet.guard --data cfn/agent-fleet.yaml
+	$(CFN_GUARD) test --rules-file cfn/rules/agent-fleet.guard --test-data cfn/rules/agent-fleet.tests.yaml
 
 unit:
 	$(CARGO) test --workspace --lib --bins
@@ -49,6 +63,16 @@ test: lint venv build
 
 bench: venv build-release
 	$(TARGET_DIR)/release/fleet-bench
+
+# The operator CLI, with the SEMAPHORE_* variables of your shell (see README, "Deploying").
+deploy diff destroy status:
+	$(CARGO) build --quiet -p agent-fleet
+	$(AGENT_FLEET) $@
+
+# Stores or rotates the registration token, read from stdin.
+token:
+	$(CARGO) build --quiet -p agent-fleet
+	$(AGENT_FLEET) token set
 
 clean:
 	$(CARGO) clean

@@ -1,5 +1,7 @@
 //! Leader work on this instance: the election and, while leading, the scaler — started
 //! together, stopped in the order the lease's safety needs (scaler first, then release).
+//! The scaler's decisions flow into the election's lease record, where operators read
+//! them (`agent-fleet status`).
 
 use crate::aws::autoscaling::SdkAutoScaling;
 use crate::aws::cloudwatch::QueryCloudWatch;
@@ -39,6 +41,7 @@ impl LeaderWork {
             return Ok(None);
         }
         let (fleet_tx, fleet_rx) = watch::channel(Vec::new());
+        let (decision_tx, decision_rx) = watch::channel(None);
         let (lead_tx, leadership) = watch::channel(Leadership::default());
         let election_stop = CancellationToken::new();
         let scaler_stop = CancellationToken::new();
@@ -48,7 +51,8 @@ impl LeaderWork {
             instance_id,
             preferred,
             fleet_rx,
-        );
+        )
+        .with_decisions(decision_rx);
         let election = tokio::spawn(elector.run(election_stop.clone(), lead_tx));
         let demand = HttpDemand::new().map_err(|e| e.to_string())?;
         let sink = QueryCloudWatch::new(sdk).map_err(|e| e.to_string())?;
@@ -60,7 +64,8 @@ impl LeaderWork {
             SsmTokenSource::new(SdkParameterStore::new(sdk), settings.clone()),
             sink,
         )
-        .with_token(Token::new(token.to_string()));
+        .with_token(Token::new(token.to_string()))
+        .with_decisions(decision_tx);
         let scaler = tokio::spawn(scaler.run(leadership.clone(), scaler_stop.clone()));
         let members = tokio::spawn(feed_members(
             aws_sdk_autoscaling::Client::new(sdk),

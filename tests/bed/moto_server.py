@@ -25,6 +25,11 @@ Control API (JSON in, JSON out; never logged as AWS calls):
   POST   /_bed/faults  {...}           -> {"id": n}
   GET    /_bed/faults                  -> {"faults": [...]}
   DELETE /_bed/faults                  -> {"cleared": n}
+  GET    /_bed/user_data?group=<asg>   -> {"group", "launch_template_id", "launch_template_name",
+                                           "version": n, "user_data": "<text>" | null}
+  POST   /_bed/cfn_failure {"resource": "AgentGroup", "reason": "..."}
+                                        -> {"armed": true}  (the next change set execution that
+                                           touches that resource fails and rolls back)
 
 A call: {"seq", "t_ns" (arrival, time.monotonic_ns()), "end_ns" (response done or null),
 "service" (SigV4 signing name: "ssm", "autoscaling", "ec2", "s3", "monitoring",
@@ -42,6 +47,13 @@ A fault: {"service": "ssm", "action": "PutParameter" (optional: all actions),
 mode defaults to "error" when error or outage_ms is given, else "delay" (when only delay_ms is
 given: the request then goes through to moto, late). "reset" closes the connection without a
 response. The first active fault that matches a request applies.
+
+user_data: what an instance the group launches now would find at IMDS /latest/user-data, for
+the test bed's EC2 launcher: the base64-decoded UserData of the launch template the group names
+(its LaunchTemplate, or MixedInstancesPolicy.LaunchTemplate.LaunchTemplateSpecification), at
+the version the group names ($Default, $Latest or a number; none = $Default). 404 with
+{"error"} for an unknown group, a group with a launch configuration, or an unknown template or
+version. Optional `region` (default us-east-1). Reads moto's backends in-process.
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ import uuid
 from typing import Any, Callable, Iterable
 
 EXPECTED_MOTO_VERSION = "5.2.5"
+DEFAULT_REGION = "us-east-1"
 
 # --------------------------------------------------------------------------------------------
 # Auto Scaling strictness
@@ -280,6 +293,169 @@ def apply_patches() -> None:
     R.AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
     R.AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
     R.AutoScalingResponse.call_action = call_action
+
+    apply_ec2_patches()
+
+
+def apply_ec2_patches() -> None:
+    """Patch moto's EC2 where launching from a CloudFormation-made launch template needs it."""
+    from moto.ec2.models import instances as I
+    from moto.ssm.models import ssm_backends
+
+    # -- resolve:ssm: image ids -----------------------------------------------------------
+    # EC2 User Guide, "Use a Systems Manager parameter instead of an AMI ID" / the ImageId of
+    # RequestLaunchTemplateData: "resolve:ssm:parameter-name", "resolve:ssm:parameter-name:
+    # version-number" or "...:label" (or a parameter ARN); "The Systems Manager parameter will
+    # resolve to the ID of the AMI at instance launch." The instance then carries the AMI id.
+    # moto 5.2.5 launches with the literal "resolve:ssm:..." string as the image id.
+    # Only resolved when the parameter exists. AWS would refuse earlier: "You must create a
+    # Systems Manager parameter before you can use it in a launch template" (the launch
+    # template's creation validates it), and a launch whose parameter is gone fails. moto's
+    # CloudFormation validates nothing, so a stack made without the parameter keeps launching
+    # with the literal string (moto does not validate image ids either), as before this patch.
+    _orig_run_instances = I.InstanceBackend.run_instances
+
+    def run_instances(
+        self: Any, image_id: Any, count: int, user_data: Any, security_group_names: Any, **kwargs: Any
+    ) -> Any:
+        if isinstance(image_id, str) and image_id.startswith("resolve:ssm:"):
+            reference = image_id[len("resolve:ssm:") :]
+            try:
+                param = ssm_backends[self.account_id][self.region_name].get_parameter(reference)
+            except Exception:  # ParameterVersionNotFound, malformed references: keep literal
+                param = None
+            if param is not None and param.value:
+                image_id = param.value
+        return _orig_run_instances(self, image_id, count, user_data, security_group_names, **kwargs)
+
+    I.InstanceBackend.run_instances = run_instances
+
+
+# --------------------------------------------------------------------------------------------
+# CloudFormation resource failures (POST /_bed/cfn_failure)
+# --------------------------------------------------------------------------------------------
+
+# moto 5.2.5 never fails a stack operation ("TODO: handle execution errors and implement
+# rollback"). AWS, when a resource fails during ExecuteChangeSet, reports that resource
+# CREATE_FAILED/UPDATE_FAILED with a reason, rolls the stack back, and leaves it
+# ROLLBACK_COMPLETE (a failed create) or UPDATE_ROLLBACK_COMPLETE (a failed update). The test
+# bed can arm one such failure; it is used once.
+CFN_FAILURE: dict[str, str] = {}
+
+
+def patch_cloudformation_failures() -> None:
+    from moto.cloudformation import models as CF
+
+    original = CF.CloudFormationBackend.execute_change_set
+
+    def execute_change_set(self, change_set_name, stack_name=None):  # type: ignore[no-untyped-def]
+        failure = dict(CFN_FAILURE)
+        change_set = self.change_sets.get(change_set_name) or next(
+            (cs for cs in self.change_sets.values() if cs.change_set_name == change_set_name), None
+        )
+        resources = (getattr(change_set, "template_dict", None) or {}).get("Resources", {})
+        if not failure or change_set is None or failure["resource"] not in resources:
+            return original(self, change_set_name, stack_name)
+        CFN_FAILURE.clear()
+        stack = self.stacks[change_set.stack_id]
+        create = change_set.change_set_type == "CREATE"
+        verb = "CREATE" if create else "UPDATE"
+        logical = failure["resource"]
+
+        def resource_event(status: str, reason: str | None) -> None:
+            stack.events.append(
+                CF.Event(
+                    stack_id=stack.stack_id,
+                    stack_name=stack.name,
+                    logical_resource_id=logical,
+                    physical_resource_id="",
+                    resource_type=resources[logical].get("Type", "AWS::CloudFormation::CustomResource"),
+                    resource_status=status,
+                    resource_status_reason=reason,
+                    resource_properties=None,
+                )
+            )
+
+        stack._add_stack_event(f"{verb}_IN_PROGRESS", resource_status_reason="User Initiated")
+        resource_event(f"{verb}_IN_PROGRESS", None)
+        resource_event(f"{verb}_FAILED", failure["reason"])
+        rollback = "ROLLBACK" if create else "UPDATE_ROLLBACK"
+        stack._add_stack_event(
+            f"{rollback}_IN_PROGRESS",
+            resource_status_reason=f"The following resource(s) failed to {verb.lower()}: [{logical}].",
+        )
+        stack._add_stack_event(f"{rollback}_COMPLETE")
+        stack.status = f"{rollback}_COMPLETE"
+        change_set.execution_status = "EXECUTE_FAILED"
+
+    CF.CloudFormationBackend.execute_change_set = execute_change_set
+
+
+# --------------------------------------------------------------------------------------------
+# Launch template user data (GET /_bed/user_data)
+# --------------------------------------------------------------------------------------------
+
+
+def group_user_data(group_name: str, region: str) -> tuple[int, dict[str, Any]]:
+    """(status, doc) for GET /_bed/user_data; the caller holds the moto lock."""
+    import base64
+
+    from moto.autoscaling.models import autoscaling_backends
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.core.exceptions import ServiceException
+
+    try:
+        backend = autoscaling_backends[DEFAULT_ACCOUNT_ID][region]
+    except KeyError:
+        return 404, {"error": f"unknown region {region}"}
+    group = backend.autoscaling_groups.get(group_name)
+    if group is None:
+        return 404, {"error": f"no Auto Scaling group named {group_name} in {region}"}
+
+    # Which template and version the group names. moto keeps the mixed instances policy's
+    # specification as given (rewritten with both id and name); a plain LaunchTemplate only as
+    # the resolved template plus the version string ("$Default" when none was given).
+    policy = group.mixed_instances_policy or {}
+    spec = (policy.get("LaunchTemplate") or {}).get("LaunchTemplateSpecification") if policy else None
+    if spec:
+        lt_id, lt_name = spec.get("LaunchTemplateId"), spec.get("LaunchTemplateName")
+        version = str(spec.get("Version") or "$Default")
+    elif group.ec2_launch_template is not None:
+        lt_id, lt_name = group.ec2_launch_template.id, group.ec2_launch_template.name
+        version = str(group.launch_template_version or "$Default")
+    else:
+        return 404, {"error": f"Auto Scaling group {group_name} has no launch template (launch configuration?)"}
+
+    # Looked up again (not moto's cached object) so a deleted template answers 404.
+    ec2 = backend.ec2_backend
+    try:
+        template = ec2.get_launch_template(lt_id) if lt_id else ec2.get_launch_template_by_name(lt_name)
+    except ServiceException:
+        return 404, {"error": f"launch template {lt_id or lt_name} of group {group_name} not found"}
+    unknown_version = {"error": f"launch template {template.name} has no version {version}"}
+    if version.lower() not in ("$latest", "$default") and not (
+        version.isdigit() and 1 <= int(version) <= len(template.versions)
+    ):
+        return 404, unknown_version
+    try:
+        lt_version = template.get_version(version)
+    except ServiceException:
+        return 404, unknown_version
+
+    # The raw field, not `.user_data`: moto 5.2.5 stores CreateLaunchTemplateVersion's UserData
+    # as a plain str, which that property rejects (AssertionError); CloudFormation's as a
+    # Base64EncodedString. str() of either is the base64 text.
+    encoded = lt_version.data.get("UserData")
+    text = (
+        base64.b64decode(str(encoded)).decode("utf-8", "replace") if encoded is not None else None
+    )
+    return 200, {
+        "group": group_name,
+        "launch_template_id": template.id,
+        "launch_template_name": template.name,
+        "version": lt_version.number,
+        "user_data": text,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,6 +838,23 @@ class Bed:
                 n = len(self.calls)
                 self.calls = []
             return 200, {"cleared": n}
+        if path == "/_bed/cfn_failure" and method == "POST":
+            spec = json.loads(Bed.read_body(environ) or b"null")
+            if not isinstance(spec, dict) or not spec.get("resource") or not spec.get("reason"):
+                raise ValueError('cfn_failure needs {"resource": <logical id>, "reason": <text>}')
+            with self.moto_lock:
+                CFN_FAILURE.clear()
+                CFN_FAILURE.update(resource=str(spec["resource"]), reason=str(spec["reason"]))
+            return 200, {"armed": True}
+        if path == "/_bed/user_data" and method == "GET":
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            group = query.get("group", [""])[0]
+            if not group:
+                raise ValueError("user_data needs ?group=<Auto Scaling group name>")
+            region = query.get("region", [DEFAULT_REGION])[0]
+            # moto's backends are not thread-safe: read them as an AWS request would.
+            with self.moto_lock:
+                return group_user_data(group, region)
         if path == "/_bed/faults":
             if method == "POST":
                 spec = json.loads(Bed.read_body(environ) or b"null")
@@ -711,6 +904,7 @@ def main(argv: list[str]) -> None:
     )
 
     apply_patches()
+    patch_cloudformation_failures()
 
     server = make_server(
         "127.0.0.1",

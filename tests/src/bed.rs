@@ -115,6 +115,7 @@ impl Bed {
             FleetOptions {
                 groups: groups.iter().map(|g| g.to_string()).collect(),
                 user_data: self.user_data(),
+                user_data_from_launch_template: false,
                 root: self.root.clone(),
                 args: args.iter().map(|a| a.to_string()).collect(),
                 agent_env: agent_env
@@ -125,6 +126,21 @@ impl Bed {
                 poll: Duration::from_millis(150),
                 stop_timeout: Duration::from_secs(10),
             }
+        }
+    }
+
+    /// Options for a launcher over groups a stack of `cfn/agent-fleet.yaml` made
+    /// (`<stack>-agents`, `<stack>-scaler`): each instance gets the user data of its group's
+    /// launch template, role included (see [`FleetOptions::user_data_from_launch_template`]).
+    pub fn template_fleet_options(
+        &self,
+        groups: &[&str],
+        args: &[&str],
+        agent_env: &[(&str, &str)],
+    ) -> FleetOptions {
+        FleetOptions {
+            user_data_from_launch_template: true,
+            ..self.fleet_options(groups, args, agent_env)
         }
     }
 }

@@ -35,7 +35,9 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
-/// The user data the launch template writes (see the supervisor's `config` module).
+/// The user data a test writes for its own groups (see the supervisor's `config` module);
+/// `cfn/agent-fleet.yaml`'s launch templates also add `AGENT_FLEET_ROLE=agent|scaler`
+/// (see [`FleetOptions::user_data_from_launch_template`]).
 pub fn user_data(stack: &str, config_parameter: &str) -> String {
     format!("AGENT_FLEET_STACK={stack}\nAGENT_FLEET_CONFIG_PARAMETER={config_parameter}\n")
 }
@@ -106,6 +108,8 @@ pub enum FleetEvent {
 pub struct Instance {
     pub id: String,
     pub group: String,
+    /// What its IMDS serves at `/latest/user-data`.
+    pub user_data: Option<String>,
     pub imds: FakeImds,
     pub pid: i32,
     pub dir: PathBuf,
@@ -244,6 +248,7 @@ impl Instance {
         Ok(Instance {
             id: opts.instance_id,
             group: opts.group,
+            user_data: opts.user_data,
             imds,
             pid,
             dir,
@@ -401,11 +406,21 @@ pub fn group_alive(pgid: i32) -> bool {
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
     pub groups: Vec<String>,
+    /// Every instance's user data, unless [`FleetOptions::user_data_from_launch_template`].
     pub user_data: String,
+    /// Give each new instance the user data of the launch template its group launches from
+    /// ([`Moto::group_user_data`], fetched when the launcher first sees the instance), as EC2
+    /// does, instead of [`FleetOptions::user_data`]: for groups made by `cfn/agent-fleet.yaml`,
+    /// whose user data names the stack, the config parameter and the role. In this mode
+    /// [`FleetOptions::group_args`] is not used, so the role comes from the user data's
+    /// `AGENT_FLEET_ROLE` alone. An instance whose user data cannot be fetched is not started
+    /// (a `FleetEvent::Log` line `launch failed: …` says why), like a failed start.
+    pub user_data_from_launch_template: bool,
     pub root: PathBuf,
     pub args: Vec<String>,
     pub agent_env: Vec<(String, String)>,
-    /// Extra `run` arguments for the instances of one group (e.g. `--role scaler`).
+    /// Extra `run` arguments for the instances of one group (e.g. `--role scaler`). Not used
+    /// with [`FleetOptions::user_data_from_launch_template`].
     pub group_args: BTreeMap<String, Vec<String>>,
     pub poll: Duration,
     /// How long a terminated instance's supervisor gets after SIGTERM before SIGKILL.
@@ -597,9 +612,23 @@ async fn launcher(
                 s.launched.push(id.clone());
             }
             let mut args = opts.args.clone();
-            args.extend(opts.group_args.get(&group).cloned().unwrap_or_default());
+            let user_data = if opts.user_data_from_launch_template {
+                match moto.group_user_data(&group).await {
+                    Ok(user_data) => user_data,
+                    Err(e) => {
+                        let _ = events.send(FleetEvent::Log {
+                            instance_id: id,
+                            line: format!("launch failed: user data of group {group}: {e:#}"),
+                        });
+                        continue;
+                    }
+                }
+            } else {
+                args.extend(opts.group_args.get(&group).cloned().unwrap_or_default());
+                opts.user_data.clone()
+            };
             let o = InstanceOptions {
-                user_data: Some(opts.user_data.clone()),
+                user_data: Some(user_data),
                 args,
                 agent_env: opts.agent_env.clone(),
                 ..InstanceOptions::new(&id, &group, &moto, &opts.root)

@@ -368,6 +368,23 @@ impl Moto {
         Ok(())
     }
 
+    /// Arms one CloudFormation failure: the next change set execution whose template has
+    /// `resource` reports it failed with `reason` and rolls the stack back (`/_bed/cfn_failure`).
+    pub async fn fail_cloudformation_resource(
+        &self,
+        resource: &str,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        let _: serde_json::Value = self
+            .control(
+                reqwest::Method::POST,
+                "/_bed/cfn_failure",
+                Some(serde_json::json!({"resource": resource, "reason": reason})),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Remove every fault. Panics if the emulator is gone.
     pub async fn clear_faults(&self) {
         let res: anyhow::Result<serde_json::Value> = self
@@ -445,6 +462,78 @@ impl Moto {
             .await
             .with_context(|| format!("CreateAutoScalingGroup {name}"))?;
         Ok(())
+    }
+
+    /// One call of an AWS Query-protocol API (`cloudformation`, `ec2`, `iam`), for services
+    /// the tests crate has no SDK for. moto routes on the SigV4 credential scope and checks no
+    /// signature, so a well-formed Authorization header is all the signing it needs. Returns
+    /// the XML body of a 2xx answer.
+    pub async fn query(
+        &self,
+        service: &str,
+        action: &str,
+        params: &[(&str, &str)],
+    ) -> anyhow::Result<String> {
+        let version = match service {
+            "cloudformation" => "2010-05-15",
+            "ec2" => "2016-11-15",
+            "iam" => "2010-05-08",
+            other => bail!("no Query API version known for {other}"),
+        };
+        let mut form: Vec<(&str, &str)> = vec![("Action", action), ("Version", version)];
+        form.extend_from_slice(params);
+        let resp = reqwest::Client::builder()
+            .no_proxy()
+            .build()?
+            .post(self.endpoint())
+            .header(
+                "Authorization",
+                format!(
+                    "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, \
+                     SignedHeaders=host, Signature=0"
+                ),
+            )
+            .form(&form)
+            .send()
+            .await
+            .with_context(|| format!("{service} {action}"))?;
+        let status = resp.status();
+        let body = resp.text().await?;
+        if !status.is_success() {
+            bail!("{service} {action}: {status}: {body}");
+        }
+        Ok(body)
+    }
+
+    /// The user data (base64-decoded) of the launch template `group` launches from, at the
+    /// version the group names (`$Default`, `$Latest` or a number), through the launch
+    /// template or the mixed instances policy: what an instance the group launched now would
+    /// read from IMDS. E.g. for a group made by `cfn/agent-fleet.yaml`, the lines
+    /// `AGENT_FLEET_STACK=…`, `AGENT_FLEET_CONFIG_PARAMETER=…`, `AGENT_FLEET_ROLE=agent|scaler`.
+    ///
+    /// Fails for an unknown group, a group with a launch configuration, an unknown template or
+    /// version (`GET /_bed/user_data` answers 404), or a template without user data.
+    pub async fn group_user_data(&self, group: &str) -> anyhow::Result<String> {
+        #[derive(Deserialize)]
+        struct Answer {
+            launch_template_name: String,
+            version: u64,
+            user_data: Option<String>,
+        }
+        let answer: Answer = self
+            .control(
+                reqwest::Method::GET,
+                &format!("/_bed/user_data?group={}", query_escape(group)),
+                None,
+            )
+            .await?;
+        answer.user_data.ok_or_else(|| {
+            anyhow!(
+                "launch template {} (version {}) of group {group} has no user data",
+                answer.launch_template_name,
+                answer.version
+            )
+        })
     }
 
     /// The group's sizes and instances.
@@ -559,6 +648,19 @@ fn spawn_reader<R: std::io::Read + Send + 'static>(
     if let Err(e) = spawned {
         eprintln!("moto: could not spawn the {name} reader thread: {e}");
     }
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters, for a query value.
+fn query_escape(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn tail(log: &Mutex<VecDeque<String>>) -> String {

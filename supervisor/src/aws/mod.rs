@@ -7,7 +7,9 @@
 
 pub mod autoscaling;
 pub mod cloudwatch;
+pub mod ec2;
 pub mod imds;
+pub mod query;
 pub mod s3;
 pub mod ssm;
 
@@ -83,4 +85,31 @@ pub(crate) fn code<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> 
 /// The full error chain of an SDK error, for logs and messages.
 pub(crate) fn describe(err: &(dyn std::error::Error + 'static)) -> String {
     DisplayErrorContext(err).to_string()
+}
+
+/// Starts the test bed's moto (`make venv` first) for the `#[ignore]`d emulator tests:
+/// the child (it exits when its stdin closes) and its endpoint.
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+pub(crate) fn start_test_moto() -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut child = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/bed/moto_server.py"))
+        .args(["--port", "0", "--exit-on-stdin-eof"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start moto");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read LISTENING");
+    let port: u16 = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .expect("LISTENING line")
+        .parse()
+        .expect("port");
+    (child, format!("http://127.0.0.1:{port}"))
 }

@@ -1,6 +1,6 @@
 //! The election loop: one candidate's view of the terms in the store.
 
-use super::record::Record;
+use super::record::{Decision, Record};
 use super::store::{term_name, Created, LeaseStore, StoreError};
 use super::{mono_ns, STANDBYS};
 use crate::config::ElectionSettings;
@@ -42,6 +42,9 @@ pub struct Elector<S: LeaseStore> {
     preferred: bool,
     /// Instance ids of the fleet's members, in the order the leader should pick standbys.
     fleet: watch::Receiver<Vec<String>>,
+    /// The scaler's latest decision, copied into every record this candidate writes (for
+    /// operators; see [`Decision`]). A closed channel keeps its last value.
+    decision: watch::Receiver<Option<Decision>>,
     rng: fastrand::Rng,
     state: State,
     /// The last (term, holder) announced in the log, so each change is logged once.
@@ -132,16 +135,27 @@ impl<S: LeaseStore> Elector<S> {
             instance_id,
             preferred,
             fleet,
+            decision,
             ..
         } = self;
-        Self::build(
-            store,
-            settings,
-            instance_id,
-            preferred,
-            fleet,
-            fastrand::Rng::with_seed(seed),
-        )
+        Self {
+            decision,
+            ..Self::build(
+                store,
+                settings,
+                instance_id,
+                preferred,
+                fleet,
+                fastrand::Rng::with_seed(seed),
+            )
+        }
+    }
+
+    /// Feeds the scaler's latest decision into the records this candidate writes while it
+    /// holds a term (see [`Record::decision`]). Without it, records carry none.
+    pub fn with_decisions(mut self, decision: watch::Receiver<Option<Decision>>) -> Self {
+        self.decision = decision;
+        self
     }
 
     fn build(
@@ -160,6 +174,7 @@ impl<S: LeaseStore> Elector<S> {
             holder,
             preferred,
             fleet,
+            decision: watch::channel(None).1,
             rng,
             state: State::Start { floor: 0 },
             announced: None,
@@ -234,7 +249,7 @@ impl<S: LeaseStore> Elector<S> {
         let name = term_name(&self.settings.prefix, l.term);
         let record = Record {
             released: true,
-            ..record_for(&self.holder, &self.settings, l)
+            ..record_for(&self.holder, &self.settings, l, &self.decision)
         };
         let limit = self.settings.retry / 2;
         let version = bounded(
@@ -460,7 +475,7 @@ impl<S: LeaseStore> Elector<S> {
             follower_poll,
             cleanup: new_term.checked_sub(2).filter(|t| *t > 0),
         };
-        let value = record_for(&self.holder, &self.settings, &lead).to_json();
+        let value = record_for(&self.holder, &self.settings, &lead, &self.decision).to_json();
         let start = Instant::now();
         let created = tokio::select! {
             biased;
@@ -615,7 +630,7 @@ impl<S: LeaseStore> Elector<S> {
             },
         );
         let now = Instant::now();
-        let record = record_for(&self.holder, &self.settings, &l);
+        let record = record_for(&self.holder, &self.settings, &l, &self.decision);
         self.schedule(Observed {
             term: l.term,
             version: l.version,
@@ -643,7 +658,7 @@ impl<S: LeaseStore> Elector<S> {
         l.follower_poll = follower_poll;
         let name = term_name(&self.settings.prefix, l.term);
         let next_name = term_name(&self.settings.prefix, l.term + 1);
-        let value = record_for(&self.holder, &self.settings, &l).to_json();
+        let value = record_for(&self.holder, &self.settings, &l, &self.decision).to_json();
         let limit = self.call_timeout();
         let store = &self.store;
         let attempt = async {
@@ -838,8 +853,17 @@ impl<S: LeaseStore> Elector<S> {
     }
 }
 
-fn record_for(holder: &str, settings: &ElectionSettings, l: &Lead) -> Record {
-    Record {
+/// The largest record written with a decision: SSM standard parameters hold 4 KB, and a
+/// renew must never fail for the sake of an informational field.
+const MAX_RECORD_BYTES: usize = 3 * 1024;
+
+fn record_for(
+    holder: &str,
+    settings: &ElectionSettings,
+    l: &Lead,
+    decision: &watch::Receiver<Option<Decision>>,
+) -> Record {
+    let mut r = Record {
         holder: holder.to_string(),
         seq: l.seq,
         lease_ms: millis(settings.lease),
@@ -847,7 +871,12 @@ fn record_for(holder: &str, settings: &ElectionSettings, l: &Lead) -> Record {
         released: false,
         standbys: l.standbys.clone(),
         follower_poll_ms: millis(l.follower_poll).max(1),
+        decision: decision.borrow().clone(),
+    };
+    if r.decision.is_some() && r.to_json().len() > MAX_RECORD_BYTES {
+        r.decision = None;
     }
+    r
 }
 
 fn millis(d: Duration) -> u64 {

@@ -34,7 +34,8 @@
 //! ```ignore
 //! let (tx, leadership) = watch::channel(Leadership::default());
 //! let elector = Elector::new(SsmLeaseStore::new(&sdk), settings.election, &instance_id,
-//!                            scaler_only, fleet_ids);
+//!                            scaler_only, fleet_ids)
+//!     .with_decisions(decision_rx);  // the scaler's latest Decision, copied into records
 //! let task = tokio::spawn(elector.run(election_stop.clone(), tx));
 //! // … leader work watches `leadership` and checks `valid_term(now)` before each effect …
 //! election_stop.cancel();            // run publishes Follower and returns the elector
@@ -59,10 +60,10 @@ pub use elector::{
     Elector, FOLLOWER_READS_PER_SEC, MAX_FOLLOWER_POLL, UNKNOWN_FLEET_FOLLOWER_POLL,
 };
 pub use memory::{Calls, Freeze, MemoryStore};
-pub use record::Record;
+pub use record::{Decision, Record};
 pub use sim::{simulate, SimReport};
 pub use ssm::SsmLeaseStore;
-pub use store::{term_name, Created, LeaseStore, StoreError};
+pub use store::{term_name, term_of, Created, LeaseStore, StoreError};
 
 /// How many standbys the leader names in its record.
 pub const STANDBYS: usize = 3;

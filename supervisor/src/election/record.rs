@@ -2,13 +2,21 @@
 //!
 //! ```json
 //! {"holder":"i-0abc#5f1e…","seq":42,"lease_ms":20000,"renew_deadline_ms":12000,
-//!  "released":false,"standbys":["i-0def","i-0123"],"follower_poll_ms":960000}
+//!  "released":false,"standbys":["i-0def","i-0123"],"follower_poll_ms":960000,
+//!  "decision":{"at_unix_ms":1767225600000,"action":"raised","queued":3,"running":1,
+//!              "target":4,"desired_before":1,"desired_after":4}}
 //! ```
 //!
-//! Every key is required and typed; keys this version does not know are ignored, so a
-//! newer supervisor can add some during a rolling upgrade.
+//! Every key is required and typed, except `decision`: keys this version does not know
+//! are ignored, so a newer supervisor can add some during a rolling upgrade. `decision`
+//! is what an operator reads (`agent-fleet status`); it never decides anything, so a
+//! missing or unreadable one is `None` rather than a reason to refuse the record.
+//!
+//! To find the record an operator wants: list `<prefix>/*` (e.g.
+//! `/agent-fleet/<stack>/leader`), keep the names [`term_of`](super::term_of) accepts,
+//! read the largest term's parameter and [`Record::parse`] it.
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use std::time::Duration;
 
 /// Longest lease or poll interval a record may advertise; anything longer is a bug or
@@ -31,6 +39,89 @@ pub struct Record {
     pub standbys: Vec<String>,
     /// How often everyone else polls, chosen by the holder from the fleet size.
     pub follower_poll_ms: u64,
+    /// The holder's scaler's latest decision, if it has made one (informational).
+    #[serde(default, deserialize_with = "lenient")]
+    pub decision: Option<Decision>,
+}
+
+/// The scaler's decision at one poll, as the leader last published it.
+///
+/// `action` is one of:
+/// - `raised`: `SetDesiredCapacity(target)` succeeded; `desired_before` < `desired_after`.
+/// - `held`: the group is big enough (`target` ≤ desired), or this term already asked for
+///   `target` and the group has not caught up yet (`reason` says so).
+/// - `failed`: raising was refused or did not answer; `reason` has the error.
+/// - `skipped`: nothing to decide on this poll (Semaphore or the group could not be read,
+///   scaling is off, leadership lapsed); `reason` says why. Numbers that were not learned
+///   are absent, never a false zero.
+///
+/// A reader should show unknown actions as they are: newer supervisors may add some.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// When the poll decided: the leader's wall clock, Unix milliseconds.
+    pub at_unix_ms: u64,
+    pub action: String,
+    /// Jobs waiting and running, as Semaphore counted them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<u64>,
+    /// The group size those jobs need (after overprovision, min and max).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<i32>,
+    /// The group's desired capacity before and after this poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_before: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_after: Option<i32>,
+    /// Why, for `held` (when not plain), `failed` and `skipped`; at most
+    /// [`Decision::MAX_REASON_CHARS`] characters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl Decision {
+    /// The record is written on every renew and an SSM standard parameter holds 4 KB:
+    /// reasons are cut to this many characters.
+    pub const MAX_REASON_CHARS: usize = 200;
+
+    /// A decision of `action` at `at`, numbers unknown. Fill in what the poll learned.
+    pub fn new(at: std::time::SystemTime, action: impl Into<String>) -> Self {
+        let at_unix_ms = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            at_unix_ms,
+            action: action.into(),
+            queued: None,
+            running: None,
+            target: None,
+            desired_before: None,
+            desired_after: None,
+            reason: None,
+        }
+    }
+
+    /// Sets `reason`, cut to [`Decision::MAX_REASON_CHARS`] characters.
+    pub fn set_reason(&mut self, reason: impl AsRef<str>) {
+        let reason = reason.as_ref();
+        self.reason = Some(match reason.char_indices().nth(Self::MAX_REASON_CHARS) {
+            Some((cut, _)) => format!("{}…", &reason[..cut]),
+            None => reason.to_string(),
+        });
+    }
+
+    /// When the poll decided.
+    pub fn at(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_millis(self.at_unix_ms)
+    }
+}
+
+/// `decision` as a `Decision` if it reads as one, else `None`: an informational field
+/// must never make a lease record unreadable.
+fn lenient<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decision>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
 }
 
 impl Record {
@@ -53,7 +144,7 @@ impl Record {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "holder": self.holder,
             "seq": self.seq,
             "lease_ms": self.lease_ms,
@@ -61,8 +152,13 @@ impl Record {
             "released": self.released,
             "standbys": self.standbys,
             "follower_poll_ms": self.follower_poll_ms,
-        })
-        .to_string()
+        });
+        if let (Some(d), Some(map)) = (&self.decision, v.as_object_mut()) {
+            if let Ok(d) = serde_json::to_value(d) {
+                map.insert("decision".into(), d);
+            }
+        }
+        v.to_string()
     }
 
     pub fn lease(&self) -> Duration {
@@ -96,7 +192,94 @@ mod tests {
             released: false,
             standbys: vec!["i-1".into(), "i-2".into()],
             follower_poll_ms: 60_000,
+            decision: None,
         }
+    }
+
+    fn raised() -> Decision {
+        Decision {
+            queued: Some(3),
+            running: Some(1),
+            target: Some(4),
+            desired_before: Some(1),
+            desired_after: Some(4),
+            ..Decision::new(
+                std::time::UNIX_EPOCH + Duration::from_millis(1_767_225_600_123),
+                "raised",
+            )
+        }
+    }
+
+    #[test]
+    fn a_decision_round_trips_and_older_records_parse_without_one() {
+        let r = Record {
+            decision: Some(raised()),
+            ..sample()
+        };
+        let json = r.to_json();
+        let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+        assert_eq!(
+            v["decision"],
+            serde_json::json!({"at_unix_ms": 1_767_225_600_123u64, "action": "raised",
+                "queued": 3, "running": 1, "target": 4, "desired_before": 1, "desired_after": 4})
+        );
+        assert_eq!(Record::parse(&json).expect("ok"), r);
+        assert_eq!(
+            r.decision.as_ref().map(Decision::at),
+            Some(std::time::UNIX_EPOCH + Duration::from_millis(1_767_225_600_123))
+        );
+
+        // What a supervisor without decisions writes, and reads.
+        let old = r#"{"holder":"i-0abc#00ff","seq":7,"lease_ms":20000,"renew_deadline_ms":12000,
+                      "released":false,"standbys":["i-1","i-2"],"follower_poll_ms":60000}"#;
+        assert_eq!(Record::parse(old).expect("ok"), sample());
+        assert!(!sample().to_json().contains("decision"));
+
+        // A skipped poll: only what is known.
+        let mut skipped = Decision::new(std::time::UNIX_EPOCH, "skipped");
+        skipped.set_reason("x".repeat(500));
+        let r = Record {
+            decision: Some(skipped.clone()),
+            ..sample()
+        };
+        let json = r.to_json();
+        assert!(
+            !json.contains("queued") && !json.contains("target"),
+            "{json}"
+        );
+        assert_eq!(
+            Record::parse(&json).expect("ok").decision,
+            Some(skipped.clone())
+        );
+        let reason = skipped.reason.expect("reason");
+        assert_eq!(reason.chars().count(), Decision::MAX_REASON_CHARS + 1);
+        assert!(reason.ends_with('…'));
+    }
+
+    #[test]
+    fn an_unreadable_decision_is_dropped_not_fatal() {
+        let good: serde_json::Value = serde_json::from_str(&sample().to_json()).expect("ok");
+        for junk in [
+            serde_json::json!("raised"),
+            serde_json::json!({"action": 3}),
+            serde_json::json!({"at_unix_ms": -1, "action": "raised"}),
+            serde_json::json!(null),
+        ] {
+            let mut v = good.clone();
+            v["decision"] = junk.clone();
+            assert_eq!(
+                Record::parse(&v.to_string()).expect("ok"),
+                sample(),
+                "{junk}"
+            );
+        }
+        let mut v = good;
+        v["decision"] = serde_json::json!({"at_unix_ms": 5, "action": "resized", "zone": "b"});
+        let d = Record::parse(&v.to_string())
+            .expect("ok")
+            .decision
+            .expect("kept");
+        assert_eq!((d.at_unix_ms, d.action.as_str()), (5, "resized"));
     }
 
     #[test]

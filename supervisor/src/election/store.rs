@@ -98,8 +98,11 @@ pub trait LeaseStore: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
 }
 
-/// The term number a parameter name under `prefix` stands for, if it is one.
-pub(crate) fn term_of(prefix: &str, name: &str) -> Option<u64> {
+/// The term number a parameter name under `prefix` stands for, if it is one: the
+/// inverse of [`term_name`]. `term_of("/agent-fleet/s1/leader",
+/// "/agent-fleet/s1/leader/0000000042") == Some(42)`; names with anything but digits
+/// after `<prefix>/` are not terms.
+pub fn term_of(prefix: &str, name: &str) -> Option<u64> {
     let last = name.strip_prefix(prefix)?.strip_prefix('/')?;
     if last.is_empty() || !last.bytes().all(|b| b.is_ascii_digit()) {
         return None;

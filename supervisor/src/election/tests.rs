@@ -640,3 +640,70 @@ async fn fleet_cost_and_failover_by_size() {
         assert!(r.failover <= LEASE + DEADLINE + RETRY * 2, "{r:?}");
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_leader_writes_the_scalers_latest_decision_into_its_record() {
+    let store = MemoryStore::new();
+    let (decision_tx, decision_rx) = watch::channel(None);
+    let elector = Elector::new(
+        store.handle(),
+        settings(),
+        "i-0",
+        false,
+        watch::channel(Vec::new()).1,
+    )
+    .with_decisions(decision_rx)
+    .with_seed(3);
+    let (tx, mut rx) = watch::channel(Leadership::default());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(elector.run(stop.clone(), tx));
+    tokio::time::timeout(LEASE, async {
+        while !matches!(*rx.borrow_and_update(), Leadership::Leader { .. }) {
+            rx.changed().await.expect("election running");
+        }
+    })
+    .await
+    .expect("leads");
+    let record = || Record::parse(&store.peek(&name(1)).expect("term 1").0).expect("a record");
+    assert_eq!(record().decision, None, "no decision yet");
+
+    let raised = Decision {
+        queued: Some(3),
+        running: Some(1),
+        target: Some(4),
+        desired_before: Some(1),
+        desired_after: Some(4),
+        ..Decision::new(
+            std::time::UNIX_EPOCH + Duration::from_secs(1_767_225_600),
+            "raised",
+        )
+    };
+    decision_tx.send_replace(Some(raised.clone()));
+    sleep(RETRY + RETRY / 5).await;
+    assert_eq!(
+        record().decision,
+        Some(raised.clone()),
+        "written at the next renew"
+    );
+
+    // A decision that would make the record too big for SSM is left out; the renew
+    // goes on.
+    decision_tx.send_replace(Some(Decision {
+        reason: Some("x".repeat(5_000)),
+        ..raised.clone()
+    }));
+    sleep(RETRY * 2).await;
+    let r = record();
+    assert_eq!(r.decision, None);
+    assert!(r.to_json().len() < 4096);
+    assert_eq!(rx.borrow().valid_term(Instant::now()), Some(1));
+
+    // The release carries the latest decision too.
+    decision_tx.send_replace(Some(raised.clone()));
+    stop.cancel();
+    let mut elector = task.await.expect("run returns");
+    assert_eq!(elector.release().await.expect("released"), Some(1));
+    let r = record();
+    assert!(r.released);
+    assert_eq!(r.decision, Some(raised));
+}

@@ -36,6 +36,11 @@
 //! failures log one error line per distinct error (again after ten minutes), and a
 //! `recovered` line when they stop.
 //!
+//! Every completed poll also publishes its [`Decision`] (`raised`, `held`, `failed` or
+//! `skipped`, with the numbers it learned) on the channel given to
+//! [`Scaler::with_decisions`]; the election copies the latest one into the lease record,
+//! where `agent-fleet status` reads it.
+//!
 //! ## Metrics (namespace `Semaphore`, one `PutMetricData` a minute and per scale-up)
 //!
 //! | metric            | dimensions                                      | value |
@@ -63,7 +68,8 @@
 //!     SsmTokenSource::new(SdkParameterStore::new(&sdk), settings_rx),
 //!     QueryCloudWatch::new(&sdk)?,
 //! )
-//! .with_token(Token::new(token.clone()));                      // skip one SSM read
+//! .with_token(Token::new(token.clone()))                       // skip one SSM read
+//! .with_decisions(decision_tx);                                // → Elector::with_decisions
 //! tokio::spawn(scaler.run(leadership_rx, shutdown.drain.clone()));
 //! ```
 //!
@@ -85,8 +91,9 @@ pub use token::{SsmTokenSource, TokenError, TokenSource};
 use crate::aws::autoscaling::{AutoScaling, GroupSizes};
 use crate::aws::cloudwatch::{CloudWatchError, Datum, MetricsSink, Unit};
 use crate::config::Settings;
+use crate::election::Decision;
 use crate::leadership::Leadership;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -118,6 +125,8 @@ pub struct Scaler<D, A, T, M> {
     /// Failed polls in a row, for the backoff.
     failures: u32,
     quiet: Quiet,
+    /// Where each poll's decision goes (the election's record), if anywhere.
+    decisions: Option<watch::Sender<Option<Decision>>>,
 }
 
 /// What one poll asks of the loop.
@@ -165,13 +174,22 @@ impl TermState {
     }
 }
 
-/// What one poll learned, for the metrics.
+/// What one poll learned, for the metrics and the published [`Decision`].
 #[derive(Debug, Default)]
 struct Report {
     demand: Option<DemandMetrics>,
     target: Option<i32>,
+    /// Desired capacity as the group was read, and after this poll.
+    desired_before: Option<i32>,
     desired: Option<i32>,
     scale_ups: u32,
+    /// What [`Scaler::scale`] did (its `scaling decision` action), if it ran.
+    action: Option<&'static str>,
+    /// Why `SetDesiredCapacity` failed.
+    failure: Option<String>,
+    /// Why the poll could not decide (Semaphore, the token or the group unreadable,
+    /// scaling off).
+    skipped: Option<String>,
 }
 
 impl<D, A, T, M> Scaler<D, A, T, M>
@@ -201,7 +219,15 @@ where
             token: None,
             failures: 0,
             quiet: Quiet::default(),
+            decisions: None,
         }
+    }
+
+    /// Publishes each completed poll's [`Decision`] on `tx` (the latest replaces the
+    /// previous; give the receiver to [`crate::election::Elector::with_decisions`]).
+    pub fn with_decisions(mut self, tx: watch::Sender<Option<Decision>>) -> Self {
+        self.decisions = Some(tx);
+        self
     }
 
     /// Starts with a token already read (the daemon has one); without it the first
@@ -335,6 +361,7 @@ where
         let group = settings.agent_group.as_str();
         let mut report = Report::default();
         let mut next = Next::Poll;
+        let at = SystemTime::now();
         if settings.scaler.enabled {
             match self.poll_demand(&settings).await {
                 Ok(m) => {
@@ -350,6 +377,8 @@ where
                             }
                         }
                         Ok(None) => {
+                            report.skipped =
+                                Some(format!("Auto Scaling group {group} does not exist"));
                             self.quiet.group.error(
                                 "DescribeAutoScalingGroups",
                                 "not found",
@@ -366,12 +395,22 @@ where
                                 &e.to_string(),
                                 format_args!("cannot read Auto Scaling group {group}: {e}"),
                             );
+                            report.skipped =
+                                Some(format!("cannot read Auto Scaling group {group}: {e}"));
                             next = Next::Backoff(None);
                         }
                     }
                 }
-                Err(n) => next = n,
+                Err((n, reason)) => {
+                    report.skipped = Some(reason);
+                    next = n;
+                }
             }
+        } else {
+            report.skipped = Some("dynamic scaling is off (scaler.enabled is false)".into());
+        }
+        if let Some(tx) = &self.decisions {
+            tx.send_replace(Some(report.decision(at)));
         }
         self.keep_suspended(st, leadership, group).await;
         // Publish on a term's first poll, on every scale-up, and otherwise once per
@@ -385,8 +424,9 @@ where
         next
     }
 
-    /// The Semaphore half of a poll, with the 401 → re-read → retry-once rule.
-    async fn poll_demand(&mut self, s: &Settings) -> Result<DemandMetrics, Next> {
+    /// The Semaphore half of a poll, with the 401 → re-read → retry-once rule. The error
+    /// is the loop's next step and a short reason for the decision.
+    async fn poll_demand(&mut self, s: &Settings) -> Result<DemandMetrics, (Next, String)> {
         let https = !s.no_https;
         let (token, fresh) = match &self.token {
             Some(t) => (t.clone(), false),
@@ -445,12 +485,12 @@ where
                         format_args!("{e} (endpoint {endpoint}); no scaling action this poll"),
                     ),
                 }
-                Err(next)
+                Err((next, e.to_string()))
             }
         }
     }
 
-    async fn fetch_token(&mut self, s: &Settings) -> Result<Token, Next> {
+    async fn fetch_token(&mut self, s: &Settings) -> Result<Token, (Next, String)> {
         match self.tokens.fetch().await {
             Ok(t) => {
                 self.quiet.token.recovered("registration token");
@@ -466,7 +506,7 @@ where
                         s.token_parameter
                     ),
                 );
-                Err(Next::Backoff(None))
+                Err((Next::Backoff(None), e.to_string()))
             }
         }
     }
@@ -485,6 +525,7 @@ where
         let group = g.name.as_str();
         let target = determine_target(m.jobs(), g.min, g.max, settings.scaler.overprovision);
         report.target = Some(target);
+        report.desired_before = Some(g.desired);
         report.desired = Some(g.desired);
         if st.last_target != Some(target) {
             st.last_target = Some(target);
@@ -523,6 +564,7 @@ where
                                 &e.to_string(),
                                 format_args!("cannot raise {group} to {target}: {e}"),
                             );
+                            report.failure = Some(format!("SetDesiredCapacity {target}: {e}"));
                             ok = false;
                             "failed"
                         }
@@ -530,9 +572,10 @@ where
                 }
             }
         };
-        let decision = (m.jobs(), target, g.desired, action);
-        if st.last_decision != Some(decision) {
-            st.last_decision = Some(decision);
+        report.action = Some(action);
+        let logged = (m.jobs(), target, g.desired, action);
+        if st.last_decision != Some(logged) {
+            st.last_decision = Some(logged);
             tracing::info!(
                 term = st.term,
                 group,
@@ -624,6 +667,39 @@ where
 }
 
 impl Report {
+    /// The poll's outcome for operators (see [`Decision`] for the actions).
+    fn decision(&self, at: SystemTime) -> Decision {
+        let (action, reason) = match (&self.skipped, self.action) {
+            (Some(why), _) => ("skipped", Some(why.clone())),
+            (None, Some("set_desired_capacity")) => ("raised", None),
+            (None, Some("none")) => ("held", None),
+            (None, Some("already_requested")) => (
+                "held",
+                Some(format!(
+                    "already asked for {} this term; the group has not caught up",
+                    self.target.unwrap_or_default()
+                )),
+            ),
+            (None, Some("skipped_not_leader")) => {
+                ("skipped", Some("leadership lapsed before the raise".into()))
+            }
+            (None, Some(_)) => ("failed", self.failure.clone()),
+            (None, None) => ("skipped", None),
+        };
+        let mut d = Decision {
+            queued: self.demand.map(|m| u64::from(m.jobs.queued)),
+            running: self.demand.map(|m| u64::from(m.jobs.running)),
+            target: self.target,
+            desired_before: self.desired_before,
+            desired_after: self.desired,
+            ..Decision::new(at, action)
+        };
+        if let Some(reason) = reason {
+            d.set_reason(reason);
+        }
+        d
+    }
+
     fn data(&self, stack: &str, term: u64) -> Vec<Datum> {
         let datum = |metric, dims: &[(&'static str, &str)], value: f64, unit| Datum {
             metric,

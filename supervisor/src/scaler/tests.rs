@@ -256,6 +256,7 @@ impl MetricsSink for FakeSink {
         let mut s = self.0.lock().expect("lock");
         if s.1 {
             return Err(CloudWatchError::Service {
+                service: "CloudWatch",
                 action: "PutMetricData",
                 status: 400,
                 code: "Throttling".into(),
@@ -333,6 +334,8 @@ struct Bed {
     logs: Logs,
     leader: watch::Sender<Leadership>,
     settings: watch::Sender<Settings>,
+    /// The latest decision the scaler published.
+    decision: watch::Receiver<Option<Decision>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _guard: tracing::subscriber::DefaultGuard,
@@ -377,6 +380,8 @@ fn start(setup: Setup) -> Bed {
     if let Some(t) = setup.token {
         scaler = scaler.with_token(Token::new(t));
     }
+    let (decision_tx, decision) = watch::channel(None);
+    let scaler = scaler.with_decisions(decision_tx);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(scaler.run(leader_rx, shutdown.clone()));
     Bed {
@@ -387,6 +392,7 @@ fn start(setup: Setup) -> Bed {
         logs,
         leader,
         settings: settings_tx,
+        decision,
         shutdown,
         task,
         _guard: guard,
@@ -405,6 +411,12 @@ impl Bed {
             term: None,
             leader: Some("other".into()),
         });
+    }
+    fn decision(&self) -> Decision {
+        self.decision
+            .borrow()
+            .clone()
+            .expect("a decision published")
     }
     async fn stop(self) {
         self.shutdown.cancel();
@@ -952,4 +964,87 @@ fn the_real_scaler_is_spawnable(
     shutdown: CancellationToken,
 ) {
     drop(tokio::spawn(s.run(leadership, shutdown)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_poll_publishes_its_decision() {
+    let bed = start(Setup {
+        body: body(3, 1),
+        sizes: (0, 10, 1),
+        ..Setup::default()
+    });
+    sleep(Duration::from_secs(30)).await;
+    assert_eq!(*bed.decision.borrow(), None, "a follower decides nothing");
+
+    // Scale-up: raised, with the numbers it acted on.
+    let before = std::time::SystemTime::now();
+    bed.lead(1, LONG);
+    sleep(Duration::from_millis(10)).await;
+    let d = bed.decision();
+    assert_eq!(
+        (d.action.as_str(), d.queued, d.running, d.target),
+        ("raised", Some(3), Some(1), Some(4))
+    );
+    assert_eq!((d.desired_before, d.desired_after), (Some(1), Some(4)));
+    assert_eq!(d.reason, None);
+    assert!(d.at() + Duration::from_secs(1) >= before, "{d:?}");
+
+    // The group is big enough now: held.
+    sleep(POLL).await;
+    let d = bed.decision();
+    assert_eq!(
+        (
+            d.action.as_str(),
+            d.target,
+            d.desired_before,
+            d.desired_after
+        ),
+        ("held", Some(4), Some(4), Some(4))
+    );
+    assert_eq!(d.reason, None);
+
+    // A raise the group has not caught up with is held, and says so.
+    bed.asg.0.lock().expect("lock").stale = true;
+    bed.demand.set(Answer::Body(body(6, 1)));
+    sleep(POLL).await;
+    assert_eq!(bed.decision().action, "raised");
+    sleep(POLL).await;
+    let d = bed.decision();
+    assert_eq!(
+        (
+            d.action.as_str(),
+            d.target,
+            d.desired_before,
+            d.desired_after
+        ),
+        ("held", Some(7), Some(4), Some(4))
+    );
+    assert!(
+        d.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("already asked for 7")),
+        "{d:?}"
+    );
+
+    // No answer from Semaphore: skipped, with the reason and no made-up numbers.
+    bed.demand.set(Answer::Fail(DemandError::Server(503)));
+    sleep(POLL * 2).await;
+    let d = bed.decision();
+    assert_eq!(d.action, "skipped");
+    assert_eq!((d.queued, d.target, d.desired_after), (None, None, None));
+    assert_eq!(d.reason.as_deref(), Some("Semaphore answered HTTP 503"));
+
+    // Dynamic scaling switched off by a reload.
+    bed.demand.set(Answer::Body(body(0, 0)));
+    bed.settings.send_modify(|s| s.scaler.enabled = false);
+    sleep(MAX_BACKOFF + POLL).await;
+    let d = bed.decision();
+    assert_eq!(d.action, "skipped");
+    assert!(
+        d.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("scaler.enabled")),
+        "{d:?}"
+    );
+    bed.stop().await;
 }

@@ -1,0 +1,646 @@
+//! The operator CLI (`agent-fleet`) against the emulator: deploy creates what the template
+//! promises, an update changes only what changed, destroy leaves nothing behind, a failed
+//! deploy names the failing resource, the token goes in through stdin only — and a fleet
+//! deployed this way scales up from zero through its scaler-role instance and back.
+
+use agent_fleet_tests::bed::{eventually, Bed};
+use agent_fleet_tests::fleet::{bin_dir, Fleet};
+use agent_fleet_tests::hub::{JobSpec, JobState};
+use agent_supervisor::config::Settings;
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+
+type R = anyhow::Result<()>;
+
+/// Runs `agent-fleet <args>` with only the emulator's AWS settings and `vars` in its
+/// environment, `stdin` piped in.
+async fn cli(
+    bed: &Bed,
+    vars: &[(&str, &str)],
+    args: &[&str],
+    stdin: Option<&str>,
+) -> anyhow::Result<Output> {
+    let mut cmd = tokio::process::Command::new(bin_dir()?.join("agent-fleet"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(bed.moto.env())
+        .envs(vars.iter().copied())
+        .args(args)
+        .args(["--poll-interval-ms", "100"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn()?;
+    if let Some(mut input) = child.stdin.take() {
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).await?;
+        }
+        drop(input);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output()).await??;
+    Ok(out)
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts success and returns stdout.
+fn ok(what: &str, out: &Output) -> String {
+    let (o, e) = text(out);
+    assert!(
+        out.status.success(),
+        "{what} failed ({:?}):\nstdout:\n{o}\nstderr:\n{e}",
+        out.status
+    );
+    o
+}
+
+/// The variables of a stack aimed at the bed's hub.
+fn vars<'a>(
+    bed: &'a Bed,
+    endpoint: &'a str,
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
+    let mut v = vec![
+        ("SEMAPHORE_AGENT_STACK_NAME", bed.stack.as_str()),
+        (
+            "SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME",
+            bed.token_parameter.as_str(),
+        ),
+        ("SEMAPHORE_ENDPOINT", endpoint),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// The text of the first `<tag>…</tag>` in `xml`.
+fn xml<'a>(doc: &'a str, tag: &str) -> Option<&'a str> {
+    let open = format!("<{tag}>");
+    let start = doc.find(&open)? + open.len();
+    let end = doc[start..].find(&format!("</{tag}>"))?;
+    Some(&doc[start..start + end])
+}
+
+/// The physical id of a stack resource.
+async fn physical_id(bed: &Bed, logical: &str) -> anyhow::Result<String> {
+    let doc = bed
+        .moto
+        .query(
+            "cloudformation",
+            "DescribeStackResource",
+            &[("StackName", &bed.stack), ("LogicalResourceId", logical)],
+        )
+        .await?;
+    xml(&doc, "PhysicalResourceId")
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("{logical} has no physical id:\n{doc}"))
+}
+
+async fn launch_template(bed: &Bed, name: &str) -> anyhow::Result<String> {
+    bed.moto
+        .query(
+            "ec2",
+            "DescribeLaunchTemplateVersions",
+            &[
+                ("LaunchTemplateName", name),
+                ("LaunchTemplateVersion.1", "$Latest"),
+            ],
+        )
+        .await
+}
+
+async fn parameter_version(bed: &Bed, name: &str) -> anyhow::Result<Option<i64>> {
+    match bed.moto.ssm().await.get_parameter().name(name).send().await {
+        Ok(o) => Ok(o.parameter().map(|p| p.version())),
+        Err(e) if format!("{e:?}").contains("ParameterNotFound") => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
+    let bed = Bed::start("deployed").await?;
+    let endpoint = bed.hub.endpoint();
+    let stack = bed.stack.clone();
+    let agents = format!("{stack}-agents");
+    let scaler = format!("{stack}-scaler");
+
+    // --- create -------------------------------------------------------------------------
+    let v = vars(
+        &bed,
+        &endpoint,
+        &[
+            ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "3"),
+            ("SEMAPHORE_AGENT_TAGS", "team:ci,cost-center:42"),
+            ("SEMAPHORE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT", "120"),
+        ],
+    );
+    let out = ok("deploy (create)", &cli(&bed, &v, &["deploy"], None).await?);
+    assert!(out.contains(&format!("creating stack {stack}:")), "{out}");
+    assert!(
+        out.contains("+ add         AgentGroup (AWS::AutoScaling::AutoScalingGroup)"),
+        "{out}"
+    );
+    assert!(out.contains("CREATE_COMPLETE"), "{out}");
+
+    // Groups as configured; the scaler group exists because min is 0 with dynamic scaling.
+    let g = bed.moto.group(&agents).await?;
+    assert_eq!((g.min, g.max, g.desired), (0, 3, 0), "{g:?}");
+    let s = bed.moto.group(&scaler).await?;
+    assert_eq!((s.min, s.max, s.desired), (1, 1, 1), "{s:?}");
+
+    // Launch template: IMDSv2 required, hop limit 1, shutdown terminates, user data names
+    // the stack and the role.
+    let lt = launch_template(&bed, &agents).await?;
+    assert_eq!(xml(&lt, "httpTokens"), Some("required"), "{lt}");
+    assert_eq!(xml(&lt, "httpPutResponseHopLimit"), Some("1"), "{lt}");
+    assert_eq!(xml(&lt, "httpEndpoint"), Some("enabled"), "{lt}");
+    assert_eq!(
+        xml(&lt, "instanceInitiatedShutdownBehavior"),
+        Some("terminate"),
+        "{lt}"
+    );
+    assert_eq!(
+        bed.moto
+            .group_user_data(&agents)
+            .await?
+            .lines()
+            .find(|l| l.starts_with("AGENT_FLEET_ROLE=")),
+        Some("AGENT_FLEET_ROLE=agent")
+    );
+    assert_eq!(
+        bed.moto
+            .group_user_data(&scaler)
+            .await?
+            .lines()
+            .find(|l| l.starts_with("AGENT_FLEET_ROLE=")),
+        Some("AGENT_FLEET_ROLE=scaler")
+    );
+    let lt_version = xml(&lt, "versionNumber").map(str::to_string);
+
+    // The role and its inline policy: the token parameter's ARN, the leader prefix.
+    let role = physical_id(&bed, "InstanceRole").await?;
+    let policies = bed
+        .moto
+        .query("iam", "ListRolePolicies", &[("RoleName", &role)])
+        .await?;
+    let policy_name = xml(&policies, "member")
+        .unwrap_or("agent-fleet-instance")
+        .to_string();
+    let policy = bed
+        .moto
+        .query(
+            "iam",
+            "GetRolePolicy",
+            &[("RoleName", &role), ("PolicyName", &policy_name)],
+        )
+        .await?;
+    let policy = urlencoding_decode(xml(&policy, "PolicyDocument").unwrap_or_default());
+    assert!(
+        policy.contains(&format!(":parameter{}", bed.token_parameter)),
+        "{policy}"
+    );
+    assert!(
+        policy.contains(&format!(":parameter/agent-fleet/{stack}/leader/*")),
+        "{policy}"
+    );
+
+    // The runtime config parses with the supervisor's own type and says what was deployed.
+    let config_parameter = format!("/agent-fleet/{stack}/config");
+    let json = bed
+        .moto
+        .get_parameter(&config_parameter)
+        .await?
+        .unwrap_or_default();
+    let settings = Settings::parse(&config_parameter, &json)?;
+    assert_eq!(settings.endpoint, endpoint);
+    assert_eq!(settings.agent_group, agents);
+    assert_eq!(settings.token_parameter, bed.token_parameter);
+    assert_eq!(settings.idle_timeout, Duration::from_secs(120));
+    assert!(settings.disconnect_after_job && settings.scaler.enabled);
+    assert_eq!(
+        settings.election.prefix,
+        format!("/agent-fleet/{stack}/leader")
+    );
+    let config_version = parameter_version(&bed, &config_parameter).await?;
+
+    // Stack tags from SEMAPHORE_AGENT_TAGS.
+    let described = bed
+        .moto
+        .query("cloudformation", "DescribeStacks", &[("StackName", &stack)])
+        .await?;
+    assert!(
+        described.contains("<Key>team</Key>") && described.contains("<Value>ci</Value>"),
+        "{described}"
+    );
+
+    // --- the same again: nothing to do -----------------------------------------------------
+    let out = ok(
+        "deploy (unchanged)",
+        &cli(&bed, &v, &["deploy"], None).await?,
+    );
+    assert!(out.contains("no changes"), "{out}");
+
+    // --- diff shows a change and makes none --------------------------------------------
+    let v5 = vars(
+        &bed,
+        &endpoint,
+        &[
+            ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "5"),
+            ("SEMAPHORE_AGENT_TAGS", "team:ci,cost-center:42"),
+            ("SEMAPHORE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT", "120"),
+        ],
+    );
+    let out = ok("diff", &cli(&bed, &v5, &["diff"], None).await?);
+    assert!(out.contains("AsgMaxSize: 3 → 5"), "{out}");
+    assert_eq!(
+        bed.moto.group(&agents).await?.max,
+        3,
+        "diff changed the group"
+    );
+
+    // --- update: only what changed changes -------------------------------------------------
+    let out = ok("deploy (update)", &cli(&bed, &v5, &["deploy"], None).await?);
+    assert!(out.contains(&format!("updating stack {stack}:")), "{out}");
+    assert!(out.contains("AsgMaxSize: 3 → 5"), "{out}");
+    assert!(out.contains("UPDATE_COMPLETE"), "{out}");
+    assert_eq!(bed.moto.group(&agents).await?.max, 5);
+    assert_eq!(
+        physical_id(&bed, "InstanceRole").await?,
+        role,
+        "the role was replaced"
+    );
+    let lt = launch_template(&bed, &agents).await?;
+    assert_eq!(
+        xml(&lt, "versionNumber").map(str::to_string),
+        lt_version,
+        "the launch template changed:\n{lt}"
+    );
+    assert_eq!(
+        parameter_version(&bed, &config_parameter).await?,
+        config_version,
+        "the runtime config was rewritten"
+    );
+    assert_eq!(bed.moto.group(&scaler).await?.in_service().len(), 1);
+
+    // --- destroy -------------------------------------------------------------------------
+    // Leader terms are the instances' doing; destroy removes them too.
+    bed.moto
+        .put_parameter(
+            &format!("/agent-fleet/{stack}/leader/0000000001"),
+            "{}",
+            false,
+        )
+        .await?;
+    let refused = cli(&bed, &v5, &["destroy"], Some("not-the-name\n")).await?;
+    assert!(
+        !refused.status.success(),
+        "destroy went ahead without the stack name"
+    );
+    assert!(
+        bed.moto.group(&agents).await.is_ok(),
+        "the group is gone after a refused destroy"
+    );
+    let out = ok(
+        "destroy",
+        &cli(&bed, &v5, &["destroy"], Some(&format!("{stack}\n"))).await?,
+    );
+    assert!(out.contains(&format!("stack {stack} is deleted")), "{out}");
+    assert!(out.contains("deleted 1 leader-lease parameter(s)"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "kept the registration token parameter {}",
+            bed.token_parameter
+        )),
+        "{out}"
+    );
+
+    let left = bed
+        .moto
+        .query("cloudformation", "DescribeStacks", &[("StackName", &stack)])
+        .await;
+    assert!(
+        left.is_err() || left.as_deref().is_ok_and(|d| d.contains("DELETE_COMPLETE")),
+        "{left:?}"
+    );
+    assert!(
+        bed.moto.group(&agents).await.is_err(),
+        "agents group left behind"
+    );
+    assert!(
+        bed.moto.group(&scaler).await.is_err(),
+        "scaler group left behind"
+    );
+    assert!(
+        launch_template(&bed, &agents).await.is_err(),
+        "launch template left behind"
+    );
+    let roles = bed.moto.query("iam", "ListRoles", &[]).await?;
+    assert!(!roles.contains(&role), "role {role} left behind");
+    let under = bed
+        .moto
+        .ssm()
+        .await
+        .get_parameters_by_path()
+        .path(format!("/agent-fleet/{stack}"))
+        .recursive(true)
+        .send()
+        .await?;
+    let names: Vec<&str> = under
+        .parameters()
+        .iter()
+        .filter_map(|p| p.name())
+        .filter(|n| *n != bed.token_parameter)
+        .collect();
+    assert!(names.is_empty(), "parameters left behind: {names:?}");
+    assert!(
+        parameter_version(&bed, &bed.token_parameter)
+            .await?
+            .is_some(),
+        "the user's token parameter must be kept"
+    );
+
+    // Destroying again is harmless.
+    let out = ok(
+        "destroy (again)",
+        &cli(&bed, &v5, &["destroy", "--yes"], None).await?,
+    );
+    assert!(out.contains("does not exist"), "{out}");
+    Ok(())
+}
+
+/// IAM returns the policy document URL-encoded.
+fn urlencoding_decode(s: &str) -> String {
+    let mut out = Vec::new();
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).replace("&quot;", "\"")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_deploy_names_the_resource_and_its_reason() -> R {
+    let bed = Bed::start("rolledback").await?;
+    let endpoint = bed.hub.endpoint();
+    let v = vars(&bed, &endpoint, &[]);
+    bed.moto
+        .fail_cloudformation_resource(
+            "AgentGroup",
+            "You have requested more vCPU capacity than your current vCPU limit of 0 allows",
+        )
+        .await?;
+    let out = cli(&bed, &v, &["deploy"], None).await?;
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "stdout:\n{o}\nstderr:\n{e}");
+    assert!(
+        e.contains(&format!("stack {} ended ROLLBACK_COMPLETE", bed.stack)),
+        "{e}"
+    );
+    assert!(
+        e.contains("AgentGroup (AWS::AutoScaling::AutoScalingGroup) CREATE_FAILED: You have requested more vCPU capacity"),
+        "{e}"
+    );
+    // The events were shown as they came.
+    assert!(o.contains("CREATE_FAILED"), "{o}");
+    // A stack that failed its first deploy must go before the next one.
+    let again = cli(&bed, &v, &["deploy"], None).await?;
+    let (_, e) = text(&again);
+    assert!(!again.status.success());
+    assert!(
+        e.contains("ROLLBACK_COMPLETE after a failed first deploy")
+            && e.contains("agent-fleet destroy"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configuration_touches_nothing_and_names_the_variable() -> R {
+    let bed = Bed::start("badconfig").await?;
+    let endpoint = bed.hub.endpoint();
+    let since = bed.moto.last_seq().await?;
+    let v = vars(
+        &bed,
+        &endpoint,
+        &[
+            ("SEMAPHORE_AGENT_ASG_MIN_SIZE", "4"),
+            ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "2"),
+        ],
+    );
+    let out = cli(&bed, &v, &["deploy"], None).await?;
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains(
+            "SEMAPHORE_AGENT_ASG_MIN_SIZE: \"4\" is above SEMAPHORE_AGENT_ASG_MAX_SIZE \"2\""
+        ),
+        "{e}"
+    );
+    let calls = bed.moto.calls(since).await?;
+    assert!(calls.is_empty(), "AWS was called: {calls:?}");
+
+    // A deploy before the token is stored is refused with the command that stores it.
+    let v = vec![
+        ("SEMAPHORE_AGENT_STACK_NAME", "badconfig"),
+        ("SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME", "/nowhere/token"),
+        ("SEMAPHORE_ENDPOINT", endpoint.as_str()),
+    ];
+    let out = cli(&bed, &v, &["deploy"], None).await?;
+    let (_, e) = text(&out);
+    assert!(!out.status.success());
+    assert!(e.contains("the token parameter /nowhere/token (SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME) does not exist") && e.contains("agent-fleet token set"), "{e}");
+    let stacks = bed.moto.query("cloudformation", "ListStacks", &[]).await?;
+    assert!(
+        !stacks.contains("<StackName>badconfig</StackName>"),
+        "{stacks}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_set_reads_stdin_stores_a_secure_string_and_rotates() -> R {
+    let bed = Bed::start("tokens").await?;
+    let name = "/ci/tokens/registration";
+    let v = [("SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME", name)];
+    let secret = "tok-0123456789abcdef";
+    let out = cli(&bed, &v, &["token", "set"], Some(&format!("{secret}\n"))).await?;
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(
+        o.contains(&format!(
+            "stored the registration token in {name} (SecureString, key alias/aws/ssm), version 1"
+        )),
+        "{o}"
+    );
+    assert!(
+        !o.contains(secret) && !e.contains(secret),
+        "the token was printed"
+    );
+    let p = bed
+        .moto
+        .ssm()
+        .await
+        .get_parameter()
+        .name(name)
+        .with_decryption(true)
+        .send()
+        .await?;
+    let p = p
+        .parameter()
+        .cloned()
+        .unwrap_or_else(|| panic!("no parameter"));
+    assert_eq!(p.value(), Some(secret));
+    assert_eq!(p.r#type().map(|t| t.as_str()), Some("SecureString"));
+
+    let out = cli(&bed, &v, &["token", "set"], Some("tok-rotated\n")).await?;
+    let (o, _) = text(&out);
+    assert!(o.contains("version 2") && o.contains("rotated"), "{o}");
+
+    // Nothing on stdin: refused, nothing stored.
+    let out = cli(&bed, &v, &["token", "set"], Some("")).await?;
+    let (_, e) = text(&out);
+    assert!(
+        !out.status.success() && e.contains("no token on stdin"),
+        "{e}"
+    );
+    assert_eq!(parameter_version(&bed, name).await?, Some(2));
+    // The token is never an argument.
+    let out = cli(&bed, &v, &["token", "set", secret], None).await?;
+    assert!(!out.status.success(), "a token argument was accepted");
+    Ok(())
+}
+
+/// The whole path: deploy with the CLI, run the instances of the groups the template
+/// made, queue a job wave → the scaler-role instance leads and raises desired capacity
+/// from zero, the jobs run, the agents leave when idle, desired returns to zero.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployed_fleet_scales_up_from_zero_and_back() -> R {
+    let bed = Bed::start("wave").await?;
+    let endpoint = bed.hub.endpoint();
+    let stack = bed.stack.clone();
+    let agents = format!("{stack}-agents");
+    let scaler = format!("{stack}-scaler");
+    let v = vars(
+        &bed,
+        &endpoint,
+        &[
+            ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "4"),
+            ("SEMAPHORE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT", "3"),
+            ("SEMAPHORE_AGENT_SCALER_POLL_INTERVAL_MS", "1000"),
+        ],
+    );
+    ok("deploy", &cli(&bed, &v, &["deploy"], None).await?);
+
+    // The bed's hub speaks plain HTTP, and the bed wants short election timings: both are
+    // keys the template leaves to the supervisor's defaults. Everything else is the
+    // template's own config.
+    let config_parameter = format!("/agent-fleet/{stack}/config");
+    let json = bed
+        .moto
+        .get_parameter(&config_parameter)
+        .await?
+        .unwrap_or_default();
+    let mut doc: serde_json::Value = serde_json::from_str(&json)?;
+    doc["no_https"] = serde_json::json!(true);
+    doc["election"]["lease_ms"] = serde_json::json!(2000);
+    doc["election"]["renew_deadline_ms"] = serde_json::json!(1400);
+    doc["election"]["retry_ms"] = serde_json::json!(500);
+    bed.put_config_json(&doc.to_string()).await?;
+
+    let fleet = Fleet::start(
+        Arc::clone(&bed.moto),
+        bed.template_fleet_options(&[&agents, &scaler], &[], &[]),
+    );
+    let result = async {
+        eventually("a leader term", Duration::from_secs(30), || async {
+            bed.moto
+                .get_parameter(&format!("/agent-fleet/{stack}/leader/0000000001"))
+                .await
+                .ok()
+                .flatten()
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+
+        let jobs: Vec<String> = (0..3)
+            .map(|i| {
+                bed.hub.enqueue_job(JobSpec {
+                    commands: vec![format!("sleep 1; echo {i}")],
+                    env: vec![],
+                })
+            })
+            .collect();
+        let queued = Instant::now();
+        eventually("desired 0 → 3", Duration::from_secs(15), || async {
+            (bed.moto.group(&agents).await.ok()?.desired == 3).then_some(())
+        })
+        .await?;
+        println!(
+            "desired 0 → 3 {:?} after the jobs were queued",
+            queued.elapsed()
+        );
+
+        // status, while the wave is on.
+        let out = ok("status", &cli(&bed, &v, &["status"], None).await?);
+        assert!(
+            out.contains(&format!("stack {stack}: CREATE_COMPLETE")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("group {agents}: desired 3 (min 0, max 4)")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("group {scaler}: desired 1 (min 1, max 1)")),
+            "{out}"
+        );
+        assert!(
+            out.contains("leader: i-") && out.contains("(term 1,"),
+            "{out}"
+        );
+        assert!(out.contains("last scaling decision:"), "{out}");
+        assert!(out.contains("jobs: "), "{out}");
+        assert!(out.contains("running") && out.contains(" age "), "{out}");
+        println!("{out}");
+
+        eventually("all jobs ran", Duration::from_secs(60), || async {
+            jobs.iter()
+                .all(|j| {
+                    bed.hub.job(j).is_some_and(|j| {
+                        j.state == JobState::Finished && j.result.as_deref() == Some("passed")
+                    })
+                })
+                .then_some(())
+        })
+        .await?;
+        eventually("idle scale-in to 0", Duration::from_secs(60), || async {
+            (bed.moto.group(&agents).await.ok()?.desired == 0).then_some(())
+        })
+        .await?;
+        // The scale-from-zero instance stays.
+        assert_eq!(bed.moto.group(&scaler).await?.in_service().len(), 1);
+        anyhow::Ok(())
+    }
+    .await;
+    if result.is_err() {
+        eprintln!("{}", fleet.all_output());
+    }
+    fleet.shutdown().await;
+    result
+}
