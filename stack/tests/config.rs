@@ -48,9 +48,11 @@ fn defaults_fill_every_parameter() {
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
-/// (settings, what the message must contain). Each row is one rule.
 /// Settings that break one rule, and what the message must contain.
-type Rule = (&'static [(&'static str, &'static str)], &'static [&'static str]);
+type Rule = (
+    &'static [(&'static str, &'static str)],
+    &'static [&'static str],
+);
 
 const RULES: &[Rule] = &[
     (&[("SEMAPHORE_AGENT_STACK_NAME", "")], &["SEMAPHORE_AGENT_STACK_NAME: is required", "export SEMAPHORE_AGENT_STACK_NAME="]),
