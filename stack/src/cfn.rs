@@ -662,3 +662,105 @@ async fn follow(
         tokio::time::sleep(pace.poll).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_cloudformation::types::{
+        ChangeType, ResourceChange, ResourceChangeDetail, ResourceTargetDefinition,
+    };
+
+    fn change(
+        action: ChangeAction,
+        logical: &str,
+        kind: &str,
+        replacement: Option<Replacement>,
+        target: Option<&str>,
+    ) -> Change {
+        let mut rc = ResourceChange::builder()
+            .action(action)
+            .logical_resource_id(logical)
+            .resource_type(kind)
+            .set_replacement(replacement);
+        if let Some(t) = target {
+            rc = rc.details(
+                ResourceChangeDetail::builder()
+                    .target(ResourceTargetDefinition::builder().name(t).build())
+                    .build(),
+            );
+        }
+        Change::builder()
+            .r#type(ChangeType::Resource)
+            .resource_change(rc.build())
+            .build()
+    }
+
+    #[test]
+    fn render_says_what_is_added_modified_replaced_and_removed() {
+        let p = Planned {
+            id: "cs".into(),
+            create: false,
+            changes: vec![
+                change(
+                    ChangeAction::Add,
+                    "ScalerGroup",
+                    "AWS::AutoScaling::AutoScalingGroup",
+                    None,
+                    None,
+                ),
+                change(
+                    ChangeAction::Modify,
+                    "AgentGroup",
+                    "AWS::AutoScaling::AutoScalingGroup",
+                    Some(Replacement::False),
+                    Some("MaxSize"),
+                ),
+                change(
+                    ChangeAction::Modify,
+                    "SecurityGroup",
+                    "AWS::EC2::SecurityGroup",
+                    Some(Replacement::True),
+                    Some("VpcId"),
+                ),
+                change(
+                    ChangeAction::Remove,
+                    "OldThing",
+                    "AWS::SSM::Parameter",
+                    None,
+                    None,
+                ),
+            ],
+            parameter_changes: vec![
+                ("AsgMaxSize".into(), "3".into(), "5".into()),
+                ("VpcId".into(), String::new(), "vpc-01234567".into()),
+            ],
+            empty: false,
+        };
+        let text = render(&p);
+        for line in [
+            "  AsgMaxSize: 3 → 5",
+            "  VpcId: (empty) → vpc-01234567",
+            "  + add         ScalerGroup (AWS::AutoScaling::AutoScalingGroup)",
+            "  ~ modify      AgentGroup (AWS::AutoScaling::AutoScalingGroup)  [MaxSize]",
+            "  ! replace     SecurityGroup (AWS::EC2::SecurityGroup)  [VpcId]",
+            "  - remove      OldThing (AWS::SSM::Parameter)",
+            "1 to add, 1 to modify, 1 to replace, 1 to remove",
+        ] {
+            assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        }
+    }
+
+    #[test]
+    fn stacks_that_cannot_take_a_change_set_say_what_to_do() {
+        assert!(
+            blocked("ROLLBACK_COMPLETE", "s").is_some_and(|m| m.contains("agent-fleet destroy"))
+        );
+        assert!(blocked("UPDATE_IN_PROGRESS", "s").is_some_and(|m| m.contains("busy")));
+        assert!(blocked("UPDATE_COMPLETE", "s").is_none());
+        assert!(blocked("REVIEW_IN_PROGRESS", "s").is_none());
+        assert!(
+            blocked("UPDATE_ROLLBACK_COMPLETE", "s").is_none(),
+            "an update that rolled back can be retried"
+        );
+    }
+}

@@ -60,7 +60,11 @@ enum TokenCommand {
     /// Stores or rotates the token (read from stdin, never from arguments) as a
     /// SecureString named by SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME, encrypted with
     /// SEMAPHORE_AGENT_TOKEN_KMS_KEY.
-    Set,
+    Set {
+        /// Refused: a token on the command line lands in shell history and `ps`.
+        #[arg(hide = true)]
+        refused: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -199,8 +203,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Token {
-            command: TokenCommand::Set,
+            command: TokenCommand::Set { refused },
         } => {
+            if refused.is_some() {
+                eprintln!("agent-fleet: the token is read from stdin, never from arguments (it would land in your shell history and in `ps`): run `agent-fleet token set < token.txt`, or `agent-fleet token set` and paste it at the prompt");
+                return Ok(ExitCode::from(BAD_CONFIG));
+            }
             let src = Sources::from_process_env();
             let mut problems = vec![];
             let mut get = |name: &str| -> Option<String> {

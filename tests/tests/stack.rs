@@ -186,6 +186,20 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
 
     // The role and its inline policy: the token parameter's ARN, the leader prefix.
     let role = physical_id(&bed, "InstanceRole").await?;
+    let profile = physical_id(&bed, "InstanceProfile").await?;
+    let security_group = physical_id(&bed, "SecurityGroup").await?;
+    let sg = bed
+        .moto
+        .query(
+            "ec2",
+            "DescribeSecurityGroups",
+            &[("GroupId.1", &security_group)],
+        )
+        .await?;
+    assert!(
+        !sg.contains("<fromPort>22</fromPort>"),
+        "SSH open without a key and CIDR:\n{sg}"
+    );
     let policies = bed
         .moto
         .query("iam", "ListRolePolicies", &[("RoleName", &role)])
@@ -343,6 +357,28 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
     );
     let roles = bed.moto.query("iam", "ListRoles", &[]).await?;
     assert!(!roles.contains(&role), "role {role} left behind");
+    assert!(
+        bed.moto
+            .query(
+                "iam",
+                "GetInstanceProfile",
+                &[("InstanceProfileName", &profile)]
+            )
+            .await
+            .is_err(),
+        "instance profile {profile} left behind"
+    );
+    assert!(
+        bed.moto
+            .query(
+                "ec2",
+                "DescribeSecurityGroups",
+                &[("GroupId.1", &security_group)]
+            )
+            .await
+            .is_err(),
+        "security group {security_group} left behind"
+    );
     let under = bed
         .moto
         .ssm()
@@ -522,7 +558,14 @@ async fn token_set_reads_stdin_stores_a_secure_string_and_rotates() -> R {
     assert_eq!(parameter_version(&bed, name).await?, Some(2));
     // The token is never an argument.
     let out = cli(&bed, &v, &["token", "set", secret], None).await?;
+    let (o, e) = text(&out);
     assert!(!out.status.success(), "a token argument was accepted");
+    assert!(e.contains("read from stdin, never from arguments"), "{e}");
+    assert!(
+        !o.contains(secret) && !e.contains(secret),
+        "the refused token was echoed: {e}"
+    );
+    assert_eq!(parameter_version(&bed, name).await?, Some(2));
     Ok(())
 }
 
