@@ -2,6 +2,7 @@
 //! `SEMAPHORE_*` variables into the parameters of `cfn/agent-fleet.yaml` and deploys,
 //! diffs, destroys and inspects the stack, and stores the registration token.
 
+pub mod ami;
 pub mod cfn;
 pub mod config;
 pub mod status;

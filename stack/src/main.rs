@@ -2,9 +2,10 @@
 
 use agent_fleet::cfn::{self, Pace};
 use agent_fleet::config::{Sources, StackConfig};
-use agent_fleet::{status, token, vars};
+use agent_fleet::{ami, status, token, vars};
 use clap::{Parser, Subcommand};
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -45,6 +46,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// The AMI: build it with Packer and record it where stacks look it up.
+    Ami {
+        #[command(subcommand)]
+        command: AmiCommand,
+    },
     /// Checks the configuration and prints the parameters a deploy would use.
     Check,
     /// The configuration variables.
@@ -53,6 +59,38 @@ enum Command {
         #[arg(long)]
         markdown: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum AmiCommand {
+    /// Runs `packer build` for one OS and arch, then records the new AMI in
+    /// /agent-fleet/ami/<os>/<arch>, which stacks resolve at every launch (no redeploy).
+    Build {
+        /// ubuntu-noble or ubuntu-jammy (default: SEMAPHORE_AGENT_OS, else ubuntu-noble).
+        #[arg(long)]
+        os: Option<String>,
+        /// x86_64 or arm64 (default: SEMAPHORE_AGENT_ARCH, else x86_64).
+        #[arg(long)]
+        arch: Option<String>,
+        /// Extra template variable, NAME=VALUE (repeatable), e.g. agent_version=v2.3.0.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        #[arg(long, default_value_os_t = ami::default_template())]
+        template: PathBuf,
+        #[arg(long, default_value = "packer")]
+        packer: PathBuf,
+    },
+    /// Records an existing AMI for one OS and arch.
+    Record {
+        #[arg(long)]
+        os: Option<String>,
+        #[arg(long)]
+        arch: Option<String>,
+        /// ami-…
+        ami: String,
+    },
+    /// Shows the recorded AMIs.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,6 +168,65 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     );
                 }
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ami { command } => {
+            let env_or = |v: Option<String>, var: &str, default: &str| {
+                v.or_else(|| std::env::var(var).ok().filter(|s| !s.is_empty()))
+                    .unwrap_or_else(|| default.to_string())
+            };
+            let sdk = agent_fleet::sdk_config().await?;
+            let ssm = aws_sdk_ssm::Client::new(&sdk);
+            let (os, arch, id) = match command {
+                AmiCommand::Show => {
+                    ami::show(&ssm, &mut out).await?;
+                    return Ok(ExitCode::SUCCESS);
+                }
+                AmiCommand::Record { os, arch, ami: id } => (
+                    env_or(os, "SEMAPHORE_AGENT_OS", "ubuntu-noble"),
+                    env_or(arch, "SEMAPHORE_AGENT_ARCH", "x86_64"),
+                    id,
+                ),
+                AmiCommand::Build {
+                    os,
+                    arch,
+                    vars,
+                    template,
+                    packer,
+                } => {
+                    let os = env_or(os, "SEMAPHORE_AGENT_OS", "ubuntu-noble");
+                    let arch = env_or(arch, "SEMAPHORE_AGENT_ARCH", "x86_64");
+                    let region = sdk
+                        .region()
+                        .map(|r| r.as_ref().to_string())
+                        .unwrap_or_default();
+                    let manifest = std::env::temp_dir().join(format!(
+                        "agent-fleet-packer-manifest-{}.json",
+                        std::process::id()
+                    ));
+                    let build = ami::Build {
+                        packer,
+                        template,
+                        os: os.clone(),
+                        arch: arch.clone(),
+                        region,
+                        vars,
+                        manifest: manifest.clone(),
+                    };
+                    println!(
+                        "building the {os} {arch} AMI with Packer (this takes 15-30 minutes) …"
+                    );
+                    let id = build.run().await;
+                    let _ = std::fs::remove_file(&manifest);
+                    (os, arch, id?)
+                }
+            };
+            ami::check_target(&os, &arch)?;
+            let version = ami::record(&ssm, &os, &arch, &id).await?;
+            println!(
+                "recorded {id} in {} (version {version}); stacks with SEMAPHORE_AGENT_OS={os} SEMAPHORE_AGENT_ARCH={arch} and no SEMAPHORE_AGENT_AMI launch it from now on",
+                ami::parameter(&os, &arch)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Check => {

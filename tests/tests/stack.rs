@@ -687,3 +687,148 @@ async fn a_deployed_fleet_scales_up_from_zero_and_back() -> R {
     fleet.shutdown().await;
     result
 }
+
+/// `ami build` runs Packer with the OS, arch, region and manifest path, takes the AMI id
+/// from the manifest and records it where the template looks it up; a deployed stack's
+/// instances then launch from it. Packer itself cannot reach AWS here: a stand-in plays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ami_build_records_the_image_that_stacks_launch() -> R {
+    let bed = Bed::start("imaged").await?;
+    let dir = bed.root.join("packer");
+    std::fs::create_dir_all(&dir)?;
+    let template = dir.join("agent-fleet.pkr.hcl");
+    std::fs::write(&template, "# stand-in\n")?;
+    let args_log = dir.join("args");
+    let fake = dir.join("packer");
+    let ami_id = "ami-0123456789abcdef0";
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\nprintf '%s\\n' \"$@\" > {log}\nfor a in \"$@\"; do case \"$a\" in manifest_path=*) m=\"${{a#manifest_path=}}\";; esac; done\n\
+             [ \"$FAIL\" = 1 ] && exit 3\n\
+             printf '{{\"builds\":[{{\"packer_run_uuid\":\"r1\",\"artifact_id\":\"us-east-1:{ami_id}\"}}],\"last_run_uuid\":\"r1\"}}' > \"$m\"\n",
+            log = args_log.display()
+        ),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))?;
+    let (fake_s, template_s) = (
+        fake.to_string_lossy().into_owned(),
+        template.to_string_lossy().into_owned(),
+    );
+    let build = [
+        "ami",
+        "build",
+        "--packer",
+        &fake_s,
+        "--template",
+        &template_s,
+        "--arch",
+        "arm64",
+        "--var",
+        "agent_version=v2.3.0",
+    ];
+
+    // A failed build records nothing.
+    let out = cli(&bed, &[("FAIL", "1")], &build, None).await?;
+    let (_, e) = text(&out);
+    assert!(
+        !out.status.success() && e.contains("packer build failed"),
+        "{e}"
+    );
+    assert_eq!(
+        parameter_version(&bed, "/agent-fleet/ami/ubuntu-noble/arm64").await?,
+        None
+    );
+
+    let out = ok("ami build", &cli(&bed, &[], &build, None).await?);
+    assert!(
+        out.contains(&format!(
+            "recorded {ami_id} in /agent-fleet/ami/ubuntu-noble/arm64"
+        )),
+        "{out}"
+    );
+    let args = std::fs::read_to_string(&args_log)?;
+    for a in [
+        "build",
+        "os=ubuntu-noble",
+        "arch=arm64",
+        "region=us-east-1",
+        "agent_version=v2.3.0",
+        template_s.as_str(),
+    ] {
+        assert!(
+            args.lines().any(|l| l == a),
+            "packer not given {a:?}:\n{args}"
+        );
+    }
+    let p = bed
+        .moto
+        .ssm()
+        .await
+        .get_parameter()
+        .name("/agent-fleet/ami/ubuntu-noble/arm64")
+        .send()
+        .await?;
+    assert_eq!(p.parameter().and_then(|p| p.value()), Some(ami_id));
+    assert_eq!(
+        p.parameter().and_then(|p| p.data_type()),
+        Some("aws:ec2:image")
+    );
+
+    // A stack of that OS/arch without SEMAPHORE_AGENT_AMI launches the recorded image.
+    let out = ok(
+        "ami record",
+        &cli(
+            &bed,
+            &[],
+            &["ami", "record", "--arch", "x86_64", ami_id],
+            None,
+        )
+        .await?,
+    );
+    assert!(
+        out.contains("/agent-fleet/ami/ubuntu-noble/x86_64"),
+        "{out}"
+    );
+    let endpoint = bed.hub.endpoint();
+    ok(
+        "deploy",
+        &cli(
+            &bed,
+            &vars(
+                &bed,
+                &endpoint,
+                &[
+                    ("SEMAPHORE_AGENT_ASG_MIN_SIZE", "1"),
+                    ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "1"),
+                ],
+            ),
+            &["deploy"],
+            None,
+        )
+        .await?,
+    );
+    let g = bed.moto.group("imaged-agents").await?;
+    let id = g
+        .in_service()
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no instance: {g:?}"))?;
+    let described = bed
+        .moto
+        .query("ec2", "DescribeInstances", &[("InstanceId.1", &id)])
+        .await?;
+    assert_eq!(xml(&described, "imageId"), Some(ami_id), "{described}");
+
+    let out = ok("ami show", &cli(&bed, &[], &["ami", "show"], None).await?);
+    assert!(
+        out.contains(&format!("/agent-fleet/ami/ubuntu-noble/arm64: {ami_id}")),
+        "{out}"
+    );
+    assert!(
+        out.contains("/agent-fleet/ami/ubuntu-jammy/x86_64: none"),
+        "{out}"
+    );
+    Ok(())
+}
