@@ -61,6 +61,14 @@ pub struct InstanceOptions {
     pub imds_endpoint_override: Option<String>,
     /// The supervisor's subcommand: `run` (default) or `check`.
     pub command: String,
+    /// Extra environment for the supervisor itself (e.g. systemd's `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
+    /// A command the supervisor is started through, e.g. `nsenter --mount=… --` (it must
+    /// exec the supervisor, so that the pid is the supervisor's).
+    pub wrapper: Vec<String>,
+    /// The launch time the fake IMDS reports (`pendingTime`), Unix ms; `None`: when the
+    /// fake IMDS started, just before the supervisor.
+    pub launch_time_unix_ms: Option<u64>,
 }
 
 impl InstanceOptions {
@@ -76,6 +84,9 @@ impl InstanceOptions {
             agent_env: vec![],
             imds_endpoint_override: None,
             command: "run".into(),
+            env: vec![],
+            wrapper: vec![],
+            launch_time_unix_ms: None,
         }
     }
 }
@@ -130,6 +141,7 @@ impl Instance {
             instance_id: opts.instance_id.clone(),
             user_data: opts.user_data.clone(),
             life_cycle: opts.life_cycle.clone(),
+            launch_time_unix_ms: opts.launch_time_unix_ms,
             ..InstanceMeta::default()
         };
         let imds = FakeImds::start(meta).await?;
@@ -141,7 +153,15 @@ impl Instance {
             .flatten()
             .map(|u| u.name)
             .unwrap_or_else(|| "root".into());
-        let mut cmd = tokio::process::Command::new(bins.join("agent-supervisor"));
+        let supervisor = bins.join("agent-supervisor");
+        let mut cmd = match opts.wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = tokio::process::Command::new(prog);
+                c.args(args).arg(&supervisor);
+                c
+            }
+            None => tokio::process::Command::new(&supervisor),
+        };
         cmd.arg(&opts.command)
             .arg("--agent-binary")
             .arg(bins.join("agent"))
@@ -183,6 +203,7 @@ impl Instance {
                     .ok()
                     .map(|v| ("MALLOC_ARENA_MAX", v)),
             )
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -192,6 +213,7 @@ impl Instance {
         let mut child = cmd.spawn().context("spawning agent-supervisor")?;
         let pid = child.id().map(|p| p as i32).unwrap_or_default();
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             child
                 .stdout
@@ -209,7 +231,7 @@ impl Instance {
             let events = events.clone();
             let id = opts.instance_id.clone();
             let log = dir.join("supervisor.log");
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut r = BufReader::new(stream).lines();
                 let mut file = std::fs::OpenOptions::new()
                     .create(true)
@@ -231,12 +253,18 @@ impl Instance {
                         l.push(line);
                     }
                 }
-            });
+            }));
         }
         let (exit_tx, exit) = watch::channel(None);
         let id = opts.instance_id.clone();
         tokio::spawn(async move {
             let status = child.wait().await.ok();
+            // The exit is reported once the supervisor's last lines are in (EOF on its
+            // pipes), or after 2 s if something it left behind still holds them.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            for r in readers {
+                let _ = tokio::time::timeout_at(deadline, r).await;
+            }
             if let Some(tx) = &events {
                 let _ = tx.send(FleetEvent::Exited {
                     instance_id: id,
