@@ -472,7 +472,7 @@ fn valid_az(s: &str) -> bool {
     let Some(last) = s.chars().last() else {
         return false;
     };
-    let body = &s[..s.len() - 1];
+    let body = &s[..s.len() - last.len_utf8()];
     last.is_ascii_lowercase()
         && body.split('-').count() >= 3
         && body

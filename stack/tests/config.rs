@@ -310,3 +310,37 @@ mod tempdir {
         }
     }
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any value of any variable gives a config or a list of problems, never a panic,
+        /// and every problem names a variable.
+        #[test]
+        fn any_values_are_checked_without_panics(
+            picks in prop::collection::vec((0..agent_fleet::vars::VARS.len(), ".{0,40}"), 0..12)
+        ) {
+            let pairs: Vec<(String, String)> = picks
+                .into_iter()
+                .map(|(i, v)| (agent_fleet::vars::VARS[i].name.to_string(), v))
+                .collect();
+            let mut e = env(&[]);
+            e.extend(pairs);
+            if let Err(p) = StackConfig::load(&Sources::from_env(e)) {
+                for problem in &p.0 {
+                    prop_assert!(problem.var.starts_with("SEMAPHORE_"), "{}", problem);
+                }
+            }
+        }
+
+        /// Overrides JSON, nearly valid or not, never panics.
+        #[test]
+        fn any_override_json_is_checked(s in r#"\{("(InstanceType|InstanceRequirements|VCpuCount|MemoryMiB|Min|Max)": ?(\{|[0-9]{1,3}|"[a-z0-9.]{0,8}"|\}|,)){0,8}\}?"#) {
+            let _ = load(&[("SEMAPHORE_AGENT_ASG_LAUNCH_TEMPLATE_OVERRIDES_JSON", &s)]);
+        }
+    }
+}

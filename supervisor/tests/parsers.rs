@@ -1,0 +1,242 @@
+//! Property tests (the fuzzing that runs in CI) for everything the supervisor parses from
+//! outside: the runtime config, Semaphore's `/metrics` answer, the agent's output lines,
+//! the leader record and the user data. Arbitrary input must give a value or an error —
+//! never a panic — and well-formed input must come back as what was put in.
+//!
+//! `PROPTEST_CASES=100000 cargo test -p agent-supervisor --test parsers --release` runs a
+//! longer campaign.
+
+use agent_supervisor::agent::{assigned_job, message_of};
+use agent_supervisor::config::{
+    ElectionConfig, RuntimeConfig, ScalerConfig, Settings, StackIdentity,
+};
+use agent_supervisor::election::Record;
+use agent_supervisor::scaler::semaphore::{interpret, parse_metrics};
+use proptest::prelude::*;
+
+/// JSON text that is often nearly valid: real keys, mixed value types, nesting.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(serde_json::Value::Null),
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        any::<u64>().prop_map(serde_json::Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(serde_json::Value::from),
+        ".{0,12}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+            prop::collection::btree_map(key(), inner, 0..6)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Keys the parsers know, and a few they do not.
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "endpoint",
+            "token_parameter",
+            "agent_group",
+            "disconnect_after_job",
+            "idle_timeout_secs",
+            "interruption_grace_secs",
+            "cache_bucket",
+            "no_https",
+            "scaler",
+            "election",
+            "enabled",
+            "poll_interval_ms",
+            "overprovision_strategy",
+            "overprovision_factor",
+            "lease_ms",
+            "renew_deadline_ms",
+            "retry_ms",
+            "prefix",
+            "jobs",
+            "agents",
+            "queued",
+            "running",
+            "idle",
+            "occupied",
+            "holder",
+            "seq",
+            "released",
+            "standbys",
+            "follower_poll_ms",
+            "decision",
+            "at_unix_ms",
+            "action",
+            "target",
+            "desired_before",
+            "desired_after",
+            "reason",
+        ])
+        .prop_map(str::to_string),
+        "[a-z_]{1,10}",
+    ]
+}
+
+/// Configs that pass validation by construction (the rules of `Settings::validate`).
+fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
+    (
+        "[a-z0-9][a-z0-9.-]{0,20}(:[0-9]{1,5})?",
+        "(/[A-Za-z0-9_.-]{1,8}){1,3}",
+        "[A-Za-z0-9-]{1,20}",
+        any::<bool>(),
+        0u64..=604_800,
+        0u64..=3600,
+        proptest::option::of("[a-z0-9][a-z0-9-]{2,20}"),
+        any::<bool>(),
+        (
+            any::<bool>(),
+            1000u64..=300_000,
+            prop_oneof![
+                Just(("none", 0u32)),
+                (1u32..1000).prop_map(|n| ("number", n)),
+                (1u32..1000).prop_map(|n| ("percentage", n)),
+            ],
+        ),
+        (100u64..10_000, 1u64..10_000, 1u64..10_000),
+    )
+        .prop_map(
+            |(endpoint, token_parameter, agent_group, daj, idle, grace, bucket, no_https, s, e)| {
+                let (retry, extra, lease_extra) = e;
+                let deadline = retry * 12 / 10 + extra;
+                RuntimeConfig {
+                    endpoint,
+                    token_parameter,
+                    agent_group,
+                    disconnect_after_job: daj,
+                    idle_timeout_secs: idle,
+                    interruption_grace_secs: grace,
+                    cache_bucket: bucket,
+                    no_https,
+                    scaler: ScalerConfig {
+                        enabled: s.0,
+                        poll_interval_ms: s.1,
+                        overprovision_strategy: s.2 .0.to_string(),
+                        overprovision_factor: s.2 .1,
+                    },
+                    election: ElectionConfig {
+                        lease_ms: deadline + lease_extra,
+                        renew_deadline_ms: deadline,
+                        retry_ms: retry,
+                        prefix: None,
+                    },
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn runtime_config_never_panics_on_text(s in ".{0,300}") {
+        let _ = Settings::parse("/p", &s);
+    }
+
+    #[test]
+    fn runtime_config_never_panics_on_json(v in json_value()) {
+        let _ = Settings::parse("/p", &v.to_string());
+    }
+
+    /// A valid config is accepted and keeps every value it was given.
+    #[test]
+    fn runtime_config_round_trips(c in runtime_config()) {
+        let json = serde_json::to_string(&c).expect("serialize");
+        let s = Settings::parse("/p", &json);
+        prop_assert!(s.is_ok(), "refused {}: {:?}", json, s.err().map(|e| e.to_string()));
+        let s = s.expect("checked");
+        prop_assert_eq!(&s.endpoint, &c.endpoint);
+        prop_assert_eq!(&s.token_parameter, &c.token_parameter);
+        prop_assert_eq!(&s.agent_group, &c.agent_group);
+        prop_assert_eq!(s.disconnect_after_job, c.disconnect_after_job);
+        prop_assert_eq!(s.idle_timeout.as_secs(), c.idle_timeout_secs);
+        prop_assert_eq!(s.interruption_grace.as_secs(), c.interruption_grace_secs);
+        prop_assert_eq!(&s.cache_bucket, &c.cache_bucket);
+        prop_assert_eq!(s.no_https, c.no_https);
+        prop_assert_eq!(s.scaler.enabled, c.scaler.enabled);
+        prop_assert_eq!(s.scaler.poll_interval.as_millis() as u64, c.scaler.poll_interval_ms);
+        prop_assert_eq!(s.election.lease.as_millis() as u64, c.election.lease_ms);
+        prop_assert_eq!(s.election.retry.as_millis() as u64, c.election.retry_ms);
+    }
+
+    #[test]
+    fn metrics_never_panic(body in prop::collection::vec(any::<u8>(), 0..300), status in 100u16..600, retry in proptest::option::of(".{0,12}")) {
+        let _ = parse_metrics(&body);
+        let _ = interpret(status, retry.as_deref(), &body);
+    }
+
+    #[test]
+    fn metrics_never_panic_on_json(v in json_value()) {
+        let _ = parse_metrics(v.to_string().as_bytes());
+    }
+
+    /// The documented shape comes back with its numbers.
+    #[test]
+    fn metrics_round_trip(q in any::<u32>(), r in any::<u32>(), i in any::<u32>(), o in any::<u32>()) {
+        let body = serde_json::json!({"jobs": {"queued": q, "running": r}, "agents": {"idle": i, "occupied": o}}).to_string();
+        let m = parse_metrics(body.as_bytes()).expect("documented shape");
+        prop_assert_eq!((m.jobs.queued, m.jobs.running, m.agents.idle, m.agents.occupied), (q, r, i, o));
+        prop_assert_eq!(m.jobs(), u64::from(q) + u64::from(r));
+    }
+
+    #[test]
+    fn agent_lines_never_panic(line in ".{0,200}") {
+        let _ = assigned_job(&line);
+        let _ = message_of(&line);
+    }
+
+    /// A run-job line anywhere in a line yields its job id.
+    #[test]
+    fn agent_job_lines_yield_the_id(prefix in "[ -~]{0,40}", id in "[a-f0-9-]{1,36}") {
+        let line = format!("{prefix}SYNC response (action: run-job, job: {id})");
+        prop_assert_eq!(assigned_job(&line), Some(id.as_str()));
+    }
+
+    #[test]
+    fn leader_records_never_panic(s in ".{0,300}") {
+        let _ = Record::parse(&s);
+    }
+
+    #[test]
+    fn leader_records_never_panic_on_json(v in json_value()) {
+        let _ = Record::parse(&v.to_string());
+    }
+
+    /// What a leader writes, every follower reads back the same.
+    #[test]
+    fn leader_records_round_trip(
+        holder in "i-[0-9a-f]{8,17}#[0-9a-f]{1,16}",
+        seq in any::<u64>(),
+        lease in 1u64..86_400_000,
+        deadline in 1u64..86_400_000,
+        released in any::<bool>(),
+        standbys in prop::collection::vec("i-[0-9a-f]{8,17}", 0..4),
+        poll in 1u64..86_400_000,
+    ) {
+        let r = Record {
+            holder,
+            seq,
+            lease_ms: lease,
+            renew_deadline_ms: deadline,
+            released,
+            standbys,
+            follower_poll_ms: poll,
+            decision: None,
+        };
+        let back = Record::parse(&r.to_json());
+        prop_assert_eq!(back, Ok(r));
+    }
+
+    #[test]
+    fn user_data_never_panics(s in "(.{0,40}\n){0,8}") {
+        let _ = StackIdentity::from_user_data(&s);
+    }
+}
