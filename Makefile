@@ -17,7 +17,7 @@ CFN_GUARD_VERSION := 3.2.1
 CFN_GUARD := $(TOOLS_DIR)/bin/cfn-guard
 AGENT_FLEET := $(TARGET_DIR)/debug/agent-fleet
 
-.PHONY: all venv tools build build-release demo test lint unit e2e bench clean deploy diff destroy status token
+.PHONY: all venv tools build build-release demo test lint unit e2e bench clean deploy diff destroy status token ami ami-test
 
 all: build
 
@@ -58,8 +58,12 @@ unit:
 e2e: venv build
 	$(CARGO) test -p agent-fleet-tests --tests
 
-test: lint venv build
+test: lint venv build ami-test
 	$(CARGO) test --workspace
+
+# The AMI side without AWS: template, scripts, unit, offline provisioning steps (bootstrap/README.md).
+ami-test: venv build
+	VENV=$(VENV) TOOLS_DIR=$(TOOLS_DIR) bootstrap/test.sh
 
 bench: venv build-release
 	$(TARGET_DIR)/release/fleet-bench
@@ -68,6 +72,13 @@ bench: venv build-release
 deploy diff destroy status:
 	$(CARGO) build --quiet -p agent-fleet
 	$(AGENT_FLEET) $@
+
+# Builds the AMI (Packer 1.10+, AWS credentials) and records it in SSM, e.g.
+#   make ami AMI_ARGS='--var agent_sha256_x86_64=…'
+ami:
+	packer init packer/
+	$(CARGO) build --quiet -p agent-fleet
+	$(AGENT_FLEET) ami build $(AMI_ARGS)
 
 # Stores or rotates the registration token, read from stdin.
 token:

@@ -5,7 +5,7 @@
 use crate::describe;
 use anyhow::{bail, Context};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const OSES: &[&str] = &["ubuntu-noble", "ubuntu-jammy"];
 pub const ARCHES: &[&str] = &["x86_64", "arm64"];
@@ -178,18 +178,25 @@ impl Build {
             );
         }
         let _ = std::fs::remove_file(&self.manifest);
-        let status = tokio::process::Command::new(&self.packer)
-            .args(self.args())
-            .status()
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot run {} (install Packer, or pass --packer <path>)",
-                    self.packer.display()
-                )
-            })?;
-        if !status.success() {
-            bail!("packer build failed ({status}); nothing was recorded");
+        // `packer init` installs the Amazon plugin the template pins (idempotent).
+        let init = vec![
+            "init".to_string(),
+            self.template.to_string_lossy().into_owned(),
+        ];
+        for (what, args) in [("init", init), ("build", self.args())] {
+            let status = tokio::process::Command::new(&self.packer)
+                .args(&args)
+                .status()
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot run {} (install Packer 1.10+, or pass --packer <path>)",
+                        self.packer.display()
+                    )
+                })?;
+            if !status.success() {
+                bail!("packer {what} failed ({status}); nothing was recorded");
+            }
         }
         let manifest = std::fs::read_to_string(&self.manifest).with_context(|| {
             format!(
@@ -201,9 +208,10 @@ impl Build {
     }
 }
 
-/// The default template path: `packer/agent-fleet.pkr.hcl` under the current directory.
+/// The default template: the `packer/` folder under the current directory (the template
+/// and its plugin pins).
 pub fn default_template() -> PathBuf {
-    Path::new("packer").join("agent-fleet.pkr.hcl")
+    PathBuf::from("packer")
 }
 
 #[cfg(test)]

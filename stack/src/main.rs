@@ -75,6 +75,7 @@ enum AmiCommand {
         /// Extra template variable, NAME=VALUE (repeatable), e.g. agent_version=v2.3.0.
         #[arg(long = "var", value_name = "NAME=VALUE")]
         vars: Vec<String>,
+        /// The Packer template: a file or a folder of them.
         #[arg(long, default_value_os_t = ami::default_template())]
         template: PathBuf,
         #[arg(long, default_value = "packer")]

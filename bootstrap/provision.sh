@@ -1,0 +1,355 @@
+#!/usr/bin/env bash
+# bootstrap/provision.sh — turns a stock Ubuntu 22.04/24.04 into an agent-fleet image.
+#
+# Packer runs `provision.sh all` as root on the builder instance (packer/agent-fleet.pkr.hcl).
+# Each step can also run alone, and against another root directory; bootstrap/test.sh
+# runs the steps that need no network that way:
+#
+#   ROOT=/tmp/img bootstrap/provision.sh create_agent_user install_units
+#
+# Steps, in the order `all` runs them. Each is idempotent: a second run changes nothing.
+#
+#   wait_for_boot               let cloud-init finish first boot (it holds the apt lock)   [image]
+#   remove_unattended_upgrades  no package upgrades or apt runs behind a job's back        [image]
+#   install_packages            security updates, Docker, git and the usual CI tools       [image]
+#   create_agent_user           `semaphore`, in the docker group; sudo only if AGENT_SUDO
+#   install_agent               the Semaphore agent release, sha256-pinned, in /opt/semaphore/agent
+#   install_toolbox             the Semaphore toolbox (checkout, cache, artifact, …)       [image]
+#   install_supervisor          agent-supervisor: SUPERVISOR_BINARY, or built from source
+#   install_units               the systemd unit, enabled; the supervisor's work dir
+#   clean_image                 forget the builder: machine-id, its SSH key, cloud-init state
+#
+# [image] steps install packages or run vendor installers that write to absolute paths,
+# so they refuse any ROOT but /.
+#
+# Settings (environment):
+#   ROOT               root directory to provision (default /). ROOT=/ also needs
+#                      AGENT_FLEET_IMAGE_BUILD=yes, so nobody provisions a workstation by mistake.
+#   ARCH               x86_64 or arm64 (default: this machine's)
+#   AGENT_VERSION      Semaphore agent release tag (default v2.4.0)
+#   AGENT_SHA256       sha256 of agent_Linux_<ARCH>.tar.gz. Required: no pin, no agent.
+#   AGENT_ARCHIVE      a local copy of that archive (default: download the release)
+#   TOOLBOX_VERSION    Semaphore toolbox release tag (default v1.20.5)
+#   TOOLBOX_SHA256     sha256 of its self-hosted-linux[-arm].tar; checked when set
+#   TOOLBOX_ARCHIVE    a local copy of that archive (default: download the release)
+#   AGENT_SUDO         true: passwordless sudo for the agent user and so for jobs (default false)
+#   EXTRA_PACKAGES     more apt packages for the jobs, space-separated
+#   SUPERVISOR_BINARY  a built agent-supervisor for ARCH (default: build the source this
+#                      script sits in, with RUST_TOOLCHAIN; needs the network)
+#   SUPERVISOR_VERSION when set, the installed binary must report this version
+#   RUST_TOOLCHAIN     toolchain for that build (default 1.95.0)
+set -euo pipefail
+umask 022
+
+# Where things go. These match the supervisor's defaults (`agent-supervisor run --help`)
+# and the unit's ExecStart: change them together or not at all.
+readonly AGENT_USER=semaphore
+readonly AGENT_DIR=/opt/semaphore/agent
+readonly SUPERVISOR_BIN=/usr/local/bin/agent-supervisor
+readonly WORK_DIR=/var/lib/agent-supervisor
+readonly UNIT_DIR=/usr/lib/systemd/system
+readonly UNIT=agent-supervisor.service
+readonly SUDOERS=/etc/sudoers.d/90-agent-fleet
+
+# Docker comes from Ubuntu's own archive (docker.io, with docker-buildx and
+# docker-compose-v2 for `docker buildx` and `docker compose`), not from Docker's apt
+# repository: the image then trusts one signing key, Canonical's, which it already has;
+# no third-party repository or key has to be fetched and pinned at build time; and
+# Ubuntu backports security fixes into it. The cost is an Engine a few releases behind
+# Docker's; jobs that need the newest can install it themselves (with AGENT_SUDO=true).
+readonly DOCKER_PACKAGES=(docker.io docker-buildx docker-compose-v2)
+# What CI jobs expect of a Linux machine, and what the toolbox calls: git and ssh for
+# `checkout`, tar, gzip and friends for `cache`, a compiler for native extensions.
+readonly BASE_PACKAGES=(build-essential ca-certificates curl git gnupg jq
+  openssh-client rsync unzip wget xz-utils zip)
+
+ROOT=${ROOT:-/}
+ARCH=${ARCH:-$(uname -m)}
+AGENT_VERSION=${AGENT_VERSION:-v2.4.0}
+AGENT_SHA256=${AGENT_SHA256:-}
+AGENT_ARCHIVE=${AGENT_ARCHIVE:-}
+TOOLBOX_VERSION=${TOOLBOX_VERSION:-v1.20.5}
+TOOLBOX_SHA256=${TOOLBOX_SHA256:-}
+TOOLBOX_ARCHIVE=${TOOLBOX_ARCHIVE:-}
+AGENT_SUDO=${AGENT_SUDO:-false}
+EXTRA_PACKAGES=${EXTRA_PACKAGES:-}
+SUPERVISOR_BINARY=${SUPERVISOR_BINARY:-}
+SUPERVISOR_VERSION=${SUPERVISOR_VERSION:-}
+RUST_TOOLCHAIN=${RUST_TOOLCHAIN:-1.95.0}
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# The repository, or the bundle Packer uploads (the same files).
+readonly SOURCE_DIR=${HERE%/*}
+
+readonly STEPS=(wait_for_boot remove_unattended_upgrades install_packages create_agent_user
+  install_agent install_toolbox install_supervisor install_units clean_image)
+
+log() { printf 'provision: %s\n' "$*"; }
+die() {
+  printf 'provision: error: %s\n' "$*" >&2
+  exit 1
+}
+
+# A path inside ROOT.
+at() { printf '%s%s' "${ROOT%/}" "$1"; }
+
+# For what only makes sense on the builder itself: apt, vendor installers that write
+# absolute paths, downloads of toolchains.
+image_only() { # STEP WHY
+  [[ $ROOT == / ]] || die "$1 $2, so it runs only on the image being built (ROOT=/), not in $ROOT"
+}
+
+apt_get() {
+  DEBIAN_FRONTEND=noninteractive apt-get -y -q -o DPkg::Lock::Timeout=600 \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@"
+}
+
+download() { # URL FILE
+  log "downloading $1"
+  curl -fsSL --proto '=https' --retry 5 --retry-connrefused -o "$2" "$1"
+}
+
+# Fails unless FILE's sha256 is WANT. An empty or malformed WANT fails too.
+verify_sha256() { # FILE WANT WHAT
+  local want=${2,,} got
+  [[ $want =~ ^[0-9a-f]{64}$ ]] || die "$3: the pin '$2' is not a sha256 (64 hex digits)"
+  got=$(sha256sum "$1" | cut -d' ' -f1)
+  [[ $got == "$want" ]] || die "$3: sha256 mismatch: the archive has $got, the pin is $want; refusing to install it"
+  log "$3: sha256 $got matches the pin"
+}
+
+# Users and groups as ROOT's own files say, not the host's NSS.
+field_of() { # FILE NAME FIELD
+  awk -F: -v n="$2" -v f="$3" '$1 == n { print $f; found = 1 } END { exit !found }' "$(at "$1")"
+}
+uid_of() { field_of /etc/passwd "$1" 3; }
+gid_of() { field_of /etc/group "$1" 3; }
+home_of() { field_of /etc/passwd "$1" 6; }
+in_group() { # GROUP USER
+  local members
+  members=$(field_of /etc/group "$1" 4) && [[ ,$members, == *,"$2",* ]]
+}
+
+wait_for_boot() {
+  image_only wait_for_boot "waits for the builder's cloud-init"
+  if command -v cloud-init >/dev/null; then
+    cloud-init status --wait >/dev/null || log "cloud-init reported errors on the builder (see /var/log/cloud-init.log); going on"
+  fi
+}
+
+# unattended-upgrades upgrades packages and restarts their services (docker among
+# them) in the middle of a job. With it gone, apt-daily.timer would still run
+# `apt-get update` at random times and hold the apt lock that a job's
+# `sudo apt-get install` waits on: the timers are masked too. Security updates come
+# from rebuilding the image (install_packages upgrades everything).
+remove_unattended_upgrades() {
+  image_only remove_unattended_upgrades "removes packages"
+  systemctl mask --now apt-daily.timer apt-daily-upgrade.timer apt-daily.service apt-daily-upgrade.service
+  apt_get purge unattended-upgrades
+}
+
+install_packages() {
+  image_only install_packages "installs packages"
+  local extra
+  read -r -a extra <<<"$EXTRA_PACKAGES"
+  apt_get update
+  apt_get dist-upgrade
+  apt_get install "${BASE_PACKAGES[@]}" "${DOCKER_PACKAGES[@]}" "${extra[@]}"
+  apt_get autoremove --purge
+  systemctl enable docker.service
+}
+
+create_agent_user() {
+  # docker.io creates the group; in a bare root there is none yet.
+  field_of /etc/group docker 3 >/dev/null || groupadd --root "$ROOT" --system docker
+  if ! uid_of "$AGENT_USER" >/dev/null; then
+    useradd --root "$ROOT" --create-home --user-group --shell /bin/bash --groups docker "$AGENT_USER"
+    log "created user $AGENT_USER"
+  elif ! in_group docker "$AGENT_USER"; then
+    usermod --root "$ROOT" --append --groups docker "$AGENT_USER"
+  fi
+
+  # Jobs run as this user: sudo for it is sudo for every job, so it is off by default.
+  case $AGENT_SUDO in
+  true)
+    local tmp=$SCRATCH/sudoers
+    printf '# agent-fleet: AGENT_SUDO=true\n%s ALL=(ALL) NOPASSWD: ALL\n' "$AGENT_USER" >"$tmp"
+    # A broken sudoers file would lock everybody out of sudo, Packer included.
+    if command -v visudo >/dev/null; then
+      visudo -cqf "$tmp" || die "visudo rejects the sudoers line for $AGENT_USER"
+    fi
+    install -D -m 0440 -o 0 -g 0 "$tmp" "$(at "$SUDOERS")"
+    log "passwordless sudo for $AGENT_USER: on"
+    ;;
+  false)
+    rm -f "$(at "$SUDOERS")"
+    log "passwordless sudo for $AGENT_USER: off"
+    ;;
+  *) die "AGENT_SUDO must be true or false, not '$AGENT_SUDO'" ;;
+  esac
+}
+
+# Root-owned, so that a job (running as the agent user) cannot replace the binary that
+# the next agent start would run.
+install_agent() {
+  local name=agent_Linux_${ARCH}.tar.gz archive=$AGENT_ARCHIVE
+  # Check that there is a pin before spending a download on it.
+  [[ -n $AGENT_SHA256 ]] || die "$name: AGENT_SHA256 is not set; pin the release's sha256 (its agent_checksums.txt lists it)"
+  if [[ -z $archive ]]; then
+    archive=$SCRATCH/$name
+    download "https://github.com/semaphoreci/agent/releases/download/$AGENT_VERSION/$name" "$archive"
+  fi
+  verify_sha256 "$archive" "$AGENT_SHA256" "$name"
+
+  # Unpack beside the old copy, then swap: a failure leaves the old one whole.
+  local new
+  new=$(at "$AGENT_DIR").new
+  rm -rf "$new"
+  mkdir -p "$new"
+  tar -xzf "$archive" -C "$new" --no-same-owner --no-same-permissions
+  [[ -f $new/agent ]] || die "$name has no agent binary at its top level"
+  chown -R 0:0 "$new"
+  chmod -R u+rwX,go+rX,go-w "$new"
+  chmod 0755 "$new/agent"
+  rm -rf "$(at "$AGENT_DIR")"
+  mv "$new" "$(at "$AGENT_DIR")"
+  log "agent $AGENT_VERSION ($ARCH) in $AGENT_DIR"
+}
+
+# The toolbox lives in the agent user's ~/.toolbox; its own installer links the CLIs
+# into /usr/local/bin and jobs load it from ~/.bash_profile (as Semaphore's agent
+# installer does). The agent's `when` CLI needs Erlang and is left out without it.
+install_toolbox() {
+  image_only install_toolbox "runs the toolbox's installer, which links into /usr/local/bin"
+  local home stamp want name archive=$TOOLBOX_ARCHIVE tmp=$SCRATCH/toolbox
+  home=$(home_of "$AGENT_USER") || die "no user $AGENT_USER: run create_agent_user first"
+  stamp=$home/.toolbox/.agent-fleet
+  want="$TOOLBOX_VERSION $ARCH ${TOOLBOX_SHA256:-unpinned}"
+  if [[ -f $stamp && $(<"$stamp") == "$want" ]]; then
+    log "toolbox $TOOLBOX_VERSION already installed"
+    return
+  fi
+  name=self-hosted-linux.tar
+  [[ $ARCH == arm64 ]] && name=self-hosted-linux-arm.tar
+  mkdir -p "$tmp"
+  if [[ -z $archive ]]; then
+    archive=$tmp/$name
+    download "https://github.com/semaphoreci/toolbox/releases/download/$TOOLBOX_VERSION/$name" "$archive"
+  fi
+  if [[ -n $TOOLBOX_SHA256 ]]; then
+    verify_sha256 "$archive" "$TOOLBOX_SHA256" "$name"
+  else
+    log "warning: $name is not pinned (TOOLBOX_SHA256 unset); installing it unchecked"
+  fi
+  tar -xf "$archive" -C "$tmp"
+  [[ -f $tmp/toolbox/install-toolbox ]] || die "$name has no toolbox/install-toolbox"
+  rm -rf "$home/.toolbox"
+  mv "$tmp/toolbox" "$home/.toolbox"
+  install -d -m 0700 -o "$AGENT_USER" -g "$AGENT_USER" "$home/.ssh"
+  # As root, with the agent user's HOME: the installer then links without sudo. Its
+  # output goes to a file, so that nothing it leaves running holds Packer's SSH session.
+  HOME=$home bash "$home/.toolbox/install-toolbox" >"$tmp/install.log" 2>&1 </dev/null ||
+    { cat "$tmp/install.log"; die "the toolbox installer failed"; }
+  cat "$tmp/install.log"
+  grep -qxF 'source ~/.toolbox/toolbox' "$home/.bash_profile" 2>/dev/null ||
+    echo 'source ~/.toolbox/toolbox' >>"$home/.bash_profile"
+  echo "$want" >"$stamp"
+  chown -R "$AGENT_USER:$AGENT_USER" "$home/.toolbox" "$home/.ssh" "$home/.bash_profile"
+  log "toolbox $TOOLBOX_VERSION ($ARCH) in $home/.toolbox"
+}
+
+# Cargo.toml's rust-version is the declared minimum, and the lockfile's AWS SDK crates
+# need a newer compiler than that; RUST_TOOLCHAIN is the one the repository is built
+# and tested with. rustup, cargo and the build live in the scratch directory, removed
+# when the script ends: the image carries no toolchain.
+build_supervisor() {
+  [[ -f $SOURCE_DIR/Cargo.lock ]] || die "no SUPERVISOR_BINARY and no source to build at $SOURCE_DIR"
+  local build=$SCRATCH/build
+  mkdir -p "$build"
+  download https://sh.rustup.rs "$build/rustup-init.sh"
+  RUSTUP_HOME=$build/rustup CARGO_HOME=$build/cargo \
+    sh "$build/rustup-init.sh" -y --no-modify-path --profile minimal --default-toolchain "$RUST_TOOLCHAIN"
+  log "building agent-supervisor with Rust $RUST_TOOLCHAIN (several minutes)"
+  RUSTUP_HOME=$build/rustup CARGO_HOME=$build/cargo CARGO_TARGET_DIR=$build/target \
+    "$build/cargo/bin/cargo" "+$RUST_TOOLCHAIN" build --release --locked -p agent-supervisor \
+    --manifest-path "$SOURCE_DIR/Cargo.toml"
+  SUPERVISOR_BINARY=$build/target/release/agent-supervisor
+}
+
+install_supervisor() {
+  if [[ -z $SUPERVISOR_BINARY ]]; then
+    image_only install_supervisor "without SUPERVISOR_BINARY downloads a toolchain and builds"
+    build_supervisor
+  fi
+  [[ -f $SUPERVISOR_BINARY ]] || die "SUPERVISOR_BINARY $SUPERVISOR_BINARY does not exist"
+  local bin version
+  bin=$(at "$SUPERVISOR_BIN")
+  install -D -m 0755 -o 0 -g 0 "$SUPERVISOR_BINARY" "$bin"
+  # Running it proves it is for this machine's architecture, and says what it is.
+  version=$("$bin" --version) || die "$SUPERVISOR_BIN does not run here (built for another arch?)"
+  if [[ -n $SUPERVISOR_VERSION && $version != "agent-supervisor $SUPERVISOR_VERSION" ]]; then
+    die "$SUPERVISOR_BIN says '$version', but this image is agent-fleet $SUPERVISOR_VERSION"
+  fi
+  log "$version in $SUPERVISOR_BIN"
+}
+
+install_units() {
+  local gid
+  gid=$(gid_of "$AGENT_USER") || die "no user $AGENT_USER: run create_agent_user first"
+  install -D -m 0644 -o 0 -g 0 "$HERE/systemd/$UNIT" "$(at "$UNIT_DIR/$UNIT")"
+  systemctl --root="$ROOT" --quiet enable "$UNIT"
+  # The supervisor writes config.yaml, shutdown-hook.sh and hook.sock here as root;
+  # the agent user must get through to them, nobody else needs to.
+  install -d -m 0750 -o 0 -g "$gid" "$(at "$WORK_DIR")"
+  log "$UNIT installed and enabled; work dir $WORK_DIR"
+}
+
+# Instances must not look like the builder or like each other. What is not here is
+# handled at each instance's first boot already: systemd makes a new machine-id when
+# /etc/machine-id is empty, and cloud-init (per instance id) regenerates the SSH host
+# keys, sets the hostname and installs the instance's key pair. So there is no
+# first-boot unit of our own.
+clean_image() {
+  local f
+  f=$(at /etc/machine-id)
+  if [[ -s $f ]]; then : >"$f"; fi
+  # Ubuntu links dbus's copy to /etc/machine-id; a regular file would keep the old id.
+  f=$(at /var/lib/dbus/machine-id)
+  if [[ -f $f && ! -L $f ]]; then rm -f "$f"; fi
+  # The builder's login key (Packer's temporary key pair).
+  rm -f "$(at /root/.ssh/authorized_keys)" "$(at /home)"/*/.ssh/authorized_keys
+  rm -f "$(at /var/cache/apt/archives)"/*.deb
+  # The builder's cloud-init state and logs: instances start a first boot of their own.
+  if [[ $ROOT == / ]] && command -v cloud-init >/dev/null; then
+    cloud-init clean --logs
+  fi
+  log "image cleaned"
+}
+
+main() {
+  (($#)) || die "usage: provision.sh all | STEP... (steps: ${STEPS[*]})"
+  if [[ $* == all ]]; then set -- "${STEPS[@]}"; fi
+  local step
+  for step; do
+    [[ " ${STEPS[*]} " == *" $step "* ]] || die "unknown step '$step' (steps: ${STEPS[*]})"
+  done
+  ((EUID == 0)) || die "run as root (files are installed root-owned)"
+  [[ -d $ROOT ]] || die "ROOT $ROOT is not a directory"
+  if [[ $ROOT == / && ${AGENT_FLEET_IMAGE_BUILD:-} != yes ]]; then
+    die "this would provision this machine (ROOT=/): set AGENT_FLEET_IMAGE_BUILD=yes on an image builder, or ROOT to a directory"
+  fi
+  case $ARCH in
+  x86_64 | arm64) ;;
+  aarch64) ARCH=arm64 ;;
+  *) die "ARCH must be x86_64 or arm64, not '$ARCH'" ;;
+  esac
+  # Downloads, archives being unpacked, the supervisor's build: gone when this ends.
+  SCRATCH=$(mktemp -d)
+  trap 'rm -rf "$SCRATCH"' EXIT
+  for step; do
+    log "== $step"
+    "$step"
+  done
+}
+
+main "$@"
