@@ -3,19 +3,23 @@
 //! any agent starts, and named with its fix.
 
 use crate::agent::config_file::{write_private, AgentConfig};
-use crate::agent::{Launch, RunAs, RunningAgent, ShutdownReason};
+use crate::agent::{progress_changed, Launch, Progress, RunAs, RunningAgent, ShutdownReason};
 use crate::aws::autoscaling::SdkAutoScaling;
-use crate::aws::imds::{instance_info, SdkImds};
+use crate::aws::cloudwatch::QueryCloudWatch;
+use crate::aws::imds::{instance_info, launch_time, SdkImds};
 use crate::aws::ssm::{Parameter, ParameterStore, SdkParameterStore, SsmError};
 use crate::config::{Role, Settings, StackIdentity};
 use crate::leader::LeaderWork;
+use crate::leadership::Leadership;
 use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
-use crate::{hook, Shutdown};
+use crate::notify::Notifier;
+use crate::{boot, hook, Shutdown};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// Knobs of the daemon itself (the AMI's systemd unit sets them), as opposed to the
 /// runtime config the stack writes to SSM.
@@ -211,32 +215,68 @@ async fn poweroff(cmd: &[String]) {
     }
 }
 
-/// The daemon. Returns when drained (Ok), aborted, or on a fatal error.
+/// Longest a step of the main loop that talks to AWS may take before the systemd watchdog
+/// is left to fire (see [`Notifier::during`]): the SDK's 30 s operation timeout times the
+/// retries, with room to spare.
+const AWS_STEP_BOUND: Duration = Duration::from_secs(600);
+/// Longest stopping the election and scaler and releasing the lease may take.
+const LEADER_STOP_BOUND: Duration = Duration::from_secs(120);
+
+/// The daemon's root span. Its fields are recorded once known and carried by every record
+/// of the daemon and of the tasks it starts — the agent's forwarded lines included — so
+/// journald stores them as `INSTANCE_ID`, `STACK` and `ROLE` (see [`crate::telemetry`]).
+fn root_span() -> tracing::Span {
+    tracing::info_span!(
+        "supervisor",
+        instance_id = tracing::field::Empty,
+        stack = tracing::field::Empty,
+        role = tracing::field::Empty
+    )
+}
+
+/// The daemon. Returns when drained (Ok), aborted, or on a fatal error. `notify` talks
+/// to systemd (a no-op outside it); `start` is the process start, taken in `main`.
 pub async fn run(
     opts: RunOptions,
     shutdown: Shutdown,
-    started: Instant,
+    notify: Notifier,
+    start: boot::Start,
 ) -> Result<(), DaemonError> {
+    let span = root_span();
+    run_in(opts, shutdown, notify, start, span.clone())
+        .instrument(span)
+        .await
+}
+
+async fn run_in(
+    opts: RunOptions,
+    shutdown: Shutdown,
+    mut notify: Notifier,
+    start: boot::Start,
+    span: tracing::Span,
+) -> Result<(), DaemonError> {
+    notify.status("starting: reading instance metadata, runtime config and token");
     let Prepared {
         instance_id,
         identity,
         mut settings,
         sdk,
     } = prepare(&opts).await?;
-    let config_read = started.elapsed();
+    let config_read = Instant::now();
+    span.record("instance_id", instance_id.as_str());
+    span.record("stack", identity.stack_name.as_str());
     let ssm = SdkParameterStore::new(&sdk);
     let asg = SdkAutoScaling::new(&sdk);
     let mut token = read_token(&ssm, &settings, opts.aws_retry_backoff).await?;
-    let token_read = started.elapsed();
+    let token_read = Instant::now();
     let role = opts.role.or(identity.role).unwrap_or_default();
+    span.record("role", role.as_str());
 
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let settings_tx = Arc::new(settings_tx);
-    let _reload = AbortOnDrop(tokio::spawn(reload_config(
-        ssm.clone(),
-        settings_tx.clone(),
-        opts.aws_retry_backoff,
-    )));
+    let _reload = AbortOnDrop(tokio::spawn(
+        reload_config(ssm.clone(), settings_tx.clone(), opts.aws_retry_backoff).in_current_span(),
+    ));
     let mut leader = LeaderWork::start(
         &sdk,
         &identity.stack_name,
@@ -251,17 +291,36 @@ pub async fn run(
             tracing::warn!("scaler-only role, but dynamic scaling is off in the runtime config: this instance has nothing to do");
         }
         tracing::info!(
-            instance_id = %instance_id,
-            stack = %identity.stack_name,
             group = %settings.agent_group,
             "scaler-only role: no agent; standing for leader"
         );
-        tokio::select! {
-            _ = shutdown.drain.cancelled() => {}
-            _ = shutdown.abort.cancelled() => {}
+        let mut shown = scaler_status(leader.as_ref().map(|l| l.leadership.borrow().clone()));
+        notify.ready(&shown);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.drain.cancelled() => break,
+                _ = shutdown.abort.cancelled() => break,
+                l = leadership_changed(&mut leader) => {
+                    // Every renew moves the lease's deadline; say only what changed.
+                    let status = scaler_status(Some(l));
+                    if status != shown {
+                        notify.status(&status);
+                        shown = status;
+                    }
+                }
+                _ = notify.watchdog_due() => notify.ping(),
+            }
         }
+        notify.stopping("stopping: handing leadership on");
         if let Some(l) = leader.take() {
-            l.stop_and_release().await;
+            notify
+                .during(
+                    "handing leadership on",
+                    LEADER_STOP_BOUND,
+                    l.stop_and_release(),
+                )
+                .await;
         }
         return Ok(());
     }
@@ -289,22 +348,34 @@ pub async fn run(
     let (listener, _server) = hook::HookServer::bind(&socket, owner)
         .map_err(|e| DaemonError::Input(format!("cannot listen on {}: {e}", socket.display())))?;
     let (reason_tx, mut reasons) = mpsc::unbounded_channel();
-    let hook_task = tokio::spawn(hook::serve(listener, reason_tx));
+    let hook_task = tokio::spawn(hook::serve(listener, reason_tx).in_current_span());
     let _hook_guard = AbortOnDrop(hook_task);
 
     tracing::info!(
-        instance_id = %instance_id,
-        stack = %identity.stack_name,
         group = %settings.agent_group,
         endpoint = %settings.endpoint,
         "supervisor ready"
     );
 
+    // Boot timing: once per instance (the marker survives a restart of the supervisor).
+    let marker = opts.work_dir.join(boot::MARKER);
+    let mut boot = BootReport::new(!marker.exists(), start, config_read, token_read);
+
     let mut backoff = Backoff::new(opts.restart_backoff, opts.restart_backoff_cap);
     let mut runs = 0u64;
+    let mut lead_term = leader
+        .as_ref()
+        .and_then(|l| leading_term(&l.leadership.borrow()));
     loop {
         if runs > 0 {
-            refresh(&ssm, &opts, &settings_tx, &mut token).await;
+            boot.give_up();
+            notify
+                .during(
+                    "re-reading config and token",
+                    AWS_STEP_BOUND,
+                    refresh(&ssm, &opts, &settings_tx, &mut token),
+                )
+                .await;
             settings = settings_rx.borrow().clone();
         }
         runs += 1;
@@ -337,6 +408,7 @@ pub async fn run(
             run_as: run_as.clone(),
             env: agent_env(&opts, run_as.as_ref()),
             agent_name: agent_name.clone(),
+            instance_id: instance_id.clone(),
             secret: token.clone(),
         };
         let mut agent = RunningAgent::spawn(&launch).map_err(|e| {
@@ -345,34 +417,73 @@ pub async fn run(
                 opts.agent_binary.display()
             ))
         })?;
+        let mut agent_status = format!("agent running (agent name {agent_name}), registering");
         if runs == 1 {
+            boot.spawned(Instant::now());
             tracing::info!(
-                agent = %agent_name,
+                agent_name = %agent_name,
                 pid = agent.pid,
-                config_read_ms = config_read.as_millis() as u64,
-                token_read_ms = token_read.as_millis() as u64,
-                spawned_ms = started.elapsed().as_millis() as u64,
+                config_read_ms = config_read.saturating_duration_since(start.at).as_millis() as u64,
+                token_read_ms = token_read.saturating_duration_since(start.at).as_millis() as u64,
+                spawned_ms = start.at.elapsed().as_millis() as u64,
                 "agent started"
             );
+            notify.ready(&with_lead(&agent_status, lead_term));
         } else {
-            tracing::info!(agent = %agent_name, pid = agent.pid, run = runs, "agent started");
+            tracing::info!(agent_name = %agent_name, pid = agent.pid, run = runs, "agent started");
+            notify.status(&with_lead(&agent_status, lead_term));
         }
 
-        let exit = tokio::select! {
-            biased;
-            _ = shutdown.drain.cancelled() => {
-                if let Some(l) = leader.take() {
-                    l.stop_and_release().await;
+        let mut progress = agent.progress_watch();
+        let exit = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.drain.cancelled() => {
+                    let grace = settings.interruption_grace + opts.drain_margin;
+                    notify.stopping(&format!(
+                        "draining: the agent {agent_name} has up to {} s to stop",
+                        grace.as_secs()
+                    ));
+                    if let Some(l) = leader.take() {
+                        notify
+                            .during("handing leadership on", LEADER_STOP_BOUND, l.stop_and_release())
+                            .await;
+                    }
+                    let drained = drain(&mut agent, &agent_name, grace, &shutdown, &mut reasons);
+                    return notify
+                        .during("the drain", grace + Duration::from_secs(30), drained)
+                        .await;
                 }
-                return drain(&mut agent, &settings, &opts, &shutdown, &mut reasons).await;
+                s = agent.exited() => {
+                    let s = s.map_err(|e| DaemonError::Runtime(format!("waiting for the agent: {e}")))?;
+                    break agent.finish(s).await;
+                }
+                p = progress_changed(&mut progress) => {
+                    if runs == 1 {
+                        boot.progress(&p, &marker, &identity.stack_name, &sdk).await;
+                    }
+                    agent_status = match &p.last_job {
+                        Some(job) => format!("agent running (agent name {agent_name}), job {job}"),
+                        None => format!("agent running (agent name {agent_name}), waiting for jobs"),
+                    };
+                    notify.status(&with_lead(&agent_status, lead_term));
+                }
+                l = leadership_changed(&mut leader) => {
+                    let term = leading_term(&l);
+                    if term != lead_term {
+                        lead_term = term;
+                        notify.status(&with_lead(&agent_status, lead_term));
+                    }
+                }
+                _ = notify.watchdog_due() => notify.ping(),
             }
-            r = agent.wait() => r.map_err(|e| DaemonError::Runtime(format!("waiting for the agent: {e}")))?,
         };
         drop(agent);
         let mut reason = None;
         while let Ok(r) = reasons.try_recv() {
             reason = Some(r);
         }
+        let exit_reason = reason.map(ShutdownReason::as_str).unwrap_or("none");
         let action = decide(
             &exit,
             reason,
@@ -381,8 +492,8 @@ pub async fn run(
             &settings.token_parameter,
         );
         tracing::info!(
-            agent = %agent_name,
-            reason = reason.map(ShutdownReason::as_str).unwrap_or("none"),
+            agent_name = %agent_name,
+            exit_reason,
             status = %describe_status(&exit.status),
             registered = exit.registered,
             "agent exited"
@@ -402,30 +513,66 @@ pub async fn run(
                         "{why}"
                     );
                 }
-                tokio::select! {
-                    biased;
-                    _ = shutdown.drain.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(after) => {}
+                notify.status(&with_lead(
+                    &format!(
+                        "agent exited ({exit_reason}, {}); restarting it in {} s",
+                        describe_status(&exit.status),
+                        after.as_secs()
+                    ),
+                    lead_term,
+                ));
+                if wait_fed(&mut notify, &shutdown, after).await {
+                    notify.stopping("stopping: no agent running");
+                    return Ok(());
                 }
             }
             Action::Terminate { decrement, why } => {
-                tracing::info!(instance_id = %instance_id, decrement, why, "terminating this instance");
+                tracing::info!(
+                    agent_name = %agent_name,
+                    exit_reason,
+                    decrement,
+                    why,
+                    "terminating this instance"
+                );
+                notify.status(&format!(
+                    "terminating instance ({why}, agent exit reason {exit_reason})"
+                ));
                 let outcome = tokio::select! {
                     biased;
-                    _ = shutdown.drain.cancelled() => return Ok(()),
-                    t = terminate_self(&asg, &instance_id, decrement, opts.aws_retry_backoff, || poweroff(&opts.poweroff_command)) => t,
+                    _ = shutdown.drain.cancelled() => {
+                        notify.stopping("stopping: the instance was being terminated");
+                        return Ok(());
+                    }
+                    t = notify.during(
+                        "terminating the instance",
+                        AWS_STEP_BOUND,
+                        terminate_self(&asg, &instance_id, decrement, opts.aws_retry_backoff, || poweroff(&opts.poweroff_command)),
+                    ) => t,
                 };
                 match outcome {
                     Termination::AtMinSize => {
                         tracing::info!(group = %settings.agent_group, "group at its min size: restarting the agent in place (no churn)");
+                        notify.status(&with_lead(
+                            "group at its min size: restarting the agent in place",
+                            lead_term,
+                        ));
                         continue;
                     }
                     Termination::Requested | Termination::PoweredOff => {
                         // The instance is going: hand leadership on now, not at SIGTERM.
                         if let Some(l) = leader.take() {
-                            l.stop_and_release().await;
+                            notify
+                                .during(
+                                    "handing leadership on",
+                                    LEADER_STOP_BOUND,
+                                    l.stop_and_release(),
+                                )
+                                .await;
                         }
-                        return wait_for_end(&opts, &shutdown).await;
+                        notify.status(&format!(
+                            "terminating instance ({why}): waiting for Auto Scaling to stop it"
+                        ));
+                        return wait_for_end(&opts, &shutdown, &mut notify).await;
                     }
                 }
             }
@@ -433,32 +580,215 @@ pub async fn run(
     }
 }
 
+/// What `systemctl status` says of a scaler-only instance.
+fn scaler_status(leadership: Option<Leadership>) -> String {
+    match leadership {
+        None => "scaler-only role: dynamic scaling is off, nothing to do".into(),
+        Some(Leadership::Leader { term, .. }) => {
+            format!("scaler-only role: fleet leader, term {term}")
+        }
+        Some(Leadership::Follower {
+            term: Some(term),
+            leader,
+        }) => format!(
+            "scaler-only role: standing for leader (term {term} held by {})",
+            leader.as_deref().unwrap_or("unknown")
+        ),
+        Some(Leadership::Follower { term: None, .. }) => {
+            "scaler-only role: standing for leader".into()
+        }
+    }
+}
+
+fn leading_term(l: &Leadership) -> Option<u64> {
+    match l {
+        Leadership::Leader { term, .. } => Some(*term),
+        Leadership::Follower { .. } => None,
+    }
+}
+
+fn with_lead(status: &str, lead_term: Option<u64>) -> String {
+    match lead_term {
+        Some(term) => format!("{status}; fleet leader, term {term}"),
+        None => status.to_string(),
+    }
+}
+
+/// Resolves with the new leadership when it changes; never without leader work.
+async fn leadership_changed(leader: &mut Option<LeaderWork>) -> Leadership {
+    let Some(l) = leader.as_mut() else {
+        return std::future::pending().await;
+    };
+    if l.leadership.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    l.leadership.borrow_and_update().clone()
+}
+
+/// Sleeps `how_long`, feeding the watchdog. True if a stop signal came first.
+async fn wait_fed(notify: &mut Notifier, shutdown: &Shutdown, how_long: Duration) -> bool {
+    let until = tokio::time::Instant::now() + how_long;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.drain.cancelled() => return true,
+            _ = tokio::time::sleep_until(until) => return false,
+            _ = notify.watchdog_due() => notify.ping(),
+        }
+    }
+}
+
+/// The boot timing of this instance's first agent run (see [`crate::boot`]).
+struct BootReport {
+    /// `None` once reported, given up, or reported by an earlier supervisor.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    start: boot::Start,
+    config_read: Instant,
+    token_read: Instant,
+    timeline: Option<boot::Timeline>,
+    /// The launch time from IMDS, fetched in the background.
+    launch: Option<AbortOnDrop<Option<SystemTime>>>,
+}
+
+impl BootReport {
+    fn new(wanted: bool, start: boot::Start, config_read: Instant, token_read: Instant) -> Self {
+        if !wanted {
+            tracing::debug!("boot timing already reported on this instance");
+        }
+        let pending = wanted.then(|| Pending {
+            start,
+            config_read,
+            token_read,
+            timeline: None,
+            // One attempt, quietly: IMDS answered a moment ago, and this is only for a metric.
+            launch: Some(AbortOnDrop(tokio::spawn(
+                async {
+                    match launch_time(&SdkImds::new(), 1, Duration::from_millis(200)).await {
+                        Ok(t) => Some(t),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "launch time unknown: the boot timing leaves out the phases from the launch");
+                            None
+                        }
+                    }
+                }
+                .in_current_span(),
+            ))),
+        });
+        Self { pending }
+    }
+
+    fn spawned(&mut self, at: Instant) {
+        if let Some(p) = self.pending.as_mut() {
+            p.timeline = Some(boot::Timeline {
+                launched: None,
+                start: p.start,
+                config_read: p.config_read,
+                token_read: p.token_read,
+                spawned: at,
+                registered: None,
+                first_job: None,
+            });
+        }
+    }
+
+    /// Only the first agent run counts.
+    fn give_up(&mut self) {
+        self.pending = None;
+    }
+
+    /// Logs and publishes what the agent's progress completes. Never waits on the network.
+    async fn progress(
+        &mut self,
+        progress: &Progress,
+        marker: &std::path::Path,
+        stack: &str,
+        sdk: &aws_config::SdkConfig,
+    ) {
+        let Some(p) = self.pending.as_mut() else {
+            return;
+        };
+        let Some(t) = p.timeline.as_mut() else {
+            return;
+        };
+        let mut stages = vec![];
+        if t.registered.is_none() {
+            if let Some(at) = progress.registered_at {
+                t.registered = Some(at);
+                stages.push(boot::Stage::Registered);
+            }
+        }
+        if t.registered.is_some() && t.first_job.is_none() {
+            if let Some(at) = progress.first_job_at {
+                t.first_job = Some(at);
+                stages.push(boot::Stage::FirstJob);
+            }
+        }
+        if stages.is_empty() {
+            return;
+        }
+        if t.launched.is_none() {
+            // Long done by now (one local IMDS call); if not, do without it.
+            if let Some(mut task) = p.launch.take().filter(|task| task.0.is_finished()) {
+                t.launched = (&mut task.0).await.ok().flatten();
+            }
+        }
+        let mut data = vec![];
+        for stage in stages {
+            t.log(stage);
+            data.extend(t.data(stage, stack));
+        }
+        if let Err(e) = std::fs::write(marker, t.summary()) {
+            tracing::warn!(path = %marker.display(), error = %e, "cannot write the boot timing marker");
+        }
+        let finished = t.first_job.is_some();
+        let sdk = sdk.clone();
+        tokio::spawn(
+            async move {
+                match QueryCloudWatch::new(&sdk) {
+                    Ok(cw) => boot::publish(&cw, data).await,
+                    Err(e) => tracing::warn!(error = %e, "could not publish the boot timing to CloudWatch"),
+                }
+            }
+            .in_current_span(),
+        );
+        if finished {
+            self.pending = None;
+        }
+    }
+}
+
 /// Keeps the instance's last moments quiet: Auto Scaling stops us (SIGTERM) when it
 /// terminates the instance. If it has not after `terminate_timeout`, power off.
-async fn wait_for_end(opts: &RunOptions, shutdown: &Shutdown) -> Result<(), DaemonError> {
-    tokio::select! {
-        biased;
-        _ = shutdown.drain.cancelled() => return Ok(()),
-        _ = tokio::time::sleep(opts.terminate_timeout) => {}
+async fn wait_for_end(
+    opts: &RunOptions,
+    shutdown: &Shutdown,
+    notify: &mut Notifier,
+) -> Result<(), DaemonError> {
+    if !wait_fed(notify, shutdown, opts.terminate_timeout).await {
+        tracing::error!(
+            timeout_secs = opts.terminate_timeout.as_secs(),
+            "instance still running long after its termination was requested"
+        );
+        notify.status("termination requested long ago: powering off");
+        poweroff(&opts.poweroff_command).await;
+        while !wait_fed(notify, shutdown, Duration::from_secs(3600)).await {}
     }
-    tracing::error!(
-        timeout_secs = opts.terminate_timeout.as_secs(),
-        "instance still running long after its termination was requested"
-    );
-    poweroff(&opts.poweroff_command).await;
-    shutdown.drain.cancelled().await;
+    notify.stopping("stopping: the instance is being terminated");
     Ok(())
 }
 
 async fn drain(
     agent: &mut RunningAgent,
-    settings: &Settings,
-    opts: &RunOptions,
+    agent_name: &str,
+    grace: Duration,
     shutdown: &Shutdown,
     reasons: &mut mpsc::UnboundedReceiver<ShutdownReason>,
 ) -> Result<(), DaemonError> {
-    let grace = settings.interruption_grace + opts.drain_margin;
     tracing::info!(
+        agent_name,
         grace_secs = grace.as_secs(),
         registered = agent.is_registered(),
         "draining: asking the agent to stop (a second signal aborts)"
@@ -481,7 +811,8 @@ async fn drain(
         reason = Some(r);
     }
     tracing::info!(
-        reason = reason.map(ShutdownReason::as_str).unwrap_or("none"),
+        agent_name,
+        exit_reason = reason.map(ShutdownReason::as_str).unwrap_or("none"),
         status = %describe_status(&exit.status),
         "drained"
     );
@@ -556,9 +887,9 @@ async fn reload_config<P: ParameterStore>(
 /// How often the runtime config is re-read.
 pub const RELOAD_EVERY: Duration = Duration::from_secs(60);
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }

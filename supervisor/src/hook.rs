@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 pub const REASON_ENV: &str = "SEMAPHORE_AGENT_SHUTDOWN_REASON";
 
@@ -99,17 +100,20 @@ pub async fn serve(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSender
             continue;
         };
         let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 64];
-            let read = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
-            if let Ok(Ok(n)) = read {
-                let text = String::from_utf8_lossy(&buf[..n]);
-                let reason = ShutdownReason::parse(text.lines().next().unwrap_or_default());
-                tracing::info!(reason = %reason, "agent shutdown hook ran");
-                let _ = tx.send(reason);
-                let _ = conn.write_all(b"ok\n").await;
+        tokio::spawn(
+            async move {
+                let mut buf = [0u8; 64];
+                let read = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
+                if let Ok(Ok(n)) = read {
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    let reason = ShutdownReason::parse(text.lines().next().unwrap_or_default());
+                    tracing::info!(exit_reason = %reason, "agent shutdown hook ran");
+                    let _ = tx.send(reason);
+                    let _ = conn.write_all(b"ok\n").await;
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 

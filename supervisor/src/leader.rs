@@ -13,6 +13,7 @@ use crate::scaler::{HttpDemand, Scaler, SsmTokenSource, Token};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// The running election and scaler of this process.
 pub struct LeaderWork {
@@ -53,7 +54,11 @@ impl LeaderWork {
             fleet_rx,
         )
         .with_decisions(decision_rx);
-        let election = tokio::spawn(elector.run(election_stop.clone(), lead_tx));
+        let election = tokio::spawn(
+            elector
+                .run(election_stop.clone(), lead_tx)
+                .in_current_span(),
+        );
         let demand = HttpDemand::new().map_err(|e| e.to_string())?;
         let sink = QueryCloudWatch::new(sdk).map_err(|e| e.to_string())?;
         let scaler = Scaler::new(
@@ -66,14 +71,21 @@ impl LeaderWork {
         )
         .with_token(Token::new(token.to_string()))
         .with_decisions(decision_tx);
-        let scaler = tokio::spawn(scaler.run(leadership.clone(), scaler_stop.clone()));
-        let members = tokio::spawn(feed_members(
-            aws_sdk_autoscaling::Client::new(sdk),
-            settings,
-            leadership.clone(),
-            fleet_tx,
-            scaler_stop.clone(),
-        ));
+        let scaler = tokio::spawn(
+            scaler
+                .run(leadership.clone(), scaler_stop.clone())
+                .in_current_span(),
+        );
+        let members = tokio::spawn(
+            feed_members(
+                aws_sdk_autoscaling::Client::new(sdk),
+                settings,
+                leadership.clone(),
+                fleet_tx,
+                scaler_stop.clone(),
+            )
+            .in_current_span(),
+        );
         Ok(Some(Self {
             election_stop,
             scaler_stop,

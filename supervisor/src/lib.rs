@@ -17,6 +17,10 @@
 //! Signals: the first SIGTERM/SIGINT drains (SIGTERM to the agent's group, the
 //! interruption grace plus a margin, then SIGKILL to the group); a second aborts.
 //!
+//! systemd: `Type=notify` — `READY=1` once the agent process runs (scaler-only role: once
+//! the election stands), `STOPPING=1` when a stop begins, `STATUS=` lines, and `WATCHDOG=1`
+//! every `WATCHDOG_USEC / 2` from the main loop when `WatchdogSec=` is set (see [`notify`]).
+//!
 //! ## Inputs and outputs
 //!
 //! - IMDS: instance id, region, user data (`AGENT_FLEET_STACK=…`,
@@ -25,10 +29,13 @@
 //!   registration token (SecureString).
 //! - Files, in `--work-dir` (default `/var/lib/agent-supervisor`): `config.yaml` (0600,
 //!   agent user), `shutdown-hook.sh`, `hook.sock`.
-//! - Logs: journald with structured fields, stderr when the journal is absent.
+//! - Logs: journald with structured fields, stderr when the journal is absent (see
+//!   [`telemetry`] for the field names); the boot timing also as CloudWatch metrics
+//!   (see [`boot`]).
 
 pub mod agent;
 pub mod aws;
+pub mod boot;
 pub mod check;
 pub mod config;
 pub mod daemon;
@@ -37,6 +44,7 @@ pub mod hook;
 pub mod leader;
 pub mod leadership;
 pub mod lifecycle;
+pub mod notify;
 pub mod scaler;
 pub mod telemetry;
 pub mod tls;

@@ -149,7 +149,8 @@ pub const TERMINATE_ATTEMPTS: u32 = 5;
 
 /// The termination chain: `TerminateInstanceInAutoScalingGroup` (retried with backoff
 /// on throttling/5xx) → `SetInstanceHealth Unhealthy` → `poweroff` (the launch template
-/// makes shutdown terminate the instance).
+/// makes shutdown terminate the instance). Its log lines name no instance: the daemon's
+/// root span carries `instance_id`.
 pub async fn terminate_self<A: AutoScaling, F, Fut>(
     asg: &A,
     instance_id: &str,
@@ -166,7 +167,6 @@ where
         match asg.terminate_instance(instance_id, decrement).await {
             Ok(()) => {
                 tracing::info!(
-                    instance_id,
                     decrement,
                     attempt,
                     "termination requested from Auto Scaling"
@@ -174,30 +174,27 @@ where
                 return Termination::Requested;
             }
             Err(AsgError::Validation { detail, .. }) if decrement => {
-                tracing::info!(instance_id, detail = %detail, "Auto Scaling refused to shrink the group (at its min size); keeping this instance");
+                tracing::info!(detail = %detail, "Auto Scaling refused to shrink the group (at its min size); keeping this instance");
                 return Termination::AtMinSize;
             }
             Err(e) if e.is_transient() && attempt < TERMINATE_ATTEMPTS => {
-                tracing::warn!(instance_id, attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "terminate call failed; retrying");
+                tracing::warn!(attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "terminate call failed; retrying");
                 tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
                 delay = (delay * 2).min(Duration::from_secs(20));
             }
             Err(e) => {
-                tracing::error!(instance_id, attempt, error = %e, "terminate call failed; marking the instance unhealthy instead");
+                tracing::error!(attempt, error = %e, "terminate call failed; marking the instance unhealthy instead");
                 break;
             }
         }
     }
     match asg.set_unhealthy(instance_id).await {
         Ok(()) => {
-            tracing::warn!(
-                instance_id,
-                "instance marked Unhealthy; Auto Scaling will replace it"
-            );
+            tracing::warn!("instance marked Unhealthy; Auto Scaling will replace it");
             Termination::Requested
         }
         Err(e) => {
-            tracing::error!(instance_id, error = %e, "SetInstanceHealth failed too; powering off (shutdown behaviour is terminate)");
+            tracing::error!(error = %e, "SetInstanceHealth failed too; powering off (shutdown behaviour is terminate)");
             poweroff().await;
             Termination::PoweredOff
         }

@@ -1,10 +1,11 @@
 //! `agent-supervisor` — see the crate documentation of `agent_supervisor`.
 
 use agent_supervisor::daemon::{self, RunOptions};
-use agent_supervisor::{check, hook, telemetry, Shutdown};
+use agent_supervisor::notify::Notifier;
+use agent_supervisor::{boot, check, hook, telemetry, Shutdown};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -138,13 +139,16 @@ impl RunArgs {
 }
 
 fn main() {
-    let started = Instant::now();
+    let started = boot::Start::now();
     let cli = Cli::parse();
     agent_supervisor::tls::install_crypto_provider();
     let code = match cli.command {
         // The hook must return at once and never touch the runtime or the journal.
         Command::Hook { socket } => hook::client(&socket),
         Command::Run(args) => {
+            // Still single-threaded: the one safe moment to take systemd's variables
+            // out of the environment (see `notify`).
+            let notifier = Notifier::from_env();
             telemetry::init(false);
             runtime(|| async move {
                 let shutdown = match Shutdown::from_signals() {
@@ -154,7 +158,7 @@ fn main() {
                         return 1;
                     }
                 };
-                match daemon::run(args.options(), shutdown, started).await {
+                match daemon::run(args.options(), shutdown, notifier, started).await {
                     Ok(()) => 0,
                     Err(e) => {
                         tracing::error!(exit_code = e.exit_code(), "{e}");

@@ -2,6 +2,25 @@
 //! else human-readable lines on stderr. The agent's own output lines (target
 //! [`AGENT_TARGET`]) go to the journal under their own identifier, `semaphore-agent`,
 //! so `journalctl -t semaphore-agent -f` follows the agent alone.
+//!
+//! ## Journal fields
+//!
+//! tracing-journald 0.3 writes a span's fields under their own names (no span-name
+//! prefix; with our `with_field_prefix(None)`, no `F_` prefix either), uppercased, on
+//! every record inside the span, plus `SPAN_NAME`/`SPAN_TARGET`/`SPAN_CODE_*` per span.
+//! Event fields are uppercased the same way. So, on both identifiers:
+//!
+//! | field | on | value |
+//! |---|---|---|
+//! | `INSTANCE_ID` | every record of `run` once known (root span `supervisor`); the agent's lines (event field) | `i-…` |
+//! | `STACK`, `ROLE` | the supervisor's records once known (root span) | the stack name; `agent`/`scaler` |
+//! | `AGENT_NAME` | the agent's lines; `agent started`, `agent exited`, `terminating this instance`, `draining…`, `drained` | `<instance id>__<hex>` |
+//! | `EXIT_REASON` | `agent exited`, `terminating this instance`, `drained`, `agent shutdown hook ran` | the agent's shutdown reason (`IDLE`, `JOB_FINISHED`, `REQUESTED`, `INTERRUPTED`, `UNABLE_TO_SYNC`, `UNKNOWN`) or `none` |
+//! | `TERM`, `LEADERSHIP` | leadership changes | the term; `won`, `leading`, `stepped_down`, `following`, `stopped`, `released` |
+//! | `BOOT_STAGE`, `*_MS` | `boot timing` | `registered`/`first_job`; the phases of [`crate::boot`] |
+//!
+//! So `journalctl INSTANCE_ID=i-0abc…` selects one instance's records, and
+//! `journalctl -t semaphore-agent INSTANCE_ID=i-0abc…` its agent's lines.
 
 use tracing_subscriber::filter::{filter_fn, Targets};
 use tracing_subscriber::prelude::*;
@@ -46,6 +65,9 @@ pub fn init(force_stderr: bool) {
             let agent = agent
                 .with_field_prefix(None)
                 .with_syslog_identifier("semaphore-agent".into())
+                // No spans: two journald layers cannot both keep a span's fields (they
+                // share one extension slot), so the agent's lines carry `instance_id`
+                // and `agent_name` as event fields instead.
                 .with_filter(filter_fn(|m| m.target() == AGENT_TARGET));
             tracing_subscriber::registry()
                 .with(filter())

@@ -3,7 +3,7 @@
 use crate::fleet::{Fleet, FleetOptions, InstanceOptions};
 use crate::hub::{Hub, HubOptions};
 use crate::moto::Moto;
-use agent_supervisor::config::RuntimeConfig;
+use agent_supervisor::config::{ElectionConfig, RuntimeConfig, ScalerConfig};
 use anyhow::bail;
 use std::future::Future;
 use std::path::PathBuf;
@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 
 /// A registration token distinctive enough that finding it in any output is a leak.
 pub const TOKEN: &str = "reg-token-7c1d-SECRET-e2e";
+
+/// The e2e tests' election timings (see [`Bed::fast_runtime_config`]).
+pub const FAST_LEASE_MS: u64 = 2000;
+pub const FAST_DEADLINE_MS: u64 = 1400;
+pub const FAST_RETRY_MS: u64 = 500;
 
 pub struct Bed {
     pub moto: Arc<Moto>,
@@ -72,6 +77,24 @@ impl Bed {
             no_https: true,
             scaler: Default::default(),
             election: Default::default(),
+        }
+    }
+
+    /// [`Bed::runtime_config`] with the short election and scaler timings the e2e tests use
+    /// (lease 2 s, renew deadline 1.4 s, retry 0.5 s, poll 1 s).
+    pub fn fast_runtime_config(&self, group: &str) -> RuntimeConfig {
+        RuntimeConfig {
+            election: ElectionConfig {
+                lease_ms: FAST_LEASE_MS,
+                renew_deadline_ms: FAST_DEADLINE_MS,
+                retry_ms: FAST_RETRY_MS,
+                prefix: None,
+            },
+            scaler: ScalerConfig {
+                poll_interval_ms: 1000,
+                ..ScalerConfig::default()
+            },
+            ..self.runtime_config(group)
         }
     }
 

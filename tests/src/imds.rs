@@ -416,6 +416,12 @@ mod tests {
                 .as_ref(),
         )?;
         assert_eq!(doc["instanceId"], "i-0aaaabbbbccccdddd");
+        // pendingTime defaults to when the fake started (whole seconds, as on EC2), and is
+        // what the supervisor reads as the launch time.
+        let pending = agent_supervisor::aws::imds::pending_time(&doc.to_string())
+            .expect("pendingTime parses");
+        let age = SystemTime::now().duration_since(pending)?;
+        assert!(age < Duration::from_secs(5), "pendingTime {doc}");
         assert!(imds.requests() >= 7);
 
         imds.set_down(true);
@@ -427,6 +433,25 @@ mod tests {
         assert!(once.get("/latest/meta-data/instance-id").await.is_err());
         imds.set_down(false);
         assert!(once.get("/latest/meta-data/instance-id").await.is_ok());
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn launch_time_is_configurable() -> anyhow::Result<()> {
+        let imds = FakeImds::start(InstanceMeta {
+            launch_time_unix_ms: Some(1_479_573_131_999),
+            ..InstanceMeta::new("i-0launch")
+        })
+        .await?;
+        let client = aws_config::imds::Client::builder()
+            .endpoint(imds.endpoint())
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .build();
+        let doc = client
+            .get("/latest/dynamic/instance-identity/document")
+            .await?;
+        let doc: serde_json::Value = serde_json::from_str(doc.as_ref())?;
+        assert_eq!(doc["pendingTime"], "2016-11-19T16:32:11Z");
         Ok(())
     }
 

@@ -4,29 +4,15 @@
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::{Instance, InstanceOptions};
 use agent_fleet_tests::hub::{JobSpec, JobState};
-use agent_supervisor::config::{ElectionConfig, RuntimeConfig, ScalerConfig};
+
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
 
 type R = anyhow::Result<()>;
 
-const LEASE_MS: u64 = 2000;
-const DEADLINE_MS: u64 = 1400;
-const RETRY_MS: u64 = 500;
-
-fn fast(mut cfg: RuntimeConfig) -> RuntimeConfig {
-    cfg.election = ElectionConfig {
-        lease_ms: LEASE_MS,
-        renew_deadline_ms: DEADLINE_MS,
-        retry_ms: RETRY_MS,
-        prefix: None,
-    };
-    cfg.scaler = ScalerConfig {
-        poll_interval_ms: 1000,
-        ..ScalerConfig::default()
-    };
-    cfg
-}
+use agent_fleet_tests::bed::{
+    FAST_DEADLINE_MS as DEADLINE_MS, FAST_LEASE_MS as LEASE_MS, FAST_RETRY_MS as RETRY_MS,
+};
 
 /// `key=value` from a supervisor log line (value bare or double-quoted).
 fn field(line: &str, key: &str) -> Option<String> {
@@ -104,7 +90,7 @@ async fn setup(stack: &str) -> anyhow::Result<(Bed, String)> {
     let bed = Bed::start(stack).await?;
     let group = format!("{stack}-agents");
     bed.moto.create_group(&group, 0, 5, 0).await?;
-    bed.put_config(&fast(bed.runtime_config(&group))).await?;
+    bed.put_config(&bed.fast_runtime_config(&group)).await?;
     Ok((bed, group))
 }
 
@@ -275,7 +261,7 @@ fn set_desired_calls(calls: &[agent_fleet_tests::moto::Call], group: &str) -> Ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scales_up_from_zero_through_the_scaler_role_and_runs_the_jobs() -> R {
     let (bed, group) = setup("fromzero").await?;
-    let mut cfg = fast(bed.runtime_config(&group));
+    let mut cfg = bed.fast_runtime_config(&group);
     cfg.idle_timeout_secs = 3;
     bed.put_config(&cfg).await?;
     let fleet = bed.fleet(&[&group], &[], &[]);

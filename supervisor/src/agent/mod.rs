@@ -14,13 +14,40 @@ use nix::unistd::{Gid, Pid, Uid};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// The line after which the agent is registered and polling (agent's listener).
 pub const REGISTERED_LINE: &str = "Starting to poll for jobs";
+
+/// The line in which the agent logs a job handed to it: the real agent's
+/// `SYNC response (action: run-job, job: <id>)` (pkg/listener/selfhostedapi/sync.go).
+pub const JOB_ASSIGNED_LINE: &str = "SYNC response (action: run-job";
+
+/// The job id of a [`JOB_ASSIGNED_LINE`].
+pub fn assigned_job(line: &str) -> Option<&str> {
+    let rest = &line[line.find(JOB_ASSIGNED_LINE)? + JOB_ASSIGNED_LINE.len()..];
+    let id = rest.split_once("job: ")?.1;
+    let id = id
+        .split(|c: char| c == ')' || c == ',' || c.is_whitespace())
+        .next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// What the agent said about itself so far, from its output lines.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// When it said it registered and polls for jobs.
+    pub registered_at: Option<Instant>,
+    /// When it was handed its first job.
+    pub first_job_at: Option<Instant>,
+    /// Jobs handed to it, and the last one's id.
+    pub jobs: u32,
+    pub last_job: Option<String>,
+}
 
 /// `SEMAPHORE_AGENT_SHUTDOWN_REASON`, as the agent hands it to its shutdown hook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +134,8 @@ pub struct Launch {
     /// The agent's whole environment: nothing of the daemon's leaks through.
     pub env: Vec<(String, String)>,
     pub agent_name: String,
+    /// On each forwarded line (the journal's `INSTANCE_ID`).
+    pub instance_id: String,
     /// Replaced by `[redacted]` in any forwarded line that contains it.
     pub secret: String,
 }
@@ -116,7 +145,7 @@ pub struct RunningAgent {
     child: Child,
     pgid: Pid,
     pub pid: u32,
-    registered: watch::Receiver<bool>,
+    progress: watch::Receiver<Progress>,
     last_error: Arc<Mutex<Option<String>>>,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -149,45 +178,61 @@ impl RunningAgent {
         }
         let mut child = cmd.spawn()?;
         let pid = child.id().unwrap_or_default();
-        let (reg_tx, registered) = watch::channel(false);
-        let reg_tx = Arc::new(reg_tx);
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        let progress_tx = Arc::new(progress_tx);
         let last_error = Arc::new(Mutex::new(None));
         let mut forwarders = Vec::new();
         if let Some(out) = child.stdout.take() {
-            forwarders.push(tokio::spawn(forward(
-                out,
-                "stdout",
-                launch.clone_for_forward(),
-                reg_tx.clone(),
-                last_error.clone(),
-            )));
+            forwarders.push(tokio::spawn(
+                forward(
+                    out,
+                    "stdout",
+                    launch.clone_for_forward(),
+                    progress_tx.clone(),
+                    last_error.clone(),
+                )
+                .in_current_span(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            forwarders.push(tokio::spawn(forward(
-                err,
-                "stderr",
-                launch.clone_for_forward(),
-                reg_tx,
-                last_error.clone(),
-            )));
+            forwarders.push(tokio::spawn(
+                forward(
+                    err,
+                    "stderr",
+                    launch.clone_for_forward(),
+                    progress_tx,
+                    last_error.clone(),
+                )
+                .in_current_span(),
+            ));
         }
         Ok(Self {
             child,
             pgid: Pid::from_raw(pid as i32),
             pid,
-            registered,
+            progress,
             last_error,
             forwarders,
         })
     }
 
     pub fn is_registered(&self) -> bool {
-        *self.registered.borrow()
+        self.progress.borrow().registered_at.is_some()
     }
 
     /// Resolves once the agent says it registered (never, if it does not).
     pub async fn wait_registered(&mut self) {
-        let _ = self.registered.wait_for(|r| *r).await;
+        let _ = self.progress.wait_for(|p| p.registered_at.is_some()).await;
+    }
+
+    /// What the agent said so far.
+    pub fn progress(&self) -> Progress {
+        self.progress.borrow().clone()
+    }
+
+    /// A watch on the agent's progress, for [`progress_changed`].
+    pub fn progress_watch(&self) -> watch::Receiver<Progress> {
+        self.progress.clone()
     }
 
     /// Sends a signal to the agent's whole process group.
@@ -202,8 +247,14 @@ impl RunningAgent {
 
     /// Waits for the agent to exit, then makes sure nothing of its group survives.
     pub async fn wait(&mut self) -> std::io::Result<AgentExit> {
-        let status = self.child.wait().await?;
+        let status = self.exited().await?;
         Ok(self.finish(status).await)
+    }
+
+    /// Resolves when the agent process exits. Cancel-safe (a `select!` branch); follow
+    /// it with [`RunningAgent::finish`].
+    pub async fn exited(&mut self) -> std::io::Result<ExitStatus> {
+        self.child.wait().await
     }
 
     /// Stops the agent: SIGTERM to the group (only once registered, see the module
@@ -229,7 +280,8 @@ impl RunningAgent {
         Ok(self.finish(status).await)
     }
 
-    async fn finish(&mut self, status: ExitStatus) -> AgentExit {
+    /// After the agent exited: kills what is left of its group, collects its output.
+    pub async fn finish(&mut self, status: ExitStatus) -> AgentExit {
         // The wrapper is gone; anything left in its group (a child it orphaned) goes too.
         self.signal(Signal::SIGKILL);
         for f in self.forwarders.drain(..) {
@@ -254,6 +306,7 @@ impl Drop for RunningAgent {
 
 struct ForwardCtx {
     agent_name: String,
+    instance_id: String,
     secret: String,
 }
 
@@ -261,6 +314,7 @@ impl Launch {
     fn clone_for_forward(&self) -> ForwardCtx {
         ForwardCtx {
             agent_name: self.agent_name.clone(),
+            instance_id: self.instance_id.clone(),
             secret: self.secret.clone(),
         }
     }
@@ -270,7 +324,7 @@ async fn forward<R: AsyncRead + Unpin>(
     stream: R,
     stream_name: &'static str,
     ctx: ForwardCtx,
-    registered: Arc<watch::Sender<bool>>,
+    progress: Arc<watch::Sender<Progress>>,
     last_error: Arc<Mutex<Option<String>>>,
 ) {
     let mut reader = BufReader::new(stream);
@@ -290,7 +344,20 @@ async fn forward<R: AsyncRead + Unpin>(
             continue;
         }
         if line.contains(REGISTERED_LINE) {
-            registered.send_replace(true);
+            let now = Instant::now();
+            progress.send_if_modified(|p| {
+                let first = p.registered_at.is_none();
+                p.registered_at.get_or_insert(now);
+                first
+            });
+        }
+        if let Some(job) = assigned_job(&line) {
+            let now = Instant::now();
+            progress.send_modify(|p| {
+                p.first_job_at.get_or_insert(now);
+                p.jobs += 1;
+                p.last_job = Some(job.to_string());
+            });
         }
         let lower = line.to_ascii_lowercase();
         if lower.contains("error") || lower.contains("failed") || lower.contains("fatal") {
@@ -298,8 +365,23 @@ async fn forward<R: AsyncRead + Unpin>(
                 *g = Some(line.clone());
             }
         }
-        tracing::info!(target: AGENT_TARGET, agent = %ctx.agent_name, stream = stream_name, "{line}");
+        tracing::info!(
+            target: AGENT_TARGET,
+            instance_id = %ctx.instance_id,
+            agent_name = %ctx.agent_name,
+            stream = stream_name,
+            "{line}"
+        );
     }
+}
+
+/// Resolves with the news when the agent registered or was handed a job; never once its
+/// output has ended. Cancel-safe: a `select!` branch of the main loop.
+pub async fn progress_changed(watch: &mut watch::Receiver<Progress>) -> Progress {
+    if watch.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    watch.borrow_and_update().clone()
 }
 
 /// Strips the agent's `Jan _2 15:04:05.000 <agent-name> : ` prefix, if present.
@@ -350,6 +432,26 @@ mod tests {
             ShutdownReason::UnableToSync
         );
         assert_eq!(ShutdownReason::parse("what"), ShutdownReason::Unknown);
+    }
+
+    #[test]
+    fn job_assignment_lines_name_the_job() {
+        assert_eq!(
+            assigned_job("SYNC response (action: run-job, job: 3b1c-77)"),
+            Some("3b1c-77")
+        );
+        assert_eq!(
+            assigned_job(&message_of(
+                "Jan  2 15:04:05.000 i-1__ab : SYNC response (action: run-job, job: j1)"
+            )),
+            Some("j1")
+        );
+        assert_eq!(
+            assigned_job("SYNC response (action: stop-job, job: j1)"),
+            None
+        );
+        assert_eq!(assigned_job("SYNC response (action: continue)"), None);
+        assert_eq!(assigned_job("SYNC response (action: run-job, job: )"), None);
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub type CloudWatchError = QueryError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {
     Count,
+    Milliseconds,
     None,
 }
 
@@ -43,6 +44,7 @@ impl Unit {
     fn as_str(self) -> &'static str {
         match self {
             Self::Count => "Count",
+            Self::Milliseconds => "Milliseconds",
             Self::None => "None",
         }
     }

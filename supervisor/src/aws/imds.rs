@@ -2,7 +2,10 @@
 //! The endpoint follows `AWS_EC2_METADATA_SERVICE_ENDPOINT`.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+/// The instance identity document (JSON); its `pendingTime` is when the instance launched.
+pub const IDENTITY_DOCUMENT: &str = "/latest/dynamic/instance-identity/document";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImdsError {
@@ -10,6 +13,8 @@ pub enum ImdsError {
     NotFound { path: String },
     #[error("IMDS {path}: {detail}")]
     Unreachable { path: String, detail: String },
+    #[error("IMDS {path}: unexpected answer: {detail}")]
+    Malformed { path: String, detail: String },
 }
 
 pub trait Metadata: Send + Sync {
@@ -101,6 +106,29 @@ pub async fn instance_info<M: Metadata>(
     })
 }
 
+/// When the instance launched: the identity document's `pendingTime` (RFC 3339, whole
+/// seconds on EC2). Used for the boot timing's first phase only.
+pub async fn launch_time<M: Metadata>(
+    imds: &M,
+    attempts: u32,
+    first_backoff: Duration,
+) -> Result<SystemTime, ImdsError> {
+    let doc = with_retries(imds, IDENTITY_DOCUMENT, attempts, first_backoff).await?;
+    pending_time(&doc).ok_or_else(|| ImdsError::Malformed {
+        path: IDENTITY_DOCUMENT.to_string(),
+        detail: "no RFC 3339 pendingTime".into(),
+    })
+}
+
+/// `pendingTime` of an identity document.
+pub fn pending_time(document: &str) -> Option<SystemTime> {
+    use aws_smithy_types::date_time::{DateTime, Format};
+    let doc: serde_json::Value = serde_json::from_str(document).ok()?;
+    let text = doc.get("pendingTime")?.as_str()?;
+    let t = DateTime::from_str(text, Format::DateTimeWithOffset).ok()?;
+    SystemTime::try_from(t).ok()
+}
+
 async fn with_retries<M: Metadata>(
     imds: &M,
     path: &str,
@@ -121,5 +149,28 @@ async fn with_retries<M: Metadata>(
                 attempt += 1;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn pending_time_is_read_from_the_identity_document() {
+        let doc = r#"{"accountId":"123456789012","instanceId":"i-1","pendingTime":"2016-11-19T16:32:11Z","region":"us-east-1"}"#;
+        assert_eq!(
+            pending_time(doc),
+            Some(UNIX_EPOCH + Duration::from_secs(1_479_573_131))
+        );
+        let ms = r#"{"pendingTime":"2016-11-19T16:32:11.250+01:00"}"#;
+        assert_eq!(
+            pending_time(ms),
+            Some(UNIX_EPOCH + Duration::from_millis(1_479_569_531_250))
+        );
+        assert_eq!(pending_time(r#"{"pendingTime":"yesterday"}"#), None);
+        assert_eq!(pending_time(r#"{"instanceId":"i-1"}"#), None);
+        assert_eq!(pending_time("<html>"), None);
     }
 }

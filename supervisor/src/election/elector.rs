@@ -227,6 +227,7 @@ impl<S: LeaseStore> Elector<S> {
                             term,
                             holder = %self.holder,
                             reason = "shutdown",
+                            leadership = "stopped",
                             "stopped leading; the term is held until released or expired"
                         );
                     }
@@ -260,7 +261,13 @@ impl<S: LeaseStore> Elector<S> {
         )
         .await?;
         let term = l.term;
-        tracing::info!(term, holder = %self.holder, reason = "released", "released the lease");
+        tracing::info!(
+            term,
+            holder = %self.holder,
+            reason = "released",
+            leadership = "released",
+            "released the lease"
+        );
         let now = Instant::now();
         self.state = State::Following(Observed {
             term,
@@ -504,6 +511,7 @@ impl<S: LeaseStore> Elector<S> {
                     previous = old.map(|r| r.holder.as_str()).unwrap_or("none"),
                     reason,
                     lead_from_mono_ns = mono_ns(lead.lead_from),
+                    leadership = "won",
                     "won term; leading after renew_deadline"
                 );
                 self.announced = Some((new_term, Some(self.holder.clone())));
@@ -596,6 +604,7 @@ impl<S: LeaseStore> Elector<S> {
             holder = %self.holder,
             reason = "renew_deadline waited",
             valid_until_mono_ns = mono_ns(l.valid_until),
+            leadership = "leading",
             "leading"
         );
         publish(
@@ -614,6 +623,7 @@ impl<S: LeaseStore> Elector<S> {
             holder = %self.holder,
             reason,
             valid_until_mono_ns = mono_ns(l.valid_until),
+            leadership = "stepped_down",
             "stepped down"
         );
     }
@@ -846,6 +856,7 @@ impl<S: LeaseStore> Elector<S> {
                 holder = now.1.as_deref().unwrap_or("unknown"),
                 reason,
                 released = record.is_some_and(|r| r.released),
+                leadership = "following",
                 "following"
             );
             self.announced = Some(now);
