@@ -17,7 +17,7 @@ CFN_GUARD_VERSION := 3.2.1
 CFN_GUARD := $(TOOLS_DIR)/bin/cfn-guard
 AGENT_FLEET := $(TARGET_DIR)/debug/agent-fleet
 
-.PHONY: all venv tools build build-release demo test lint unit e2e bench clean deploy diff destroy status token ami ami-test
+.PHONY: all venv tools build build-release demo test lint unit e2e bench clean deploy diff destroy status token ami ami-test drills
 
 all: build
 
@@ -60,6 +60,10 @@ e2e: venv build
 
 test: lint venv build ami-test
 	$(CARGO) test --workspace
+
+# Failure drills with the Semaphore outage at 150 s (make test runs them at 20 s); prints DRILL figures.
+drills: venv build
+	DRILL_SEMAPHORE_OUTAGE_SECS=150 $(CARGO) test -p agent-fleet-tests --test drills --test secrets -- --nocapture
 
 # The AMI side without AWS: template, scripts, unit, offline provisioning steps (bootstrap/README.md).
 ami-test: venv build

@@ -169,7 +169,7 @@ pub const VARS: &[Var] = &[
     var("SEMAPHORE_AGENT_USE_IPV6", Param("UseIpv6"), Some("false"), Bool,
         "one IPv6 address per instance"),
     var("SEMAPHORE_AGENT_ASG_MAX_INSTANCE_LIFETIME", Param("AsgMaxInstanceLifetime"), Some("0"), Shape(valid_lifetime, "0, or a whole number of seconds of at least 86400"),
-        "seconds; `0` = unset"),
+        "seconds; `0` = unset. Auto Scaling's replacement by age, busy or not: see `SEMAPHORE_AGENT_MAX_UPTIME`"),
     var("SEMAPHORE_AGENT_ASG_METRICS", Param("AsgMetrics"), None, List(valid_metric, "Auto Scaling group metric names, comma-separated"),
         "group metrics to collect (1-minute granularity)"),
     var("SEMAPHORE_AGENT_ON_DEMAND_BASE_CAPACITY", Param("OnDemandBaseCapacity"), Some("0"), Int { min: 0, max: 9999 },
@@ -192,6 +192,8 @@ pub const VARS: &[Var] = &[
         "who may SSH in (port 22); needs a key; never open by default"),
     ours("SEMAPHORE_AGENT_SCALER_POLL_INTERVAL_MS", Param("ScalerPollIntervalMs"), Some("5000"), Int { min: 1000, max: 300_000 },
         "how often the leader asks Semaphore for job demand"),
+    ours("SEMAPHORE_AGENT_MAX_UPTIME", Param("MaxUptime"), Some("0"), Shape(valid_max_uptime, "0, or a whole number of seconds from 3600 to 999999999"),
+        "seconds after launch at which an instance replaces itself (idle: at once; busy: after its job); `0` = never"),
 ];
 
 /// Every template parameter a variable can set (the table's `Param` targets plus the
@@ -237,6 +239,7 @@ const PARAM_NAMES: &[&str] = &[
     "ScalerInstanceType",
     "SshCidr",
     "ScalerPollIntervalMs",
+    "MaxUptime",
 ];
 
 pub fn lookup(name: &str) -> Option<&'static Var> {
@@ -482,6 +485,10 @@ fn valid_az(s: &str) -> bool {
         && body
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn valid_max_uptime(s: &str) -> bool {
+    parse_uint(s).is_some_and(|n| n == 0 || (3600..=999_999_999).contains(&n))
 }
 
 fn valid_lifetime(s: &str) -> bool {

@@ -167,6 +167,24 @@ pub struct RuntimeConfig {
     /// Leader-election timings and where the lease lives.
     #[serde(default)]
     pub election: ElectionConfig,
+    /// The agents group's termination lifecycle hook, if it has one: the supervisor
+    /// holds its instance in `Terminating:Wait` while the agent drains, then completes it.
+    #[serde(default)]
+    pub lifecycle_hook: Option<LifecycleHookConfig>,
+    /// Seconds after launch at which an instance replaces itself (an idle one at once, a
+    /// busy one after its job); 0 = never (`SEMAPHORE_AGENT_MAX_UPTIME`).
+    #[serde(default)]
+    pub max_uptime_secs: u64,
+}
+
+/// The termination lifecycle hook the template puts on the agents group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleHookConfig {
+    /// `LifecycleHookName` (1-255 of `A-Za-z0-9-_/`).
+    pub name: String,
+    /// The hook's `HeartbeatTimeout`: heartbeats go out at a third of it.
+    pub heartbeat_timeout_secs: u64,
 }
 
 /// The scaler's knobs. They apply live (re-read on SIGHUP and periodically).
@@ -234,6 +252,13 @@ pub struct ScalerSettings {
     pub overprovision: Overprovision,
 }
 
+/// Validated lifecycle hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LifecycleHook {
+    pub name: String,
+    pub heartbeat_timeout: Duration,
+}
+
 /// Validated election timings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElectionSettings {
@@ -281,6 +306,9 @@ pub struct Settings {
     pub no_https: bool,
     pub scaler: ScalerSettings,
     pub election: ElectionSettings,
+    pub lifecycle_hook: Option<LifecycleHook>,
+    /// `None`: no age limit.
+    pub max_uptime: Option<Duration>,
 }
 
 impl Settings {
@@ -351,6 +379,37 @@ impl Settings {
             }
             other => other,
         };
+        let lifecycle_hook = match raw.lifecycle_hook {
+            None => None,
+            Some(h) => {
+                let name_ok = (1..=255).contains(&h.name.len())
+                    && h.name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/'));
+                if !name_ok {
+                    return Err(invalid(
+                        "lifecycle_hook.name",
+                        "is not a lifecycle hook name (1-255 of A-Z a-z 0-9 - _ /)",
+                    ));
+                }
+                if !(1..=7200).contains(&h.heartbeat_timeout_secs) {
+                    return Err(invalid(
+                        "lifecycle_hook.heartbeat_timeout_secs",
+                        "must be between 1 and 7200 (Auto Scaling allows 30-7200)",
+                    ));
+                }
+                Some(LifecycleHook {
+                    name: h.name,
+                    heartbeat_timeout: Duration::from_secs(h.heartbeat_timeout_secs),
+                })
+            }
+        };
+        if raw.max_uptime_secs > 999_999_999 {
+            return Err(invalid(
+                "max_uptime_secs",
+                "is over 999999999 seconds; use 0 for no limit",
+            ));
+        }
         let scaler = validate_scaler(&raw.scaler).map_err(|(key, p)| invalid(key, &p))?;
         let election =
             validate_election(&raw.election, parameter).map_err(|(key, p)| invalid(key, &p))?;
@@ -366,6 +425,8 @@ impl Settings {
             interruption_grace: Duration::from_secs(raw.interruption_grace_secs),
             cache_bucket,
             no_https: raw.no_https,
+            lifecycle_hook,
+            max_uptime: (raw.max_uptime_secs > 0).then(|| Duration::from_secs(raw.max_uptime_secs)),
         })
     }
 }
@@ -503,6 +564,48 @@ mod tests {
         assert_eq!(s.idle_timeout, Duration::from_secs(300));
         assert_eq!(s.cache_bucket, None);
         assert!(!s.no_https);
+        assert_eq!(s.lifecycle_hook, None);
+        assert_eq!(s.max_uptime, None);
+    }
+
+    #[test]
+    fn lifecycle_hook_and_max_uptime() {
+        let json = GOOD.replace(
+            '}',
+            r#","lifecycle_hook":{"name":"agent-fleet-drain","heartbeat_timeout_secs":600},"max_uptime_secs":86400}"#,
+        );
+        let s = Settings::parse("/p", &json).expect("valid");
+        assert_eq!(
+            s.lifecycle_hook,
+            Some(LifecycleHook {
+                name: "agent-fleet-drain".into(),
+                heartbeat_timeout: Duration::from_secs(600)
+            })
+        );
+        assert_eq!(s.max_uptime, Some(Duration::from_secs(86400)));
+        let json = GOOD.replace('}', r#","max_uptime_secs":0,"lifecycle_hook":null}"#);
+        let s = Settings::parse("/p", &json).expect("valid");
+        assert_eq!((s.lifecycle_hook, s.max_uptime), (None, None));
+        for (patch, key) in [
+            (
+                r#""lifecycle_hook":{"name":"has space","heartbeat_timeout_secs":60}"#,
+                "lifecycle_hook.name",
+            ),
+            (
+                r#""lifecycle_hook":{"name":"h","heartbeat_timeout_secs":0}"#,
+                "lifecycle_hook.heartbeat_timeout_secs",
+            ),
+            (r#""max_uptime_secs":1000000000"#, "max_uptime_secs"),
+        ] {
+            let json = GOOD.replace('}', &format!(",{patch}}}"));
+            let m = Settings::parse("/p", &json).expect_err(patch).to_string();
+            assert!(m.contains(&format!("`{key}`")), "{patch}: {m}");
+        }
+        let json = GOOD.replace('}', r#","lifecycle_hook":{"name":"h"}}"#);
+        let m = Settings::parse("/p", &json)
+            .expect_err("missing")
+            .to_string();
+        assert!(m.contains("heartbeat_timeout_secs"), "{m}");
     }
 
     #[test]

@@ -5,10 +5,11 @@
 use crate::agent::config_file::{write_private, AgentConfig};
 use crate::agent::{progress_changed, Launch, Progress, RunAs, RunningAgent, ShutdownReason};
 use crate::aws::autoscaling::SdkAutoScaling;
-use crate::aws::cloudwatch::QueryCloudWatch;
+use crate::aws::cloudwatch::{MetricsSink, QueryCloudWatch};
 use crate::aws::imds::{instance_info, launch_time, SdkImds};
 use crate::aws::ssm::{Parameter, ParameterStore, SdkParameterStore, SsmError};
 use crate::config::{Role, Settings, StackIdentity};
+use crate::interrupt::{self, Interruption, Notice};
 use crate::leader::LeaderWork;
 use crate::leadership::Leadership;
 use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
@@ -361,12 +362,72 @@ async fn run_in(
     let marker = opts.work_dir.join(boot::MARKER);
     let mut boot = BootReport::new(!marker.exists(), start, config_read, token_read);
 
+    // Interruptions (see `crate::interrupt`): IMDS notices, and this instance's age.
+    let (notice_tx, notice_rx) = mpsc::unbounded_channel();
+    let _watcher = AbortOnDrop(tokio::spawn(
+        interrupt::watch(SdkImds::new(), interrupt::POLL_EVERY, notice_tx).in_current_span(),
+    ));
+    // Read from IMDS when an age limit first needs it.
+    let mut launched: Option<SystemTime> = None;
+    let mut end = Ending {
+        opts: &opts,
+        asg: &asg,
+        instance_id: &instance_id,
+        shutdown: &shutdown,
+        sdk: &sdk,
+        stack: &identity.stack_name,
+        notices: notice_rx,
+        notices_open: true,
+        terminating: None,
+        completed: false,
+        heartbeats: 0,
+        replace: None,
+    };
+
     let mut backoff = Backoff::new(opts.restart_backoff, opts.restart_backoff_cap);
     let mut runs = 0u64;
     let mut lead_term = leader
         .as_ref()
         .and_then(|l| leading_term(&l.leadership.borrow()));
     loop {
+        // An instance past its age, at risk or being terminated starts no new agent (the
+        // settings are re-read below, before an agent starts; these checks need no fresh
+        // copy, and a spot notice must not wait for SSM).
+        settings = settings_rx.borrow().clone();
+        if end.replace.is_none() {
+            if let Some(max) = settings.max_uptime {
+                let launched = launch_of(&mut launched, start.wall).await;
+                if interrupt::uptime_left(launched, max, SystemTime::now()).is_zero() {
+                    tracing::info!(
+                        max_uptime_secs = max.as_secs(),
+                        age_secs = SystemTime::now()
+                            .duration_since(launched)
+                            .unwrap_or_default()
+                            .as_secs(),
+                        interruption = "max_uptime",
+                        "older than max_uptime_secs: replacing this instance"
+                    );
+                    end.replace = Some(Interruption::MaxUptime);
+                }
+            }
+        }
+        if let Some(kind) = end.pending() {
+            tracing::info!(
+                exit_reason = "none",
+                interruption = kind.as_str(),
+                decrement = false,
+                why = kind.why(),
+                "terminating this instance"
+            );
+            notify.status(&format!("terminating instance ({})", kind.why()));
+            match end
+                .finish(&mut notify, &mut leader, &settings, false, kind.why())
+                .await
+            {
+                Finished::Ended => return Ok(()),
+                Finished::AtMinSize => continue,
+            }
+        }
         if runs > 0 {
             boot.give_up();
             notify
@@ -434,8 +495,24 @@ async fn run_in(
             notify.status(&with_lead(&agent_status, lead_term));
         }
 
+        // This run's deadlines: the age limit, and (while a busy agent holds Auto Scaling's
+        // lifecycle wait) the next heartbeat and the drain that must beat the hook's
+        // global timeout.
+        let far = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut uptime_at = match (settings.max_uptime, &end.replace) {
+            (Some(max), None) => {
+                let launched = launch_of(&mut launched, start.wall).await;
+                tokio::time::Instant::now()
+                    + interrupt::uptime_left(launched, max, SystemTime::now())
+            }
+            _ => far,
+        };
+        let hook = end.hook(&settings);
+        let mut beat_at = far;
+        let mut force_at = far;
         let mut progress = agent.progress_watch();
-        let exit = loop {
+        let ran = loop {
+            let holding = beat_at != far;
             tokio::select! {
                 biased;
                 _ = shutdown.drain.cancelled() => {
@@ -450,13 +527,72 @@ async fn run_in(
                             .await;
                     }
                     let drained = drain(&mut agent, &agent_name, grace, &shutdown, &mut reasons);
-                    return notify
+                    notify
                         .during("the drain", grace + Duration::from_secs(30), drained)
-                        .await;
+                        .await?;
+                    if end.terminating.is_some() && !end.completed {
+                        end.complete(&mut notify, &settings).await;
+                    }
+                    return Ok(());
                 }
                 s = agent.exited() => {
                     let s = s.map_err(|e| DaemonError::Runtime(format!("waiting for the agent: {e}")))?;
-                    break agent.finish(s).await;
+                    break RunEnd::Exited(agent.finish(s).await);
+                }
+                n = end.next_notice() => {
+                    let busy = agent.progress().jobs > 0;
+                    if let Some(kind) = end.take_notice(n, busy, &settings).await {
+                        break RunEnd::Drain(kind);
+                    }
+                    if end.terminating.is_some() {
+                        if let Some(l) = leader.take() {
+                            notify
+                                .during("handing leadership on", LEADER_STOP_BOUND, l.stop_and_release())
+                                .await;
+                            lead_term = None;
+                        }
+                        if let (Some(h), false) = (&hook, holding) {
+                            let now = tokio::time::Instant::now();
+                            beat_at = now + interrupt::heartbeat_every(h.hook.heartbeat_timeout);
+                            force_at = now + interrupt::force_drain_after(
+                                h.hook.heartbeat_timeout,
+                                settings.interruption_grace + opts.drain_margin,
+                            );
+                        }
+                    }
+                    notify.status(&with_pending(&with_lead(&agent_status, lead_term), &end));
+                }
+                _ = tokio::time::sleep_until(uptime_at), if uptime_at != far => {
+                    uptime_at = far;
+                    if end.replace.is_none() {
+                        let busy = agent.progress().jobs > 0;
+                        tracing::info!(
+                            max_uptime_secs = settings.max_uptime.map(|m| m.as_secs()).unwrap_or_default(),
+                            busy,
+                            interruption = "max_uptime",
+                            "older than max_uptime_secs: replacing this instance{}",
+                            if busy { " after its job" } else { "" }
+                        );
+                        end.replace = Some(Interruption::MaxUptime);
+                        if !busy {
+                            break RunEnd::Drain(Interruption::MaxUptime);
+                        }
+                        notify.status(&with_pending(&with_lead(&agent_status, lead_term), &end));
+                    }
+                }
+                _ = tokio::time::sleep_until(beat_at), if holding => {
+                    if let Some(h) = &hook {
+                        end.heartbeat(h).await;
+                        beat_at = tokio::time::Instant::now() + interrupt::heartbeat_every(h.hook.heartbeat_timeout);
+                    }
+                }
+                _ = tokio::time::sleep_until(force_at), if holding => {
+                    tracing::warn!(
+                        agent_name = %agent_name,
+                        interruption = "lifecycle",
+                        "the lifecycle hook's wait is nearly over and the job still runs: draining the agent so the job is stopped cleanly"
+                    );
+                    break RunEnd::Drain(Interruption::Lifecycle);
                 }
                 p = progress_changed(&mut progress) => {
                     if runs == 1 {
@@ -466,16 +602,93 @@ async fn run_in(
                         Some(job) => format!("agent running (agent name {agent_name}), job {job}"),
                         None => format!("agent running (agent name {agent_name}), waiting for jobs"),
                     };
-                    notify.status(&with_lead(&agent_status, lead_term));
+                    notify.status(&with_pending(&with_lead(&agent_status, lead_term), &end));
                 }
                 l = leadership_changed(&mut leader) => {
                     let term = leading_term(&l);
                     if term != lead_term {
                         lead_term = term;
-                        notify.status(&with_lead(&agent_status, lead_term));
+                        notify.status(&with_pending(&with_lead(&agent_status, lead_term), &end));
                     }
                 }
                 _ = notify.watchdog_due() => notify.ping(),
+            }
+        };
+
+        let exit = match ran {
+            RunEnd::Exited(exit) => exit,
+            RunEnd::Drain(kind) => {
+                // The supervisor stops the agent itself: spot notice, Auto Scaling's
+                // termination, or a replacement of an idle agent's instance.
+                if let Some(l) = leader.take() {
+                    notify
+                        .during(
+                            "handing leadership on",
+                            LEADER_STOP_BOUND,
+                            l.stop_and_release(),
+                        )
+                        .await;
+                }
+                let grace = settings.interruption_grace + opts.drain_margin;
+                let kill_after = match &kind {
+                    Interruption::Spot(a) => {
+                        interrupt::spot_kill_after(grace, a.time, SystemTime::now())
+                    }
+                    _ => grace,
+                };
+                if kill_after < grace {
+                    tracing::warn!(
+                        grace_secs = grace.as_secs(),
+                        kill_after_secs = kill_after.as_secs(),
+                        "the interruption grace does not fit before the spot interruption: the agent's group is killed sooner (keep interruption_grace_secs under ~100 s on spot)"
+                    );
+                }
+                notify.status(&format!(
+                    "{}: draining the agent {agent_name}, up to {} s",
+                    kind.why(),
+                    kill_after.as_secs()
+                ));
+                let jobs_before = agent.progress().jobs;
+                let drained = drain(&mut agent, &agent_name, kill_after, &shutdown, &mut reasons);
+                let hook = end.terminating.and(end.hook(&settings));
+                let reason = notify
+                    .during(
+                        "the drain",
+                        kill_after + Duration::from_secs(30),
+                        with_heartbeats(drained, hook.as_ref(), &asg, &mut end.heartbeats),
+                    )
+                    .await?;
+                let p = agent.progress();
+                if p.jobs > jobs_before {
+                    tracing::warn!(
+                        agent_name = %agent_name,
+                        job = p.last_job.as_deref().unwrap_or("unknown"),
+                        "a job reached the agent while it was being stopped: it had the interruption grace"
+                    );
+                }
+                drop(agent);
+                tracing::info!(
+                    agent_name = %agent_name,
+                    exit_reason = reason.map(ShutdownReason::as_str).unwrap_or("none"),
+                    interruption = kind.as_str(),
+                    decrement = false,
+                    why = kind.why(),
+                    "terminating this instance"
+                );
+                if shutdown.drain.is_cancelled() {
+                    if end.terminating.is_some() && !end.completed {
+                        end.complete(&mut notify, &settings).await;
+                    }
+                    notify.stopping("stopping: the instance was being terminated");
+                    return Ok(());
+                }
+                match end
+                    .finish(&mut notify, &mut leader, &settings, false, kind.why())
+                    .await
+                {
+                    Finished::Ended => return Ok(()),
+                    Finished::AtMinSize => continue,
+                }
             }
         };
         drop(agent);
@@ -498,6 +711,39 @@ async fn run_in(
             registered = exit.registered,
             "agent exited"
         );
+        if end.terminating.is_some() {
+            // Auto Scaling is terminating this instance and waited for the agent.
+            tracing::info!(
+                agent_name = %agent_name,
+                exit_reason,
+                interruption = "lifecycle",
+                decrement = false,
+                why = Interruption::Lifecycle.why(),
+                "terminating this instance"
+            );
+            match end
+                .finish(
+                    &mut notify,
+                    &mut leader,
+                    &settings,
+                    false,
+                    Interruption::Lifecycle.why(),
+                )
+                .await
+            {
+                Finished::Ended => return Ok(()),
+                Finished::AtMinSize => continue,
+            }
+        }
+        // A replacement was waiting for the job: a restart becomes that replacement (not
+        // after a registration failure: a new instance would fail the same way).
+        let action = match (action, &end.replace) {
+            (Action::Restart { .. }, Some(kind)) if exit.registered => Action::Terminate {
+                decrement: false,
+                why: kind.why(),
+            },
+            (action, _) => action,
+        };
         match action {
             Action::Restart { after, why } => {
                 if exit.registered {
@@ -521,15 +767,23 @@ async fn run_in(
                     ),
                     lead_term,
                 ));
-                if wait_fed(&mut notify, &shutdown, after).await {
-                    notify.stopping("stopping: no agent running");
-                    return Ok(());
+                match end.wait(&mut notify, after, &settings).await {
+                    Waited::Stop => {
+                        notify.stopping("stopping: no agent running");
+                        if end.terminating.is_some() && !end.completed {
+                            end.complete(&mut notify, &settings).await;
+                        }
+                        return Ok(());
+                    }
+                    // The top of the loop ends the instance if a notice asked for it.
+                    Waited::Elapsed | Waited::Notice => {}
                 }
             }
             Action::Terminate { decrement, why } => {
                 tracing::info!(
                     agent_name = %agent_name,
                     exit_reason,
+                    interruption = end.replace.as_ref().map(Interruption::as_str).unwrap_or("none"),
                     decrement,
                     why,
                     "terminating this instance"
@@ -537,42 +791,22 @@ async fn run_in(
                 notify.status(&format!(
                     "terminating instance ({why}, agent exit reason {exit_reason})"
                 ));
-                let outcome = tokio::select! {
-                    biased;
-                    _ = shutdown.drain.cancelled() => {
-                        notify.stopping("stopping: the instance was being terminated");
-                        return Ok(());
+                match end
+                    .finish(&mut notify, &mut leader, &settings, decrement, why)
+                    .await
+                {
+                    Finished::Ended => return Ok(()),
+                    Finished::AtMinSize if end.replace.is_some() => {
+                        // Replace it after all (the loop's top: without decrement).
+                        continue;
                     }
-                    t = notify.during(
-                        "terminating the instance",
-                        AWS_STEP_BOUND,
-                        terminate_self(&asg, &instance_id, decrement, opts.aws_retry_backoff, || poweroff(&opts.poweroff_command)),
-                    ) => t,
-                };
-                match outcome {
-                    Termination::AtMinSize => {
+                    Finished::AtMinSize => {
                         tracing::info!(group = %settings.agent_group, "group at its min size: restarting the agent in place (no churn)");
                         notify.status(&with_lead(
                             "group at its min size: restarting the agent in place",
                             lead_term,
                         ));
                         continue;
-                    }
-                    Termination::Requested | Termination::PoweredOff => {
-                        // The instance is going: hand leadership on now, not at SIGTERM.
-                        if let Some(l) = leader.take() {
-                            notify
-                                .during(
-                                    "handing leadership on",
-                                    LEADER_STOP_BOUND,
-                                    l.stop_and_release(),
-                                )
-                                .await;
-                        }
-                        notify.status(&format!(
-                            "terminating instance ({why}): waiting for Auto Scaling to stop it"
-                        ));
-                        return wait_for_end(&opts, &shutdown, &mut notify).await;
                     }
                 }
             }
@@ -623,19 +857,6 @@ async fn leadership_changed(leader: &mut Option<LeaderWork>) -> Leadership {
         return std::future::pending().await;
     }
     l.leadership.borrow_and_update().clone()
-}
-
-/// Sleeps `how_long`, feeding the watchdog. True if a stop signal came first.
-async fn wait_fed(notify: &mut Notifier, shutdown: &Shutdown, how_long: Duration) -> bool {
-    let until = tokio::time::Instant::now() + how_long;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.drain.cancelled() => return true,
-            _ = tokio::time::sleep_until(until) => return false,
-            _ = notify.watchdog_due() => notify.ping(),
-        }
-    }
 }
 
 /// The boot timing of this instance's first agent run (see [`crate::boot`]).
@@ -760,24 +981,393 @@ impl BootReport {
     }
 }
 
-/// Keeps the instance's last moments quiet: Auto Scaling stops us (SIGTERM) when it
-/// terminates the instance. If it has not after `terminate_timeout`, power off.
-async fn wait_for_end(
-    opts: &RunOptions,
-    shutdown: &Shutdown,
-    notify: &mut Notifier,
-) -> Result<(), DaemonError> {
-    if !wait_fed(notify, shutdown, opts.terminate_timeout).await {
-        tracing::error!(
-            timeout_secs = opts.terminate_timeout.as_secs(),
-            "instance still running long after its termination was requested"
-        );
-        notify.status("termination requested long ago: powering off");
-        poweroff(&opts.poweroff_command).await;
-        while !wait_fed(notify, shutdown, Duration::from_secs(3600)).await {}
+/// How one agent run ended.
+enum RunEnd {
+    /// The agent exited on its own.
+    Exited(crate::agent::AgentExit),
+    /// The supervisor stops it for this interruption.
+    Drain(Interruption),
+}
+
+/// How ending the instance went.
+enum Finished {
+    /// Auto Scaling took the instance (or it was powered off): the daemon is done.
+    Ended,
+    /// A decrement was refused at the group's min size: keep serving.
+    AtMinSize,
+}
+
+/// How a wait between agent runs ended.
+enum Waited {
+    Elapsed,
+    /// A stop signal.
+    Stop,
+    /// An interruption notice (recorded in [`Ending`]).
+    Notice,
+}
+
+/// What ends this instance: the interruption notices so far (kept across agent runs), and
+/// the calls that end it — `TerminateInstanceInAutoScalingGroup`, or, when Auto Scaling is
+/// already terminating it, `CompleteLifecycleAction` — then the wait for the end.
+struct Ending<'a> {
+    opts: &'a RunOptions,
+    asg: &'a SdkAutoScaling,
+    instance_id: &'a str,
+    shutdown: &'a Shutdown,
+    sdk: &'a aws_config::SdkConfig,
+    stack: &'a str,
+    notices: mpsc::UnboundedReceiver<Notice>,
+    /// False once the watcher is done (nothing more to say).
+    notices_open: bool,
+    /// When IMDS said `Terminated`: Auto Scaling is terminating this instance (with our
+    /// lifecycle hook, it waits in `Terminating:Wait` until we complete the action).
+    terminating: Option<tokio::time::Instant>,
+    /// The lifecycle action was completed (or found not to exist).
+    completed: bool,
+    /// `RecordLifecycleActionHeartbeat` calls that succeeded.
+    heartbeats: u32,
+    /// Replace this instance as soon as its agent is idle (rebalance, max uptime, or a
+    /// spot notice that came with no agent running).
+    replace: Option<Interruption>,
+}
+
+impl Ending<'_> {
+    /// The next notice; never, once the watcher is done.
+    async fn next_notice(&mut self) -> Notice {
+        if self.notices_open {
+            if let Some(n) = self.notices.recv().await {
+                return n;
+            }
+            self.notices_open = false;
+        }
+        std::future::pending().await
     }
-    notify.stopping("stopping: the instance is being terminated");
-    Ok(())
+
+    /// The interruption that ends the instance before any new agent starts.
+    fn pending(&self) -> Option<Interruption> {
+        if self.terminating.is_some() {
+            Some(Interruption::Lifecycle)
+        } else {
+            self.replace.clone()
+        }
+    }
+
+    /// The group's lifecycle hook, from the runtime config.
+    fn hook(&self, settings: &Settings) -> Option<interrupt::Hook> {
+        settings.lifecycle_hook.clone().map(|hook| interrupt::Hook {
+            group: settings.agent_group.clone(),
+            hook,
+            instance_id: self.instance_id.to_string(),
+        })
+    }
+
+    /// Records a notice, logs what it means, and says whether to stop the agent now.
+    /// `busy`: the agent was handed a job (false: idle, or no agent at all).
+    async fn take_notice(
+        &mut self,
+        n: Notice,
+        busy: bool,
+        settings: &Settings,
+    ) -> Option<Interruption> {
+        match n {
+            Notice::Spot(a) => {
+                tracing::warn!(
+                    interruption = "spot",
+                    spot_action = %a.action,
+                    spot_time = %a.time_text,
+                    busy,
+                    "spot interruption notice: EC2 will {} this instance at {}; draining now",
+                    a.action,
+                    if a.time_text.is_empty() { "an unknown time" } else { a.time_text.as_str() }
+                );
+                let (sdk, stack) = (self.sdk.clone(), self.stack.to_string());
+                tokio::spawn(
+                    async move {
+                        let sent = match QueryCloudWatch::new(&sdk) {
+                            Ok(cw) => cw
+                                .put(crate::scaler::NAMESPACE, &[interrupt::spot_datum(&stack)])
+                                .await
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        match sent {
+                            Ok(()) => tracing::debug!(metric = interrupt::SPOT_METRIC, "published"),
+                            Err(e) => tracing::warn!(error = %e, "could not publish {}", interrupt::SPOT_METRIC),
+                        }
+                    }
+                    .in_current_span(),
+                );
+                Some(Interruption::Spot(a))
+            }
+            Notice::Rebalance { notice_time } => {
+                let rebalancing = match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    self.asg.capacity_rebalance(&settings.agent_group),
+                )
+                .await
+                {
+                    Ok(Ok(on)) => on.unwrap_or(false),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot tell whether the group has Capacity Rebalancing; replacing this instance ourselves");
+                        false
+                    }
+                    Err(_) => false,
+                };
+                if rebalancing {
+                    tracing::info!(
+                        interruption = "rebalance",
+                        notice_time = %notice_time,
+                        "spot rebalance recommendation: the group's Capacity Rebalancing replaces this instance (its termination comes through the lifecycle hook)"
+                    );
+                    return None;
+                }
+                tracing::info!(
+                    interruption = "rebalance",
+                    notice_time = %notice_time,
+                    busy,
+                    "spot rebalance recommendation: replacing this instance{}",
+                    if busy { " after its job" } else { " now" }
+                );
+                if self.replace.is_some() {
+                    return None;
+                }
+                self.replace = Some(Interruption::Rebalance);
+                (!busy).then_some(Interruption::Rebalance)
+            }
+            Notice::Terminating => {
+                self.terminating = Some(tokio::time::Instant::now());
+                let hook = self.hook(settings);
+                let hold = busy && hook.is_some();
+                tracing::info!(
+                    interruption = "lifecycle",
+                    lifecycle_hook = hook
+                        .as_ref()
+                        .map(|h| h.hook.name.as_str())
+                        .unwrap_or("none"),
+                    busy,
+                    "Auto Scaling is terminating this instance: {}",
+                    if hold {
+                        "letting the job finish (lifecycle heartbeats meanwhile)"
+                    } else {
+                        "draining the agent"
+                    }
+                );
+                (!hold).then_some(Interruption::Lifecycle)
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self, hook: &interrupt::Hook) {
+        if hook.heartbeat(self.asg).await {
+            self.heartbeats += 1;
+            tracing::debug!(heartbeats = self.heartbeats, "lifecycle heartbeat sent");
+        }
+    }
+
+    /// `CompleteLifecycleAction(CONTINUE)`: Auto Scaling terminates the instance now.
+    async fn complete(&mut self, notify: &mut Notifier, settings: &Settings) {
+        self.completed = true;
+        let waited_ms = self
+            .terminating
+            .map(|t| t.elapsed().as_millis() as u64)
+            .unwrap_or_default();
+        let Some(hook) = self.hook(settings) else {
+            tracing::info!(
+                waited_ms,
+                "Auto Scaling is terminating this instance; the runtime config names no lifecycle hook, so there is nothing to complete"
+            );
+            return;
+        };
+        let done = notify
+            .during(
+                "completing the lifecycle action",
+                AWS_STEP_BOUND,
+                hook.complete(self.asg, self.opts.aws_retry_backoff),
+            )
+            .await;
+        match done {
+            Ok(attempts) => tracing::info!(
+                lifecycle_hook = %hook.hook.name,
+                result = "CONTINUE",
+                attempts,
+                heartbeats = self.heartbeats,
+                waited_ms,
+                "lifecycle action completed: Auto Scaling terminates this instance now"
+            ),
+            Err(e) => tracing::error!(
+                lifecycle_hook = %hook.hook.name,
+                error = %e,
+                heartbeats = self.heartbeats,
+                waited_ms,
+                timeout_secs = hook.hook.heartbeat_timeout.as_secs(),
+                "could not complete the lifecycle action; Auto Scaling ends the wait after the heartbeat timeout (DefaultResult)"
+            ),
+        }
+        notify.status("lifecycle action completed: waiting for Auto Scaling to stop this instance");
+    }
+
+    /// The agent is gone: ask Auto Scaling to terminate the instance (unless it already
+    /// is), hand leadership on, and wait for the end.
+    async fn finish(
+        &mut self,
+        notify: &mut Notifier,
+        leader: &mut Option<LeaderWork>,
+        settings: &Settings,
+        decrement: bool,
+        why: &str,
+    ) -> Finished {
+        if self.terminating.is_none() {
+            let (asg, id, opts) = (self.asg, self.instance_id, self.opts);
+            let outcome = tokio::select! {
+                biased;
+                _ = self.shutdown.drain.cancelled() => {
+                    notify.stopping("stopping: the instance was being terminated");
+                    return Finished::Ended;
+                }
+                t = notify.during(
+                    "terminating the instance",
+                    AWS_STEP_BOUND,
+                    terminate_self(asg, id, decrement, opts.aws_retry_backoff, || poweroff(&opts.poweroff_command)),
+                ) => t,
+            };
+            if outcome == Termination::AtMinSize {
+                return Finished::AtMinSize;
+            }
+        }
+        // The instance is going: hand leadership on now, not at SIGTERM.
+        if let Some(l) = leader.take() {
+            notify
+                .during(
+                    "handing leadership on",
+                    LEADER_STOP_BOUND,
+                    l.stop_and_release(),
+                )
+                .await;
+        }
+        notify.status(&format!(
+            "terminating instance ({why}): waiting for Auto Scaling to stop it"
+        ));
+        self.wait_for_end(notify, settings).await;
+        Finished::Ended
+    }
+
+    /// Keeps the instance's last moments quiet: Auto Scaling stops us (SIGTERM) when it
+    /// terminates the instance; with a lifecycle hook, once we complete its action (at
+    /// once: the agent is gone). If nothing happened after `terminate_timeout`, power off.
+    async fn wait_for_end(&mut self, notify: &mut Notifier, settings: &Settings) {
+        let until = tokio::time::Instant::now() + self.opts.terminate_timeout;
+        let mut powered_off = false;
+        loop {
+            if self.terminating.is_some() && !self.completed {
+                self.complete(notify, settings).await;
+            }
+            let shutdown = self.shutdown;
+            tokio::select! {
+                biased;
+                _ = shutdown.drain.cancelled() => break,
+                n = self.next_notice() => {
+                    match n {
+                        Notice::Terminating => self.terminating = Some(tokio::time::Instant::now()),
+                        other => tracing::info!(notice = ?other, "notice while the instance is ending: nothing more to do"),
+                    }
+                }
+                _ = tokio::time::sleep_until(until), if !powered_off => {
+                    tracing::error!(
+                        timeout_secs = self.opts.terminate_timeout.as_secs(),
+                        "instance still running long after its termination was requested"
+                    );
+                    notify.status("termination requested long ago: powering off");
+                    poweroff(&self.opts.poweroff_command).await;
+                    powered_off = true;
+                }
+                _ = notify.watchdog_due() => notify.ping(),
+            }
+        }
+        notify.stopping("stopping: the instance is being terminated");
+    }
+
+    /// Sleeps `how_long` between agent runs, feeding the watchdog; a notice (recorded)
+    /// or a stop signal cuts it short.
+    async fn wait(
+        &mut self,
+        notify: &mut Notifier,
+        how_long: Duration,
+        settings: &Settings,
+    ) -> Waited {
+        let until = tokio::time::Instant::now() + how_long;
+        loop {
+            let shutdown = self.shutdown;
+            tokio::select! {
+                biased;
+                _ = shutdown.drain.cancelled() => return Waited::Stop,
+                n = self.next_notice() => {
+                    if let Some(kind) = self.take_notice(n, false, settings).await {
+                        if self.replace.is_none() && kind != Interruption::Lifecycle {
+                            self.replace = Some(kind);
+                        }
+                        return Waited::Notice;
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => return Waited::Elapsed,
+                _ = notify.watchdog_due() => notify.ping(),
+            }
+        }
+    }
+}
+
+/// When this instance launched (the identity document's `pendingTime`), read once; the
+/// supervisor's own start if IMDS does not say.
+async fn launch_of(cache: &mut Option<SystemTime>, fallback: SystemTime) -> SystemTime {
+    if let Some(t) = *cache {
+        return t;
+    }
+    let t = match launch_time(&SdkImds::new(), 3, Duration::from_millis(200)).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "launch time unknown: max_uptime_secs counts from the supervisor's start");
+            fallback
+        }
+    };
+    *cache = Some(t);
+    t
+}
+
+/// The status line with what is pending, if anything.
+fn with_pending(status: &str, end: &Ending<'_>) -> String {
+    if end.terminating.is_some() {
+        format!("{status}; Auto Scaling is terminating this instance: the job finishes first")
+    } else if let Some(kind) = &end.replace {
+        format!("{status}; after the job: {}", kind.why())
+    } else {
+        status.to_string()
+    }
+}
+
+/// Runs `step` while heartbeating `hook` (if any) so Auto Scaling keeps waiting.
+async fn with_heartbeats<F: std::future::Future>(
+    step: F,
+    hook: Option<&interrupt::Hook>,
+    asg: &SdkAutoScaling,
+    beats: &mut u32,
+) -> F::Output {
+    let Some(hook) = hook else {
+        return step.await;
+    };
+    let every = interrupt::heartbeat_every(hook.hook.heartbeat_timeout);
+    tokio::pin!(step);
+    let mut next = tokio::time::Instant::now() + every;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut step => return out,
+            _ = tokio::time::sleep_until(next) => {
+                if hook.heartbeat(asg).await {
+                    *beats += 1;
+                }
+                next = tokio::time::Instant::now() + every;
+            }
+        }
+    }
 }
 
 async fn drain(
@@ -786,7 +1376,7 @@ async fn drain(
     grace: Duration,
     shutdown: &Shutdown,
     reasons: &mut mpsc::UnboundedReceiver<ShutdownReason>,
-) -> Result<(), DaemonError> {
+) -> Result<Option<ShutdownReason>, DaemonError> {
     tracing::info!(
         agent_name,
         grace_secs = grace.as_secs(),
@@ -816,7 +1406,7 @@ async fn drain(
         status = %describe_status(&exit.status),
         "drained"
     );
-    Ok(())
+    Ok(reason)
 }
 
 /// Re-reads config and token before an agent restart, so a rotated token or a changed

@@ -24,14 +24,19 @@
 //! ## Inputs and outputs
 //!
 //! - IMDS: instance id, region, user data (`AGENT_FLEET_STACK=…`,
-//!   `AGENT_FLEET_CONFIG_PARAMETER=…`), see [`config::StackIdentity`].
+//!   `AGENT_FLEET_CONFIG_PARAMETER=…`), see [`config::StackIdentity`]; every 2 s the spot
+//!   interruption notice, the rebalance recommendation and the Auto Scaling target
+//!   lifecycle state (see [`interrupt`]).
+//! - Auto Scaling: `TerminateInstanceInAutoScalingGroup` for its own instance (see
+//!   [`lifecycle`]), and, with the group's termination lifecycle hook,
+//!   `RecordLifecycleActionHeartbeat` and `CompleteLifecycleAction`.
 //! - SSM: the runtime config parameter (JSON, [`config::RuntimeConfig`]) and the
 //!   registration token (SecureString).
 //! - Files, in `--work-dir` (default `/var/lib/agent-supervisor`): `config.yaml` (0600,
 //!   agent user), `shutdown-hook.sh`, `hook.sock`.
 //! - Logs: journald with structured fields, stderr when the journal is absent (see
-//!   [`telemetry`] for the field names); the boot timing also as CloudWatch metrics
-//!   (see [`boot`]).
+//!   [`telemetry`] for the field names); the boot timing and spot interruptions also as
+//!   CloudWatch metrics (see [`boot`], [`interrupt`]).
 
 pub mod agent;
 pub mod aws;
@@ -41,6 +46,7 @@ pub mod config;
 pub mod daemon;
 pub mod election;
 pub mod hook;
+pub mod interrupt;
 pub mod leader;
 pub mod leadership;
 pub mod lifecycle;

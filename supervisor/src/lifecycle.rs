@@ -8,6 +8,11 @@
 //! | registration failure                 | restart with backoff; never replace: a bad or revoked token is fleet-wide |
 //! | `UNABLE_TO_SYNC`                     | restart with backoff; never replace (the API or network is down for all) |
 //! | crash after registering              | restart with backoff; after [`MAX_LOCAL_FAILURES`] in a row, replace |
+//!
+//! Spot notices, rebalance recommendations, Auto Scaling's own terminations and the age
+//! limit are in [`crate::interrupt`]: a replacement they left pending turns a restart into a
+//! termination without decrement, and while Auto Scaling is terminating the instance any exit
+//! completes its lifecycle action instead.
 
 use crate::agent::{AgentExit, ShutdownReason};
 use crate::aws::autoscaling::{AsgError, AutoScaling};

@@ -17,6 +17,8 @@
 //! | `AGENT_NAME` | the agent's lines; `agent started`, `agent exited`, `terminating this instance`, `draining…`, `drained` | `<instance id>__<hex>` |
 //! | `EXIT_REASON` | `agent exited`, `terminating this instance`, `drained`, `agent shutdown hook ran` | the agent's shutdown reason (`IDLE`, `JOB_FINISHED`, `REQUESTED`, `INTERRUPTED`, `UNABLE_TO_SYNC`, `UNKNOWN`) or `none` |
 //! | `TERM`, `LEADERSHIP` | leadership changes | the term; `won`, `leading`, `stepped_down`, `following`, `stopped`, `released` |
+//! | `INTERRUPTION`, `WHY`, `DECREMENT` | `terminating this instance` | what ended it: `spot`, `rebalance`, `lifecycle`, `max_uptime` or `none`; the decision; whether desired capacity drops |
+//! | `LIFECYCLE_HOOK`, `HEARTBEATS`, `WAITED_MS` | `lifecycle action completed` | the hook, heartbeats sent while a job finished, time held |
 //! | `BOOT_STAGE`, `*_MS` | `boot timing` | `registered`/`first_job`; the phases of [`crate::boot`] |
 //!
 //! So `journalctl INSTANCE_ID=i-0abc…` selects one instance's records, and

@@ -128,6 +128,8 @@ fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
                         retry_ms: retry,
                         prefix: None,
                     },
+                    lifecycle_hook: None,
+                    max_uptime_secs: 0,
                 }
             },
         )

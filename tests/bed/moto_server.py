@@ -4,7 +4,11 @@
 What this adds to `moto_server`:
 
 1. Auto Scaling strictness moto 5.2.5 lacks (see `apply_patches`); each patch cites the AWS
-   behaviour it mirrors. Tests match error *codes*, never messages.
+   behaviour it mirrors. Tests match error *codes*, never messages. With a termination
+   lifecycle hook, an instance leaving the group (TerminateInstanceInAutoScalingGroup, a lower
+   SetDesiredCapacity, UpdateAutoScalingGroup lowering MaxSize) waits in Terminating:Wait until
+   CompleteLifecycleAction, its heartbeat timeout (heartbeats restart it) or the global timeout;
+   LifecycleHookSpecificationList of a CloudFormation group creates its hooks.
 2. A WSGI middleware (`Bed`) in front of moto that
    - serialises AWS requests into moto (moto's backends check-then-insert without locks; the
      leader election relies on PutParameter(Overwrite=false) being atomic, as it is in AWS),
@@ -136,19 +140,106 @@ def apply_patches() -> None:
         group.instance_states = [x for x in group.instance_states if x is not state]
         backend.ec2_backend.terminate_instances([state.instance.id])
 
+    def begin_termination_wait(state: Any, hook: Any) -> None:
+        # User Guide, "How lifecycle hooks work": a terminating instance "is first
+        # deregistered from the load balancer" and "the lifecycle hook puts the instance into
+        # a wait state (Terminating:Wait)"; it stays in the group (DescribeAutoScalingGroups
+        # lists it) until the action completes or times out.
+        state.lifecycle_state = "Terminating:Wait"
+        state.bed_hook = hook
+        state.bed_heartbeat = time.time()
+        state.bed_wait_started = state.bed_heartbeat
+
+    def global_timeout(hook: Any) -> float:
+        # LifecycleHook.GlobalTimeout: "The maximum time, in seconds, that an instance can
+        # remain in a wait state. The maximum is 172800 seconds (48 hours) or 100 times
+        # HeartbeatTimeout, whichever is smaller."
+        return min(172800, 100 * hook.heartbeat_timeout)
+
     def expire_lifecycle_actions(backend: Any) -> None:
         # PutLifecycleHook, HeartbeatTimeout: "If the lifecycle hook times out, Amazon EC2 Auto
         # Scaling performs the action that you specified in the DefaultResult property." For
-        # the terminating transition both CONTINUE and ABANDON end in termination. Checked
-        # lazily, before every Auto Scaling API call.
+        # the terminating transition both CONTINUE and ABANDON end in termination. Heartbeats
+        # restart the timeout, never past the global timeout. Checked lazily, before every
+        # Auto Scaling API call.
         now = time.time()
         for group in list(backend.autoscaling_groups.values()):
             for state in list(group.instance_states):
                 if state.lifecycle_state != "Terminating:Wait":
                     continue
                 hook = getattr(state, "bed_hook", None)
-                if hook is None or now >= state.bed_heartbeat + hook.heartbeat_timeout:
+                if (
+                    hook is None
+                    or now >= state.bed_heartbeat + hook.heartbeat_timeout
+                    or now >= state.bed_wait_started + global_timeout(hook)
+                ):
                     finish_termination(backend, group, state)
+
+    # -- Scale-in through a termination lifecycle hook --------------------------------------
+    # With a hook for autoscaling:EC2_INSTANCE_TERMINATING, an instance Auto Scaling removes on
+    # scale-in (SetDesiredCapacity lower, UpdateAutoScalingGroup lowering MaxSize below the
+    # instance count, a scaling policy) goes to Terminating:Wait like one terminated through
+    # TerminateInstanceInAutoScalingGroup (User Guide, "Amazon EC2 Auto Scaling lifecycle
+    # hooks": "Scale-in events ... the lifecycle hook puts the instance into a wait state").
+    # Instances protected from scale in are never picked ("Use instance scale-in protection":
+    # "Auto Scaling does not terminate protected instances during scale in"). moto 5.2.5
+    # terminates at once. Only for these API actions: DeleteAutoScalingGroup (whose
+    # ForceDelete "deletes any outstanding lifecycle actions") and CloudFormation keep moto's
+    # immediate termination.
+    scale_in_actions = {"SetDesiredCapacity", "UpdateAutoScalingGroup", "ExecutePolicy"}
+    api_action = threading.local()
+    _orig_group_set_desired_capacity = M.FakeAutoScalingGroup.set_desired_capacity
+
+    def group_set_desired_capacity(self: Any, new_capacity: Any) -> None:
+        hooks = (
+            terminating_hooks(self.autoscaling_backend, self.name)
+            if getattr(api_action, "name", None) in scale_in_actions
+            else []
+        )
+        overrides = ((self.mixed_instances_policy or {}).get("LaunchTemplate") or {}).get("Overrides")
+        desired = self.min_size if new_capacity is None else new_capacity
+        excess = len(self.active_instances()) - (desired or 0)
+        if not hooks or overrides or excess <= 0:
+            _orig_group_set_desired_capacity(self, new_capacity)
+            return
+        self.desired_capacity = desired
+        # moto's own choice of victims (the oldest unprotected first), into the wait.
+        for state in [s for s in self.active_instances() if not s.protected_from_scale_in][:excess]:
+            begin_termination_wait(state, hooks[0])
+
+    M.FakeAutoScalingGroup.set_desired_capacity = group_set_desired_capacity
+
+    # -- Lifecycle hooks from CloudFormation --------------------------------------------------
+    # AWS::AutoScaling::AutoScalingGroup LifecycleHookSpecificationList: "One or more lifecycle
+    # hooks to add to the Auto Scaling group before instances are launched." (LifecycleHookName,
+    # LifecycleTransition, HeartbeatTimeout, DefaultResult). moto 5.2.5 ignores the property.
+    # Deleting a group deletes its hooks (moto keeps them).
+    _orig_cfn_create = M.FakeAutoScalingGroup.create_from_cloudformation_json.__func__
+
+    def cfn_create(cls: Any, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str, **kwargs: Any) -> Any:
+        group = _orig_cfn_create(cls, resource_name, cloudformation_json, account_id, region_name, **kwargs)
+        backend = M.autoscaling_backends[account_id][region_name]
+        for spec in cloudformation_json.get("Properties", {}).get("LifecycleHookSpecificationList") or []:
+            timeout = spec.get("HeartbeatTimeout")
+            backend.create_lifecycle_hook(
+                name=spec["LifecycleHookName"],
+                as_name=group.name,
+                transition=spec["LifecycleTransition"],
+                timeout=int(timeout) if timeout is not None else None,
+                result=spec.get("DefaultResult"),
+            )
+        return group
+
+    M.FakeAutoScalingGroup.create_from_cloudformation_json = classmethod(cfn_create)
+
+    _orig_delete_group = M.AutoScalingBackend.delete_auto_scaling_group
+
+    def delete_auto_scaling_group(self: Any, group_name: str) -> None:
+        _orig_delete_group(self, group_name)
+        for key in [k for k, h in self.lifecycle_hooks.items() if h.auto_scaling_group_name == group_name]:
+            del self.lifecycle_hooks[key]
+
+    M.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
 
     # -- SetDesiredCapacity ---------------------------------------------------------------
     # AWS (Auto Scaling User Guide, "Set scaling limits for your Auto Scaling group"): "The
@@ -212,14 +303,12 @@ def apply_patches() -> None:
             )
         hooks = terminating_hooks(backend, group.name)
         if hooks:
-            state.lifecycle_state = "Terminating:Wait"
-            state.bed_hook = hooks[0]
-            state.bed_heartbeat = time.time()
+            begin_termination_wait(state, hooks[0])
             if should_decrement:
                 group.desired_capacity = original - 1
             # Launches the replacement when not decrementing: the waiting instance no longer
             # counts as active (moto counts only InService instances).
-            group.set_desired_capacity(group.desired_capacity)
+            _orig_group_set_desired_capacity(group, group.desired_capacity)
             activity = M.TerminateInstanceActivity(state.instance, original)
         else:
             activity = backend.terminate_instance(instance_id, should_decrement)
@@ -283,7 +372,11 @@ def apply_patches() -> None:
 
     def call_action(self: Any) -> Any:
         expire_lifecycle_actions(self.autoscaling_backend)
-        return _orig_call_action(self)
+        api_action.name = self._get_action()
+        try:
+            return _orig_call_action(self)
+        finally:
+            api_action.name = None
 
     R.AutoScalingResponse.set_desired_capacity = set_desired_capacity
     R.AutoScalingResponse.terminate_instance_in_auto_scaling_group = (
@@ -475,6 +568,8 @@ LOGGED_PARAMS: dict[str, tuple[str, ...]] = {
     ),
     "RecordLifecycleActionHeartbeat": ("AutoScalingGroupName", "LifecycleHookName", "InstanceId"),
     "SuspendProcesses": ("AutoScalingGroupName",),
+    "UpdateAutoScalingGroup": ("AutoScalingGroupName", "MinSize", "MaxSize", "DesiredCapacity"),
+    "PutLifecycleHook": ("AutoScalingGroupName", "LifecycleHookName", "LifecycleTransition", "HeartbeatTimeout"),
     "ResumeProcesses": ("AutoScalingGroupName",),
     "PutParameter": ("Name", "Overwrite", "Type"),
     "GetParameter": ("Name", "WithDecryption"),

@@ -77,6 +77,8 @@ impl Bed {
             no_https: true,
             scaler: Default::default(),
             election: Default::default(),
+            lifecycle_hook: None,
+            max_uptime_secs: 0,
         }
     }
 
@@ -146,6 +148,7 @@ impl Bed {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 group_args: Default::default(),
+                group_life_cycle: Default::default(),
                 poll: Duration::from_millis(150),
                 stop_timeout: Duration::from_secs(10),
             }

@@ -2,6 +2,11 @@
 //! process with its own fake IMDS, and a launcher that keeps one per in-service instance
 //! of the emulated groups, stopping it (like a shutdown: SIGTERM, then SIGKILL) when
 //! Auto Scaling terminates the instance. A whole fleet on one machine.
+//!
+//! While Auto Scaling is terminating an instance (`Terminating`, `Terminating:Wait`,
+//! `Terminating:Proceed`: a termination lifecycle hook holds it), the instance keeps
+//! running and its IMDS `autoscaling/target-lifecycle-state` says `Terminated`, as EC2's
+//! does; the supervisor is stopped when the instance leaves the group.
 
 use crate::imds::{FakeImds, InstanceMeta};
 use crate::moto::Moto;
@@ -108,6 +113,11 @@ pub enum FleetEvent {
     },
     Terminated {
         instance_id: String,
+    },
+    /// Auto Scaling began terminating the instance (its IMDS now says `Terminated`).
+    Terminating {
+        instance_id: String,
+        lifecycle_state: String,
     },
     Desired {
         group: String,
@@ -450,6 +460,9 @@ pub struct FleetOptions {
     /// Extra `run` arguments for the instances of one group (e.g. `--role scaler`). Not used
     /// with [`FleetOptions::user_data_from_launch_template`].
     pub group_args: BTreeMap<String, Vec<String>>,
+    /// What the fake IMDS of a group's instances says at `instance-life-cycle` (`spot`);
+    /// groups not named here: `on-demand`.
+    pub group_life_cycle: BTreeMap<String, String>,
     pub poll: Duration,
     /// How long a terminated instance's supervisor gets after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
@@ -469,6 +482,8 @@ struct FleetState {
     retired: Vec<Instance>,
     launched: Vec<String>,
     terminated: Vec<String>,
+    /// Instances seen in a `Terminating*` state, with when the launcher first saw that.
+    terminating: BTreeMap<String, Instant>,
 }
 
 impl Fleet {
@@ -500,6 +515,15 @@ impl Fleet {
         self.state
             .lock()
             .map(|s| s.terminated.clone())
+            .unwrap_or_default()
+    }
+
+    /// Instance ids Auto Scaling began terminating (lifecycle hook wait), with when the
+    /// launcher saw it first.
+    pub fn terminating(&self) -> BTreeMap<String, Instant> {
+        self.state
+            .lock()
+            .map(|s| s.terminating.clone())
             .unwrap_or_default()
     }
 
@@ -573,6 +597,22 @@ async fn launcher(
                 if matches!(lifecycle.as_str(), "InService" | "Pending") {
                     live.insert(id.clone());
                     to_launch.push((id.clone(), g.clone()));
+                } else if lifecycle.starts_with("Terminating") {
+                    // Still running until it leaves the group; its IMDS says where it goes.
+                    live.insert(id.clone());
+                    let first = state.lock().ok().and_then(|mut s| {
+                        let inst = s.running.get(id)?;
+                        inst.imds.set_target_lifecycle_state("Terminated");
+                        let new = !s.terminating.contains_key(id);
+                        s.terminating.entry(id.clone()).or_insert_with(Instant::now);
+                        Some(new)
+                    });
+                    if first == Some(true) {
+                        let _ = events.send(FleetEvent::Terminating {
+                            instance_id: id.clone(),
+                            lifecycle_state: lifecycle.clone(),
+                        });
+                    }
                 }
             }
         }
@@ -659,6 +699,11 @@ async fn launcher(
                 user_data: Some(user_data),
                 args,
                 agent_env: opts.agent_env.clone(),
+                life_cycle: opts
+                    .group_life_cycle
+                    .get(&group)
+                    .cloned()
+                    .unwrap_or_else(|| "on-demand".into()),
                 ..InstanceOptions::new(&id, &group, &moto, &opts.root)
             };
             match Instance::start(o, Some(events.clone())).await {

@@ -16,6 +16,14 @@
 //! | `POST /disconnect` | access | 200; the agent leaves the live set |
 //! | `GET /metrics` | registration | 200 [`Metrics`]; wrong/missing token 401; [`Fault`]s apply here |
 //!
+//! # Job logs
+//!
+//! Each job payload carries a `logger` ([`JobLogger`]: `method` `push`, a `url` and a
+//! per-job `token`), as the real job request does. The agent pushes the job's output
+//! there: `POST /logs/{job_id}` with `Authorization: Bearer <token>` and a plain-text
+//! body of lines (the real log service takes JSON events; the text is what matters
+//! here). The hub keeps the lines in [`JobInfo::output`]; a wrong token gets 401.
+//!
 //! Sync semantics (server side decides, reasons are lower-case on the wire):
 //! * `waiting-for-jobs`: disconnect requested -> `shutdown`/`requested`;
 //!   interrupted -> `shutdown`/`interrupted`; idle longer than `idle_timeout`
@@ -44,13 +52,17 @@
 //! # Control API (no auth), for other processes
 //!
 //! * `POST /control/jobs` [`JobSpec`] -> `{"id": …}`
-//! * `GET /control/state` -> [`HubState`] (`jobs`, `agents`, `metrics`, `metrics_polls`, `fault`, `api_outage`)
+//! * `GET /control/state` -> [`HubState`] (`jobs`, `agents`, `metrics`, `metrics_polls`, `fault`, `api_outage`, `metrics_outage`)
 //! * `POST /control/agents/{name}/disconnect` -> 200, or 404 when no live agent has that name
 //! * `POST /control/fault` JSON [`Fault`] or `null` (e.g. `"ServerError"`,
 //!   `{"TooMany":{"retry_after_secs":3}}`, `{"Slow":{"ms":500}}`)
 //! * `POST /control/token` `{"token": "…"}` (a bare JSON string or plain text also work)
 //! * `POST /control/outage` `true`/`false`: the agent API (register, sync,
-//!   jobs, disconnect) answers 503 while on; `/metrics` is unaffected.
+//!   jobs, disconnect) answers 503 while on; `/metrics` is unaffected. Or
+//!   `{"agent_api": bool, "metrics": bool}` (either may be left out): with
+//!   `metrics` on, `GET /metrics` answers 503 too (counted in `metrics_polls`) —
+//!   Semaphore down as a whole ([`Hub::set_down`]). Job log pushes are never
+//!   refused.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -136,6 +148,9 @@ pub struct JobInfo {
     pub queued_ms: u64,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
+    /// The job's output as the agent pushed it to its logger, line by line.
+    #[serde(default)]
+    pub output: Vec<String>,
 }
 
 /// Life of an agent on the hub.
@@ -261,6 +276,8 @@ pub struct HubState {
     pub metrics_polls: u64,
     pub fault: Option<Fault>,
     pub api_outage: bool,
+    #[serde(default)]
+    pub metrics_outage: bool,
 }
 
 // ---------------------------------------------------------------- wire types
@@ -345,6 +362,18 @@ pub struct JobPayload {
     pub epilogue_on_fail_commands: Vec<Command>,
     pub env_vars: Vec<EnvVar>,
     pub files: Vec<serde_json::Value>,
+    /// Where the job's output goes (see the module docs).
+    pub logger: Option<JobLogger>,
+}
+
+/// The `logger` of a job payload: push the job's output to `url` with
+/// `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct JobLogger {
+    pub method: String,
+    pub url: String,
+    pub token: String,
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -440,7 +469,12 @@ struct Inner {
     agents: Vec<AgentRec>,
     fault: Option<Fault>,
     api_outage: bool,
+    metrics_outage: bool,
     metrics_polls: u64,
+    /// When each `/metrics` request arrived, ms since the hub started.
+    metrics_poll_ms: Vec<u64>,
+    /// Job id -> the token its log pushes must carry.
+    log_tokens: std::collections::HashMap<String, String>,
     sts_seq: u64,
 }
 
@@ -568,6 +602,7 @@ impl Shared {
             queued_ms: self.ms(now),
             started_ms: None,
             finished_ms: None,
+            output: Vec::new(),
         });
         drop(inner);
         self.emit(HubEvent::JobQueued { id: id.clone() });
@@ -597,6 +632,7 @@ impl Shared {
             metrics_polls: inner.metrics_polls,
             fault: inner.fault.clone(),
             api_outage: inner.api_outage,
+            metrics_outage: inner.metrics_outage,
         }
     }
 
@@ -795,7 +831,10 @@ impl Hub {
                 agents: Vec::new(),
                 fault: None,
                 api_outage: false,
+                metrics_outage: false,
                 metrics_polls: 0,
+                metrics_poll_ms: Vec::new(),
+                log_tokens: std::collections::HashMap::new(),
                 sts_seq: 0,
             }),
             events,
@@ -910,9 +949,37 @@ impl Hub {
         self.shared.events.subscribe()
     }
 
+    /// While on, `GET /metrics` answers 503 (the polls are still counted).
+    pub fn set_metrics_outage(&self, on: bool) {
+        self.shared.lock().metrics_outage = on;
+    }
+
+    /// Semaphore down as a whole: the agent API and `/metrics` answer 503 while on.
+    pub fn set_down(&self, on: bool) {
+        let mut inner = self.shared.lock();
+        inner.api_outage = on;
+        inner.metrics_outage = on;
+    }
+
     /// Number of `GET /metrics` requests received (faulted ones included).
     pub fn metrics_polls(&self) -> u64 {
         self.shared.lock().metrics_polls
+    }
+
+    /// When each `GET /metrics` request arrived, as [`Instant`]s (faulted ones included).
+    pub fn metrics_poll_times(&self) -> Vec<Instant> {
+        let epoch = self.shared.epoch;
+        self.shared
+            .lock()
+            .metrics_poll_ms
+            .iter()
+            .map(|ms| epoch + Duration::from_millis(*ms))
+            .collect()
+    }
+
+    /// The output lines the agent pushed for a job (empty for an unknown job).
+    pub fn job_output(&self, id: &str) -> Vec<String> {
+        self.job(id).map(|j| j.output).unwrap_or_default()
     }
 
     /// Polls `cond` every 20 ms until it holds or `timeout` passes.
@@ -956,6 +1023,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/control/fault", post(control_fault))
         .route("/control/token", post(control_token))
         .route("/control/outage", post(control_outage))
+        .route("/logs/{id}", post(push_logs))
         .with_state(shared)
 }
 
@@ -1071,7 +1139,7 @@ async fn sync(State(s): S, headers: HeaderMap, body: Bytes) -> Response {
 }
 
 async fn get_job(State(s): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let inner = s.state();
+    let mut inner = s.state();
     if inner.api_outage {
         return outage();
     }
@@ -1086,7 +1154,22 @@ async fn get_job(State(s): S, headers: HeaderMap, Path(id): Path<String>) -> Res
     else {
         return message(StatusCode::NOT_FOUND, "job not found");
     };
-    Json(job_payload(job)).into_response()
+    let mut payload = job_payload(job);
+    let token = inner
+        .log_tokens
+        .entry(id.clone())
+        .or_insert_with(|| random_hex(32))
+        .clone();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    payload.logger = Some(JobLogger {
+        method: "push".into(),
+        url: format!("http://{host}/logs/{id}"),
+        token,
+    });
+    Json(payload).into_response()
 }
 
 /// The payload served for a job (see [`JobPayload`]).
@@ -1141,12 +1224,17 @@ fn json_body(status: StatusCode, body: String) -> Response {
 }
 
 async fn metrics(State(s): S, headers: HeaderMap) -> Response {
-    let fault = {
+    let (fault, down) = {
         let mut inner = s.state();
         inner.metrics_polls += 1;
-        inner.fault.clone()
+        let ms = s.ms(Instant::now());
+        inner.metrics_poll_ms.push(ms);
+        (inner.fault.clone(), inner.metrics_outage)
     };
     s.emit(HubEvent::MetricsPolled);
+    if down {
+        return outage();
+    }
     match fault {
         Some(Fault::Unauthorized) => return message(StatusCode::UNAUTHORIZED, "unauthorized"),
         Some(Fault::TooMany { retry_after_secs }) => {
@@ -1231,16 +1319,55 @@ async fn control_token(State(s): S, body: Bytes) -> Response {
 }
 
 async fn control_outage(State(s): S, body: Bytes) -> Response {
-    match serde_json::from_slice::<bool>(&body) {
-        Ok(on) => {
-            s.lock().api_outage = on;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Parts {
+        agent_api: Option<bool>,
+        metrics: Option<bool>,
+    }
+    if let Ok(on) = serde_json::from_slice::<bool>(&body) {
+        s.lock().api_outage = on;
+        return (StatusCode::OK, Json(serde_json::json!({ "ok": true }))).into_response();
+    }
+    match serde_json::from_slice::<Parts>(&body) {
+        Ok(p) => {
+            let mut inner = s.lock();
+            if let Some(on) = p.agent_api {
+                inner.api_outage = on;
+            }
+            if let Some(on) = p.metrics {
+                inner.metrics_outage = on;
+            }
             (StatusCode::OK, Json(serde_json::json!({ "ok": true }))).into_response()
         }
         Err(e) => message(
             StatusCode::BAD_REQUEST,
-            &format!("expected true/false: {e}"),
+            &format!("expected true/false or {{\"agent_api\": bool, \"metrics\": bool}}: {e}"),
         ),
     }
+}
+
+async fn push_logs(
+    State(s): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let mut inner = s.lock();
+    let expected = inner.log_tokens.get(&id).cloned();
+    if expected.is_none() || bearer != expected.as_deref() {
+        return message(StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    let text = String::from_utf8_lossy(&body);
+    if let Some(job) = inner.jobs.iter_mut().find(|j| j.id == id) {
+        job.output.extend(text.lines().map(str::to_string));
+    }
+    (StatusCode::OK, Json(serde_json::json!({ "ok": true }))).into_response()
 }
 
 #[cfg(test)]
@@ -2074,5 +2201,112 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let err = api.http.post(format!("{}/sync", api.base)).send().await;
         assert!(err.is_err(), "hub still answering after stop");
+    }
+
+    #[tokio::test]
+    async fn down_as_a_whole_and_poll_times() {
+        let hub = hub().await;
+        let api = Api::new(&hub);
+        let r = api.register("agent-down1", serde_json::json!({})).await;
+        hub.set_down(true);
+        assert_eq!(
+            api.metrics(Some(REG)).await.status(),
+            Status::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            api.sync_raw(&r.token, &SyncRequest::default())
+                .await
+                .status(),
+            Status::SERVICE_UNAVAILABLE
+        );
+        assert!(hub.state().metrics_outage && hub.state().api_outage);
+        hub.set_down(false);
+        assert_eq!(api.metrics(Some(REG)).await.status(), Status::OK);
+        // Through the control API: metrics alone.
+        let url = format!("{}/control/outage", hub.base_url());
+        let resp = api
+            .http
+            .post(&url)
+            .body(r#"{"metrics": true}"#)
+            .send()
+            .await
+            .expect("outage");
+        assert_eq!(resp.status(), Status::OK);
+        assert_eq!(
+            api.metrics(Some(REG)).await.status(),
+            Status::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            api.sync(&r.token, "waiting-for-jobs", "", "", 0)
+                .await
+                .action,
+            "continue"
+        );
+        let bad = api
+            .http
+            .post(&url)
+            .body(r#"{"metric": true}"#)
+            .send()
+            .await
+            .expect("outage");
+        assert_eq!(bad.status(), Status::BAD_REQUEST);
+        assert_eq!(hub.metrics_polls(), 3);
+        let times = hub.metrics_poll_times();
+        assert_eq!(times.len(), 3);
+        assert!(times.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[tokio::test]
+    async fn job_output_is_pushed_to_the_logger() {
+        let hub = hub().await;
+        let api = Api::new(&hub);
+        let r = api.register("agent-logs1", serde_json::json!({})).await;
+        let id = hub.enqueue_job(JobSpec::default());
+        assert_eq!(
+            api.sync(&r.token, "waiting-for-jobs", "", "", 0)
+                .await
+                .action,
+            "run-job"
+        );
+        let payload: JobPayload = api
+            .http
+            .get(format!("{}/jobs/{id}", api.base))
+            .header("Authorization", format!("Token {}", r.token))
+            .send()
+            .await
+            .expect("get job")
+            .json()
+            .await
+            .expect("job json");
+        let logger = payload.logger.expect("a logger");
+        assert_eq!(logger.method, "push");
+        assert!(
+            logger.url.ends_with(&format!("/logs/{id}")),
+            "{}",
+            logger.url
+        );
+        let push = |token: &str, body: &str| {
+            api.http
+                .post(&logger.url)
+                .header("Authorization", format!("Bearer {token}"))
+                .body(body.to_string())
+                .send()
+        };
+        assert_eq!(
+            push("wrong", "x").await.expect("push").status(),
+            Status::UNAUTHORIZED
+        );
+        assert_eq!(
+            push(&logger.token, "one\ntwo\n")
+                .await
+                .expect("push")
+                .status(),
+            Status::OK
+        );
+        assert_eq!(
+            push(&logger.token, "three").await.expect("push").status(),
+            Status::OK
+        );
+        assert_eq!(hub.job_output(&id), vec!["one", "two", "three"]);
     }
 }

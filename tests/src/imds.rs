@@ -80,6 +80,8 @@ struct Dynamic {
     tags: BTreeMap<String, String>,
     down: bool,
     tokens: HashMap<String, Instant>,
+    /// GETs answered (any status) per path.
+    gets: HashMap<String, u64>,
 }
 
 #[derive(Debug)]
@@ -123,6 +125,7 @@ impl FakeImds {
                 tags: BTreeMap::new(),
                 down: false,
                 tokens: HashMap::new(),
+                gets: HashMap::new(),
             }),
             requests: AtomicU64::new(0),
             started_unix_ms,
@@ -191,6 +194,41 @@ impl FakeImds {
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(Ordering::Relaxed)
     }
+
+    /// GETs of one path so far (e.g. `/latest/meta-data/spot/instance-action`), whatever the
+    /// answer: how often the supervisor polls it.
+    pub fn gets(&self, path: &str) -> u64 {
+        self.shared
+            .lock()
+            .gets
+            .get(path)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// A spot interruption notice as EC2 gives it, two minutes ahead:
+    /// `{"action": "<action>", "time": "<now + in_secs, RFC 3339>"}`.
+    pub fn set_spot_interruption(&self, action: &str, in_secs: u64) {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+            + in_secs;
+        self.set_spot_action(Some(
+            serde_json::json!({"action": action, "time": rfc3339_seconds(at)}).to_string(),
+        ));
+    }
+
+    /// A rebalance recommendation noticed now: `{"noticeTime": "<now, RFC 3339>"}`.
+    pub fn set_rebalance_now(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        self.set_rebalance(Some(
+            serde_json::json!({"noticeTime": rfc3339_seconds(now)}).to_string(),
+        ));
+    }
 }
 
 impl Drop for FakeImds {
@@ -256,6 +294,7 @@ async fn handle(
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
     }
+    *st.gets.entry(path.to_string()).or_default() += 1;
     let valid = headers
         .get(TOKEN_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -423,6 +462,23 @@ mod tests {
         let age = SystemTime::now().duration_since(pending)?;
         assert!(age < Duration::from_secs(5), "pendingTime {doc}");
         assert!(imds.requests() >= 7);
+        assert_eq!(imds.gets("/latest/meta-data/spot/instance-action"), 2);
+        imds.set_spot_interruption("stop", 120);
+        let action: serde_json::Value = serde_json::from_str(
+            client
+                .get("/latest/meta-data/spot/instance-action")
+                .await?
+                .as_ref(),
+        )?;
+        assert_eq!(action["action"], "stop");
+        let time = action["time"].as_str().unwrap_or_default();
+        assert!(time.len() == 20 && time.ends_with('Z'), "{action}");
+        imds.set_rebalance_now();
+        assert!(client
+            .get("/latest/meta-data/events/recommendations/rebalance")
+            .await?
+            .as_ref()
+            .contains("noticeTime"));
 
         imds.set_down(true);
         let once = aws_config::imds::Client::builder()

@@ -7,3 +7,4 @@ pub mod fleet;
 pub mod hub;
 pub mod imds;
 pub mod moto;
+pub mod probe;

@@ -464,7 +464,168 @@ impl Moto {
         Ok(())
     }
 
-    /// One call of an AWS Query-protocol API (`cloudformation`, `ec2`, `iam`), for services
+    /// `PutLifecycleHook` for `autoscaling:EC2_INSTANCE_TERMINATING` with `DefaultResult`
+    /// CONTINUE: from then on, instances leaving `group` wait in `Terminating:Wait` (see
+    /// moto_server.py) until `CompleteLifecycleAction` or `heartbeat_timeout_secs` without a
+    /// heartbeat.
+    pub async fn put_termination_hook(
+        &self,
+        group: &str,
+        hook: &str,
+        heartbeat_timeout_secs: i32,
+    ) -> anyhow::Result<()> {
+        self.autoscaling()
+            .await
+            .put_lifecycle_hook()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(hook)
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_TERMINATING")
+            .heartbeat_timeout(heartbeat_timeout_secs)
+            .default_result("CONTINUE")
+            .send()
+            .await
+            .with_context(|| format!("PutLifecycleHook {group} {hook}"))?;
+        Ok(())
+    }
+
+    /// The termination hooks of `group`: `(name, heartbeat timeout, default result)`.
+    pub async fn termination_hooks(
+        &self,
+        group: &str,
+    ) -> anyhow::Result<Vec<(String, i32, String)>> {
+        let out = self
+            .autoscaling()
+            .await
+            .describe_lifecycle_hooks()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .with_context(|| format!("DescribeLifecycleHooks {group}"))?;
+        Ok(out
+            .lifecycle_hooks()
+            .iter()
+            .filter(|h| h.lifecycle_transition() == Some("autoscaling:EC2_INSTANCE_TERMINATING"))
+            .map(|h| {
+                (
+                    h.lifecycle_hook_name().unwrap_or_default().to_string(),
+                    h.heartbeat_timeout().unwrap_or_default(),
+                    h.default_result().unwrap_or_default().to_string(),
+                )
+            })
+            .collect())
+    }
+
+    /// An operator's `SetDesiredCapacity` (HonorCooldown false).
+    pub async fn set_desired(&self, group: &str, desired: i32) -> anyhow::Result<()> {
+        self.autoscaling()
+            .await
+            .set_desired_capacity()
+            .auto_scaling_group_name(group)
+            .desired_capacity(desired)
+            .honor_cooldown(false)
+            .send()
+            .await
+            .with_context(|| format!("SetDesiredCapacity {group} {desired}"))?;
+        Ok(())
+    }
+
+    /// An operator's `UpdateAutoScalingGroup` setting `MaxSize` (moto then lowers desired
+    /// capacity to it, scaling in).
+    pub async fn set_max_size(&self, group: &str, max: i32) -> anyhow::Result<()> {
+        self.autoscaling()
+            .await
+            .update_auto_scaling_group()
+            .auto_scaling_group_name(group)
+            .max_size(max)
+            .send()
+            .await
+            .with_context(|| format!("UpdateAutoScalingGroup {group} MaxSize={max}"))?;
+        Ok(())
+    }
+
+    /// An operator's `TerminateInstanceInAutoScalingGroup`.
+    pub async fn terminate_instance(
+        &self,
+        instance_id: &str,
+        decrement: bool,
+    ) -> anyhow::Result<()> {
+        self.autoscaling()
+            .await
+            .terminate_instance_in_auto_scaling_group()
+            .instance_id(instance_id)
+            .should_decrement_desired_capacity(decrement)
+            .send()
+            .await
+            .with_context(|| format!("TerminateInstanceInAutoScalingGroup {instance_id}"))?;
+        Ok(())
+    }
+
+    /// `(metric name, dimensions as "Name=Value" strings)` of the metrics CloudWatch holds in
+    /// `namespace` (`ListMetrics`).
+    pub async fn list_metrics(
+        &self,
+        namespace: &str,
+    ) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+        let body = self
+            .query("monitoring", "ListMetrics", &[("Namespace", namespace)])
+            .await?;
+        fn between<'a>(s: &'a str, open: &str, close: &str) -> Option<&'a str> {
+            let rest = &s[s.find(open)? + open.len()..];
+            Some(&rest[..rest.find(close)?])
+        }
+        Ok(body
+            .split("<MetricName>")
+            .skip(1)
+            .map(|chunk| {
+                let name = chunk.split('<').next().unwrap_or_default().to_string();
+                let dims = chunk
+                    .split("<member>")
+                    .skip(1)
+                    .filter_map(|m| {
+                        Some(format!(
+                            "{}={}",
+                            between(m, "<Name>", "</Name>")?,
+                            between(m, "<Value>", "</Value>")?
+                        ))
+                    })
+                    .collect();
+                (name, dims)
+            })
+            .collect())
+    }
+
+    /// CreateStack from `cfn/agent-fleet.yaml` (CAPABILITY_IAM) with `params`, then checks the
+    /// stack reached CREATE_COMPLETE (moto creates it synchronously).
+    pub async fn create_stack(&self, stack: &str, params: &[(&str, &str)]) -> anyhow::Result<()> {
+        let template = std::fs::read_to_string(repo_root().join("cfn/agent-fleet.yaml"))
+            .context("reading cfn/agent-fleet.yaml")?;
+        let mut form: Vec<(String, String)> = vec![
+            ("StackName".into(), stack.into()),
+            ("TemplateBody".into(), template),
+            ("Capabilities.member.1".into(), "CAPABILITY_IAM".into()),
+        ];
+        for (i, (k, v)) in params.iter().enumerate() {
+            form.push((
+                format!("Parameters.member.{}.ParameterKey", i + 1),
+                k.to_string(),
+            ));
+            form.push((
+                format!("Parameters.member.{}.ParameterValue", i + 1),
+                v.to_string(),
+            ));
+        }
+        let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        self.query("cloudformation", "CreateStack", &form).await?;
+        let described = self
+            .query("cloudformation", "DescribeStacks", &[("StackName", stack)])
+            .await?;
+        if !described.contains("<StackStatus>CREATE_COMPLETE</StackStatus>") {
+            bail!("stack {stack} not CREATE_COMPLETE:\n{described}");
+        }
+        Ok(())
+    }
+
+    /// One call of an AWS Query-protocol API (`cloudformation`, `ec2`, `iam`, `monitoring`), for services
     /// the tests crate has no SDK for. moto routes on the SigV4 credential scope and checks no
     /// signature, so a well-formed Authorization header is all the signing it needs. Returns
     /// the XML body of a 2xx answer.
@@ -478,6 +639,7 @@ impl Moto {
             "cloudformation" => "2010-05-15",
             "ec2" => "2016-11-15",
             "iam" => "2010-05-08",
+            "monitoring" => "2010-08-01",
             other => bail!("no Query API version known for {other}"),
         };
         let mut form: Vec<(&str, &str)> = vec![("Action", action), ("Version", version)];
@@ -838,6 +1000,98 @@ mod tests {
 
         moto.clear_calls().await;
         assert!(moto.calls(0).await?.is_empty());
+        Ok(())
+    }
+
+    /// With a termination lifecycle hook, instances leaving the group wait in
+    /// `Terminating:Wait`: heartbeats restart the timeout, `CompleteLifecycleAction` or the
+    /// timeout ends the wait; without a pending action, the lifecycle calls are refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn termination_hooks_hold_instances_until_completed_or_timed_out() -> anyhow::Result<()> {
+        let moto = Moto::start().await?;
+        moto.create_group("held", 0, 4, 3).await?;
+        moto.put_termination_hook("held", "drain", 2).await?;
+        assert_eq!(
+            moto.termination_hooks("held").await?,
+            vec![("drain".to_string(), 2, "CONTINUE".to_string())]
+        );
+        let asg = moto.autoscaling().await;
+        let waiting = |g: &GroupState| -> Vec<String> {
+            g.instances
+                .iter()
+                .filter(|(_, s, _)| s == "Terminating:Wait")
+                .map(|(i, _, _)| i.clone())
+                .collect()
+        };
+
+        // Scale-in: one waits, and is not replaced.
+        moto.set_desired("held", 2).await?;
+        let g = moto.group("held").await?;
+        let w = waiting(&g);
+        assert_eq!(
+            (w.len(), g.in_service().len(), g.desired),
+            (1, 2, 2),
+            "{g:?}"
+        );
+        let held = w[0].clone();
+        // Heartbeats keep it past the 2 s timeout...
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            asg.record_lifecycle_action_heartbeat()
+                .auto_scaling_group_name("held")
+                .lifecycle_hook_name("drain")
+                .instance_id(&held)
+                .send()
+                .await?;
+        }
+        assert_eq!(
+            moto.group("held").await?.state_of(&held),
+            Some("Terminating:Wait")
+        );
+        // ...and without them it goes (DefaultResult).
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        assert_eq!(moto.group("held").await?.state_of(&held), None);
+        let err = asg
+            .complete_lifecycle_action()
+            .auto_scaling_group_name("held")
+            .lifecycle_hook_name("drain")
+            .instance_id(&held)
+            .lifecycle_action_result("CONTINUE")
+            .send()
+            .await
+            .err()
+            .ok_or_else(|| anyhow!("completed an action that timed out"))?;
+        assert_eq!(err.code(), Some("ValidationError"), "{err:?}");
+
+        // TerminateInstanceInAutoScalingGroup without decrement: waits, and is replaced at
+        // once; CompleteLifecycleAction ends it.
+        let victim = moto.group("held").await?.in_service()[0].clone();
+        moto.terminate_instance(&victim, false).await?;
+        let g = moto.group("held").await?;
+        assert_eq!(g.state_of(&victim), Some("Terminating:Wait"), "{g:?}");
+        assert_eq!((g.in_service().len(), g.desired), (2, 2), "replaced: {g:?}");
+        asg.complete_lifecycle_action()
+            .auto_scaling_group_name("held")
+            .lifecycle_hook_name("drain")
+            .instance_id(&victim)
+            .lifecycle_action_result("CONTINUE")
+            .send()
+            .await?;
+        assert_eq!(moto.group("held").await?.state_of(&victim), None);
+
+        // UpdateAutoScalingGroup lowering MaxSize below the instance count scales in the same way.
+        moto.set_max_size("held", 1).await?;
+        let g = moto.group("held").await?;
+        assert_eq!(
+            (waiting(&g).len(), g.in_service().len(), g.desired),
+            (1, 1, 1),
+            "{g:?}"
+        );
+        let calls = moto.calls(0).await?;
+        assert!(calls
+            .iter()
+            .any(|c| c.is("autoscaling", "UpdateAutoScalingGroup")
+                && c.param("MaxSize") == Some("1")));
         Ok(())
     }
 

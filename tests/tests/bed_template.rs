@@ -4,41 +4,9 @@
 //! groups is exercised end to end through the CLI in `stack.rs`.
 
 use agent_fleet_tests::moto::Moto;
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 type R = anyhow::Result<()>;
-
-/// CreateStack from `cfn/agent-fleet.yaml` (CAPABILITY_IAM) with `params`, then checks the
-/// stack reached CREATE_COMPLETE (moto creates it synchronously).
-async fn create_stack(moto: &Moto, stack: &str, params: &[(&str, &str)]) -> R {
-    let template =
-        std::fs::read_to_string(agent_fleet_tests::moto::repo_root().join("cfn/agent-fleet.yaml"))
-            .context("reading cfn/agent-fleet.yaml")?;
-    let mut form: Vec<(String, String)> = vec![
-        ("StackName".into(), stack.into()),
-        ("TemplateBody".into(), template),
-        ("Capabilities.member.1".into(), "CAPABILITY_IAM".into()),
-    ];
-    for (i, (k, v)) in params.iter().enumerate() {
-        form.push((
-            format!("Parameters.member.{}.ParameterKey", i + 1),
-            k.to_string(),
-        ));
-        form.push((
-            format!("Parameters.member.{}.ParameterValue", i + 1),
-            v.to_string(),
-        ));
-    }
-    let form: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    moto.query("cloudformation", "CreateStack", &form).await?;
-    let described = moto
-        .query("cloudformation", "DescribeStacks", &[("StackName", stack)])
-        .await?;
-    if !described.contains("<StackStatus>CREATE_COMPLETE</StackStatus>") {
-        bail!("stack {stack} not CREATE_COMPLETE:\n{described}");
-    }
-    Ok(())
-}
 
 async fn set_desired(moto: &Moto, group: &str, desired: i32) -> R {
     moto.autoscaling()
@@ -70,8 +38,7 @@ fn assert_names(user_data: &str, stack: &str, role: &str) {
 async fn template_groups_have_the_stacks_user_data_and_launch() -> R {
     let moto = Moto::start().await?;
     let stack = "tmpl";
-    create_stack(
-        &moto,
+    moto.create_stack(
         stack,
         &[
             ("TokenParameterName", "/t/token"),

@@ -4,6 +4,7 @@
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::{Instance, InstanceOptions};
 use agent_fleet_tests::hub::{JobSpec, JobState};
+use agent_fleet_tests::probe::{actions, assert_no_overlap, leading_term, num};
 
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
@@ -13,69 +14,6 @@ type R = anyhow::Result<()>;
 use agent_fleet_tests::bed::{
     FAST_DEADLINE_MS as DEADLINE_MS, FAST_LEASE_MS as LEASE_MS, FAST_RETRY_MS as RETRY_MS,
 };
-
-/// `key=value` from a supervisor log line (value bare or double-quoted).
-fn field(line: &str, key: &str) -> Option<String> {
-    let start = line.find(&format!(" {key}="))? + key.len() + 2;
-    let rest = &line[start..];
-    match rest.strip_prefix('"') {
-        Some(q) => q.split('"').next().map(str::to_string),
-        None => rest.split_whitespace().next().map(str::to_string),
-    }
-}
-
-fn num(line: &str, key: &str) -> Option<u64> {
-    field(line, key)?.parse().ok()
-}
-
-/// (term, check_mono_ns, valid_until_mono_ns) of every leader action an instance logged.
-fn actions(output: &str) -> Vec<(u64, u64, u64)> {
-    output
-        .lines()
-        .filter(|l| l.contains("leader action"))
-        .filter_map(|l| {
-            Some((
-                num(l, "term")?,
-                num(l, "check_mono_ns")?,
-                num(l, "valid_until_mono_ns")?,
-            ))
-        })
-        .collect()
-}
-
-/// Latest transition per instance: Some(term) when its last word was `leading`.
-fn leading_term(output: &str) -> Option<u64> {
-    let last = output.lines().rfind(|l| {
-        l.contains(" leading term=")
-            || l.contains("stepped down")
-            || l.contains(" following term=")
-            || l.contains("released the lease")
-    })?;
-    if last.contains(" leading term=") {
-        num(last, "term")
-    } else {
-        None
-    }
-}
-
-fn assert_no_overlap(all: &[(u64, u64, u64)]) {
-    for a in all {
-        for b in all {
-            if a.0 < b.0 {
-                // The older term's believed validity must end before the newer one acts.
-                assert!(
-                    a.2 <= b.1,
-                    "leader windows overlap: term {} valid until {} but term {} acted at {}",
-                    a.0,
-                    a.2,
-                    b.0,
-                    b.1
-                );
-            }
-        }
-    }
-}
-
 async fn candidates(bed: &Bed, group: &str, n: usize) -> anyhow::Result<Vec<Instance>> {
     let mut out = vec![];
     for i in 0..n {

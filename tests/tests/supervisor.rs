@@ -4,34 +4,13 @@
 use agent_fleet_tests::bed::{eventually, Bed, TOKEN};
 use agent_fleet_tests::fleet::{group_alive, Instance};
 use agent_fleet_tests::hub::{JobSpec, JobState};
-use agent_fleet_tests::moto::Call;
+use agent_fleet_tests::probe::{starts, terminate_calls};
 use nix::sys::signal::Signal;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 type R = anyhow::Result<()>;
-
-fn starts(events: &[serde_json::Value]) -> usize {
-    events.iter().filter(|e| e["event"] == "start").count()
-}
-
-fn terminate_calls(calls: &[Call]) -> Vec<(String, String, Option<String>)> {
-    calls
-        .iter()
-        .filter(|c| c.is("autoscaling", "TerminateInstanceInAutoScalingGroup"))
-        .map(|c| {
-            (
-                c.param("InstanceId").unwrap_or_default().to_string(),
-                c.param("ShouldDecrementDesiredCapacity")
-                    .unwrap_or_default()
-                    .to_string(),
-                c.error.clone(),
-            )
-        })
-        .collect()
-}
-
 fn assert_no_token(output: &str) {
     assert!(
         !output.contains(TOKEN),

@@ -1,5 +1,9 @@
 //! The agent's `config.yaml`. Written with every scalar JSON-quoted (valid YAML), so no
 //! value can change the document's structure, with mode 0600 and owned by the agent user.
+//!
+//! The registration token is in the file only while the agent needs it: once the agent
+//! says it registered, [`remove_token`] rewrites the file without it (a job runs as the
+//! agent user and could read it otherwise), and the next agent start writes it again.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -79,6 +83,67 @@ pub fn write_private(
     mode: u32,
     owner: Option<(u32, u32)>,
 ) -> std::io::Result<()> {
+    replace(path, contents, mode, owner, true)
+}
+
+/// The `token:` line's key, as [`AgentConfig::render`] writes it.
+const TOKEN_KEY: &str = "token:";
+
+/// What takes the token's place once the agent has registered.
+pub const TOKEN_REMOVED: &str =
+    "# token: removed once the agent registered; written again at the next agent start";
+
+/// Rewrites the config at `path` without its `token:` line, atomically (a reader sees
+/// the old file or the new one, never a partial one) and with the file's mode and owner
+/// kept. Returns whether there was a token to remove.
+///
+/// Not synced to disk: the point is that no reader finds the token from now on, and the
+/// rename does that at once; an fsync would only widen the window in which a job that
+/// starts right after registration could still read the old file.
+pub fn remove_token(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let text = std::fs::read_to_string(path)?;
+    if !text.lines().any(|l| l.starts_with(TOKEN_KEY)) {
+        return Ok(false);
+    }
+    let meta = std::fs::metadata(path)?;
+    let kept: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with(TOKEN_KEY) {
+                TOKEN_REMOVED
+            } else {
+                l
+            }
+        })
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    replace(
+        path,
+        kept.as_bytes(),
+        meta.mode() & 0o7777,
+        Some((meta.uid(), meta.gid())),
+        false,
+    )?;
+    Ok(true)
+}
+
+/// The value of a top-level scalar `key` as [`AgentConfig::render`] wrote it (one line,
+/// JSON-quoted), e.g. `shutdown-hook-path`.
+pub fn read_value(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| {
+        let v = l.strip_prefix(key)?.strip_prefix(':')?.trim();
+        serde_json::from_str::<String>(v).ok()
+    })
+}
+
+fn replace(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+    durable: bool,
+) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     match std::fs::remove_file(&tmp) {
         Ok(()) => {}
@@ -94,7 +159,9 @@ pub fn write_private(
         std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
     }
     f.write_all(contents)?;
-    f.sync_all()?;
+    if durable {
+        f.sync_all()?;
+    }
     drop(f);
     std::fs::rename(&tmp, path)
 }
@@ -137,6 +204,47 @@ mod tests {
         assert_eq!(mode, 0o600);
         write_private(&p, b"token: y\n", 0o600, None).expect("rewrite");
         assert_eq!(std::fs::read_to_string(&p).expect("read"), "token: y\n");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn token_is_removed_and_the_rest_kept() {
+        let dir = std::env::temp_dir().join(format!("cfgscrub-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let p = dir.join("config.yaml");
+        let env = vec!["A=b".to_string()];
+        let text = AgentConfig {
+            endpoint: "h:1",
+            token: "s3cr3t-token",
+            no_https: true,
+            name: "i-1__ab",
+            disconnect_after_job: true,
+            idle_timeout: Duration::from_secs(300),
+            interruption_grace: Duration::from_secs(60),
+            shutdown_hook_path: Path::new("/w/hook.sh"),
+            env_vars: &env,
+        }
+        .render();
+        write_private(&p, text.as_bytes(), 0o600, None).expect("write");
+        assert!(remove_token(&p).expect("scrub"));
+        let after = std::fs::read_to_string(&p).expect("read");
+        assert!(!after.contains("s3cr3t-token"), "{after}");
+        assert!(after.contains(TOKEN_REMOVED), "{after}");
+        assert_eq!(
+            after.lines().count(),
+            text.lines().count(),
+            "one line replaced"
+        );
+        assert_eq!(read_value(&after, "endpoint").as_deref(), Some("h:1"));
+        assert_eq!(
+            read_value(&after, "shutdown-hook-path").as_deref(),
+            Some("/w/hook.sh")
+        );
+        assert_eq!(read_value(&after, "token"), None);
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "mode kept");
+        assert!(!remove_token(&p).expect("again"), "nothing left to remove");
+        assert!(!dir.join("config.tmp").exists(), "no temp file left");
         std::fs::remove_dir_all(&dir).ok();
     }
 }

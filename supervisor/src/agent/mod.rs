@@ -5,6 +5,22 @@
 //! new process group and every signal goes to the whole group. SIGTERM is sent only
 //! after the agent said it registered (before that, the real agent's child dies from it
 //! and the wrapper registers a *new* agent); then grace; then SIGKILL to the group.
+//!
+//! Two things follow from the agent's output lines besides logging them:
+//!
+//! - **The token leaves `config.yaml`** as soon as the agent says it registered
+//!   ([`REGISTERED_LINE`]): jobs run as the agent user, who can read the file. Should the
+//!   agent's child die from a signal later, the real agent's wrapper re-runs the agent
+//!   in-process, which reads the config again, finds no token and exits 1 — instead of
+//!   silently registering a second agent. The supervisor then sees a crash after
+//!   registration and restarts the agent (with backoff, counted towards replacing the
+//!   instance), writing the token again.
+//! - **The agent's shutdown is bounded.** The real agent runs its shutdown hook
+//!   synchronously with no timeout, after up to 100 disconnect tries. Once the agent says
+//!   it is shutting down ([`SHUTDOWN_BEGAN_LINES`]), it has [`shutdown_timeout`] to exit;
+//!   then its group is killed, and if its hook never returned, the supervisor runs the
+//!   hook in its place with the reason the agent logged, so the instance still ends as
+//!   that reason says.
 
 pub mod config_file;
 
@@ -26,6 +42,71 @@ pub const REGISTERED_LINE: &str = "Starting to poll for jobs";
 /// The line in which the agent logs a job handed to it: the real agent's
 /// `SYNC response (action: run-job, job: <id>)` (pkg/listener/selfhostedapi/sync.go).
 pub const JOB_ASSIGNED_LINE: &str = "SYNC response (action: run-job";
+
+/// Lines (messages, after [`message_of`]) with which the agent starts shutting down, and
+/// the reason each implies. The real agent logs the first two before it disconnects
+/// from Semaphore (`pkg/listener/job_processor.go`); the wire form of the reason
+/// follows `due to: `.
+pub const SHUTDOWN_BEGAN_LINES: &[&str] = &[
+    "Agent shutdown requested by Semaphore due to: ",
+    "Unable to sync with Semaphore for over",
+    "Agent has been idle for the past",
+    "Disconnecting the Agent from Semaphore",
+];
+
+/// The line the agent logs after its shutdown hook returned, with the hook's reason.
+pub const SHUTDOWN_DONE_LINE: &str = "Agent shutting down due to: ";
+
+/// The environment variable that bounds the agent's shutdown (seconds), see
+/// [`shutdown_timeout`].
+pub const SHUTDOWN_TIMEOUT_ENV: &str = "AGENT_SUPERVISOR_AGENT_SHUTDOWN_TIMEOUT_SECS";
+
+/// How long the agent may take from the first of [`SHUTDOWN_BEGAN_LINES`] to its exit
+/// by default. A healthy agent needs a second (one `/disconnect`; our hook returns at
+/// once); one whose API is down retries `/disconnect` for up to ~100 s, and cutting
+/// that short only skips calls that were failing anyway.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The bound on the agent's shutdown: `$AGENT_SUPERVISOR_AGENT_SHUTDOWN_TIMEOUT_SECS`,
+/// else [`DEFAULT_SHUTDOWN_TIMEOUT`].
+pub fn shutdown_timeout() -> Duration {
+    std::env::var(SHUTDOWN_TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT)
+}
+
+/// What a shutdown line says: `(began, reason)`; for [`SHUTDOWN_DONE_LINE`] `began` is
+/// false (the hook returned).
+fn shutdown_news(message: &str) -> Option<(bool, Option<ShutdownReason>)> {
+    if let Some(r) = message.strip_prefix(SHUTDOWN_DONE_LINE) {
+        return Some((false, Some(ShutdownReason::parse(r))));
+    }
+    let line = SHUTDOWN_BEGAN_LINES
+        .iter()
+        .position(|l| message.starts_with(l))?;
+    let reason = match line {
+        0 => message
+            .strip_prefix(SHUTDOWN_BEGAN_LINES[0])
+            .map(ShutdownReason::parse),
+        1 => Some(ShutdownReason::UnableToSync),
+        2 => Some(ShutdownReason::Idle),
+        _ => None,
+    };
+    Some((true, reason))
+}
+
+/// The agent's shutdown, as its output tells it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Winding {
+    /// When it first said it is shutting down.
+    began_at: Option<Instant>,
+    /// The reason it gave, if any.
+    reason: Option<ShutdownReason>,
+    /// It said its shutdown hook returned.
+    hook_done: bool,
+}
 
 /// The job id of a [`JOB_ASSIGNED_LINE`].
 pub fn assigned_job(line: &str) -> Option<&str> {
@@ -146,8 +227,14 @@ pub struct RunningAgent {
     pgid: Pid,
     pub pid: u32,
     progress: watch::Receiver<Progress>,
+    winding: watch::Receiver<Winding>,
     last_error: Arc<Mutex<Option<String>>>,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
+    config_path: PathBuf,
+    /// See [`shutdown_timeout`].
+    shutdown_timeout: Duration,
+    /// The group was killed because the agent overran its shutdown.
+    overran: bool,
 }
 
 /// How a run ended.
@@ -180,6 +267,8 @@ impl RunningAgent {
         let pid = child.id().unwrap_or_default();
         let (progress_tx, progress) = watch::channel(Progress::default());
         let progress_tx = Arc::new(progress_tx);
+        let (winding_tx, winding) = watch::channel(Winding::default());
+        let winding_tx = Arc::new(winding_tx);
         let last_error = Arc::new(Mutex::new(None));
         let mut forwarders = Vec::new();
         if let Some(out) = child.stdout.take() {
@@ -189,6 +278,7 @@ impl RunningAgent {
                     "stdout",
                     launch.clone_for_forward(),
                     progress_tx.clone(),
+                    winding_tx.clone(),
                     last_error.clone(),
                 )
                 .in_current_span(),
@@ -201,6 +291,7 @@ impl RunningAgent {
                     "stderr",
                     launch.clone_for_forward(),
                     progress_tx,
+                    winding_tx,
                     last_error.clone(),
                 )
                 .in_current_span(),
@@ -211,8 +302,12 @@ impl RunningAgent {
             pgid: Pid::from_raw(pid as i32),
             pid,
             progress,
+            winding,
             last_error,
             forwarders,
+            config_path: launch.config_path.clone(),
+            shutdown_timeout: shutdown_timeout(),
+            overran: false,
         })
     }
 
@@ -251,9 +346,33 @@ impl RunningAgent {
         Ok(self.finish(status).await)
     }
 
+    /// The shutdown reason the agent logged, if it is shutting down (its hook hands the
+    /// daemon the same reason; this is what the agent said on its own).
+    pub fn said_reason(&self) -> Option<ShutdownReason> {
+        self.winding.borrow().reason
+    }
+
     /// Resolves when the agent process exits. Cancel-safe (a `select!` branch); follow
     /// it with [`RunningAgent::finish`].
+    ///
+    /// Once the agent says it is shutting down, it has [`shutdown_timeout`] to exit; then
+    /// its group is killed (the real agent waits for its shutdown hook with no timeout,
+    /// so a hanging hook would otherwise keep the instance up forever).
     pub async fn exited(&mut self) -> std::io::Result<ExitStatus> {
+        let mut winding = self.winding.clone();
+        let bound = self.shutdown_timeout;
+        let since = tokio::select! {
+            s = self.child.wait() => return s,
+            since = overrun(&mut winding, bound) => since,
+        };
+        tracing::warn!(
+            shutdown_timeout_secs = bound.as_secs(),
+            since_ms = since.as_millis() as u64,
+            "the agent is still running {} s after it began shutting down (a hanging shutdown hook?); killing its process group",
+            bound.as_secs()
+        );
+        self.overran = true;
+        self.signal(Signal::SIGKILL);
         self.child.wait().await
     }
 
@@ -288,12 +407,71 @@ impl RunningAgent {
             // A process outside the group may still hold the pipe; don't wait for it.
             let _ = tokio::time::timeout(Duration::from_millis(500), f).await;
         }
+        let winding = self.winding.borrow().clone();
+        if let (true, Some(reason), false) = (self.overran, winding.reason, winding.hook_done) {
+            self.run_hook_for_agent(reason).await;
+        }
         AgentExit {
             status,
             registered: self.is_registered(),
             last_error: self.last_error.lock().ok().and_then(|g| g.clone()),
         }
     }
+}
+
+impl RunningAgent {
+    /// The agent was killed before its shutdown hook returned: runs the hook it was
+    /// configured with (`shutdown-hook-path` in its config) with the reason it logged, so
+    /// the reason reaches the daemon the usual way. Bounded; failures are logged.
+    async fn run_hook_for_agent(&self, reason: ShutdownReason) {
+        let hook = std::fs::read_to_string(&self.config_path)
+            .ok()
+            .and_then(|text| config_file::read_value(&text, "shutdown-hook-path"));
+        let Some(hook) = hook else {
+            tracing::error!(path = %self.config_path.display(), exit_reason = %reason, "the agent was killed before its shutdown hook ran, and its config names no hook to run in its place");
+            return;
+        };
+        tracing::warn!(hook = %hook, exit_reason = %reason, "the agent was killed before its shutdown hook returned: running the hook in its place with the reason it logged");
+        let mut cmd = Command::new("bash");
+        cmd.arg(&hook)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env(crate::hook::REASON_ENV, reason.as_str())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        match tokio::time::timeout(Duration::from_secs(10), cmd.output()).await {
+            Ok(Ok(out)) if out.status.success() => {}
+            Ok(Ok(out)) => tracing::error!(
+                hook = %hook,
+                status = %out.status,
+                stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+                "the shutdown hook failed"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(hook = %hook, error = %e, "the shutdown hook could not run")
+            }
+            Err(_) => tracing::error!(hook = %hook, "the shutdown hook did not return within 10 s"),
+        }
+    }
+}
+
+/// Resolves `bound` after the agent began shutting down, with how long ago that was;
+/// never while it does not shut down.
+async fn overrun(winding: &mut watch::Receiver<Winding>, bound: Duration) -> Duration {
+    let began = match winding.wait_for(|w| w.began_at.is_some()).await {
+        Ok(w) => w.began_at,
+        Err(_) => None,
+    };
+    let Some(began) = began else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until((began + bound).into()).await;
+    began.elapsed()
 }
 
 impl Drop for RunningAgent {
@@ -308,6 +486,7 @@ struct ForwardCtx {
     agent_name: String,
     instance_id: String,
     secret: String,
+    config_path: PathBuf,
 }
 
 impl Launch {
@@ -316,7 +495,24 @@ impl Launch {
             agent_name: self.agent_name.clone(),
             instance_id: self.instance_id.clone(),
             secret: self.secret.clone(),
+            config_path: self.config_path.clone(),
         }
+    }
+}
+
+/// Takes the token out of the agent's config once it registered (see the module docs).
+fn remove_token(path: &std::path::Path) {
+    match config_file::remove_token(path) {
+        Ok(true) => tracing::info!(
+            path = %path.display(),
+            "the agent registered: registration token removed from its config"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            path = %path.display(),
+            error = %e,
+            "cannot remove the registration token from the agent's config; jobs may be able to read it"
+        ),
     }
 }
 
@@ -325,6 +521,7 @@ async fn forward<R: AsyncRead + Unpin>(
     stream_name: &'static str,
     ctx: ForwardCtx,
     progress: Arc<watch::Sender<Progress>>,
+    winding: Arc<watch::Sender<Winding>>,
     last_error: Arc<Mutex<Option<String>>>,
 ) {
     let mut reader = BufReader::new(stream);
@@ -345,10 +542,30 @@ async fn forward<R: AsyncRead + Unpin>(
         }
         if line.contains(REGISTERED_LINE) {
             let now = Instant::now();
-            progress.send_if_modified(|p| {
+            let first = progress.send_if_modified(|p| {
                 let first = p.registered_at.is_none();
                 p.registered_at.get_or_insert(now);
                 first
+            });
+            if first {
+                // At once, before the line is logged: the first job may start right away.
+                // A handful of small file operations.
+                remove_token(&ctx.config_path);
+            }
+        }
+        if let Some((began, reason)) = shutdown_news(&line) {
+            let now = Instant::now();
+            winding.send_if_modified(|w| {
+                let before = w.clone();
+                if began {
+                    w.began_at.get_or_insert(now);
+                } else {
+                    w.hook_done = true;
+                }
+                if reason.is_some() {
+                    w.reason = reason;
+                }
+                *w != before
             });
         }
         if let Some(job) = assigned_job(&line) {
@@ -452,6 +669,36 @@ mod tests {
         );
         assert_eq!(assigned_job("SYNC response (action: continue)"), None);
         assert_eq!(assigned_job("SYNC response (action: run-job, job: )"), None);
+    }
+
+    #[test]
+    fn shutdown_lines_give_the_reason() {
+        assert_eq!(
+            shutdown_news("Agent shutdown requested by Semaphore due to: job-finished"),
+            Some((true, Some(ShutdownReason::JobFinished)))
+        );
+        assert_eq!(
+            shutdown_news("Agent shutdown requested by Semaphore due to: idle"),
+            Some((true, Some(ShutdownReason::Idle)))
+        );
+        assert_eq!(
+            shutdown_news("Unable to sync with Semaphore for over 10m0s."),
+            Some((true, Some(ShutdownReason::UnableToSync)))
+        );
+        assert_eq!(
+            shutdown_news("Disconnecting the Agent from Semaphore"),
+            Some((true, None))
+        );
+        assert_eq!(
+            shutdown_news("Agent shutting down due to: IDLE"),
+            Some((false, Some(ShutdownReason::Idle)))
+        );
+        // A job's output in the agent's log (the fake prefixes it) is not the agent's word.
+        assert_eq!(
+            shutdown_news("job 1234abcd: Disconnecting the Agent from Semaphore"),
+            None
+        );
+        assert_eq!(shutdown_news("SYNC response (action: continue)"), None);
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Auto Scaling: terminating this instance, marking it unhealthy, reading its group, and
-//! (for the leader's scaler) raising the group's desired capacity and suspending processes.
+//! Auto Scaling: terminating this instance, marking it unhealthy, reading its group,
+//! (for the leader's scaler) raising the group's desired capacity and suspending processes,
+//! and (see [`LifecycleActions`]) answering the termination lifecycle hook.
 
 use super::{classify, describe, Retry};
 use std::future::Future;
@@ -72,6 +73,27 @@ pub trait AutoScaling: Send + Sync {
     ) -> impl Future<Output = Result<(), AsgError>> + Send;
 }
 
+/// The termination lifecycle hook's two calls, by instance id (no lifecycle action token:
+/// the instance learns of its termination from IMDS, not from a notification).
+pub trait LifecycleActions: Send + Sync {
+    /// `CompleteLifecycleAction` with `result` (`CONTINUE` or `ABANDON`; for a terminating
+    /// instance both end in termination). ValidationError when no action is pending.
+    fn complete_lifecycle_action(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+        result: &str,
+    ) -> impl Future<Output = Result<(), AsgError>> + Send;
+    /// `RecordLifecycleActionHeartbeat`: restarts the hook's heartbeat timeout.
+    fn record_lifecycle_action_heartbeat(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<(), AsgError>> + Send;
+}
+
 #[derive(Clone)]
 pub struct SdkAutoScaling {
     client: aws_sdk_autoscaling::Client,
@@ -107,6 +129,61 @@ where
             retry: classify(&e),
             detail: describe(&e),
         }
+    }
+}
+
+impl SdkAutoScaling {
+    /// Whether the group has Capacity Rebalancing on (`None`: no such group).
+    pub async fn capacity_rebalance(&self, group: &str) -> Result<Option<bool>, AsgError> {
+        let out = self
+            .client
+            .describe_auto_scaling_groups()
+            .auto_scaling_group_names(group)
+            .send()
+            .await
+            .map_err(|e| err("DescribeAutoScalingGroups", e))?;
+        Ok(out
+            .auto_scaling_groups()
+            .first()
+            .map(|g| g.capacity_rebalance().unwrap_or(false)))
+    }
+}
+
+impl LifecycleActions for SdkAutoScaling {
+    async fn complete_lifecycle_action(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+        result: &str,
+    ) -> Result<(), AsgError> {
+        self.client
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(hook)
+            .instance_id(instance_id)
+            .lifecycle_action_result(result)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err("CompleteLifecycleAction", e))
+    }
+
+    async fn record_lifecycle_action_heartbeat(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+    ) -> Result<(), AsgError> {
+        self.client
+            .record_lifecycle_action_heartbeat()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(hook)
+            .instance_id(instance_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| err("RecordLifecycleActionHeartbeat", e))
     }
 }
 

@@ -32,6 +32,8 @@ fn settings(overprovision: Overprovision) -> Settings {
             retry: Duration::from_secs(4),
             prefix: "/agent-fleet/s1/leader".into(),
         },
+        lifecycle_hook: None,
+        max_uptime: None,
     }
 }
 

@@ -32,6 +32,16 @@
 //! * `FAKE_AGENT_DISCONNECT_TRIES` (5), `FAKE_AGENT_DISCONNECT_INTERVAL_MS` (200)
 //! * `FAKE_AGENT_HOOK_SLEEP_SECS`: sleep this long in the shutdown-hook step
 //!   (before the hook runs; also without a hook) — a hanging-hook drill
+//! * `FAKE_AGENT_HOOK_HANG_SECS`: the shutdown hook itself hangs this long after
+//!   its script returned (it runs as `bash -c 'bash <hook>; sleep N'`, in the
+//!   agent's process group) — the other hanging-hook drill
+//!
+//! Jobs: each command runs as `bash -c <command>` with the agent's environment
+//! plus the config's `env-vars` and the job's env vars, in its own process group.
+//! Its output lines go to the agent's log (`job <id8>: <line>`) and, when the
+//! job payload has a `push` logger, to the logger URL (the hub records them:
+//! [`agent_fleet_tests::hub::JobInfo::output`]) before the job is reported
+//! finished.
 //! * `SEMAPHORE_AGENT_LOG_FILE_PATH`: also append the log there (the real
 //!   agent defaults to `/tmp/agent_log`; the fake only logs to stdout by default)
 
@@ -42,8 +52,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_fleet_tests::hub::{
-    base64_decode, valid_agent_name, JobPayload, RegisterRequest, RegisterResponse, SyncRequest,
-    SyncResponse, API_BASE,
+    base64_decode, valid_agent_name, JobLogger, JobPayload, RegisterRequest, RegisterResponse,
+    SyncRequest, SyncResponse, API_BASE,
 };
 use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
@@ -415,6 +425,7 @@ struct Knobs {
     disconnect_tries: u64,
     disconnect_interval: Duration,
     hook_sleep: Duration,
+    hook_hang: Duration,
 }
 
 fn knob(name: &str, default: u64) -> u64 {
@@ -442,6 +453,7 @@ impl Knobs {
                 200,
             )),
             hook_sleep: Duration::from_secs(knob("FAKE_AGENT_HOOK_SLEEP_SECS", 0)),
+            hook_hang: Duration::from_secs(knob("FAKE_AGENT_HOOK_HANG_SECS", 0)),
         }
     }
 }
@@ -632,29 +644,87 @@ fn base_env() -> Vec<(OsString, OsString)> {
 fn spawn_logged(
     cmd: &mut tokio::process::Command,
     tag: String,
+    sink: Option<&mpsc::UnboundedSender<String>>,
 ) -> std::io::Result<tokio::process::Child> {
     cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let mut child = cmd.spawn()?;
-    if let Some(out) = child.stdout.take() {
+    let streams = [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    ];
+    for stream in streams.into_iter().flatten() {
         let tag = tag.clone();
+        let sink = sink.cloned();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(out).lines();
+            let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 log(&format!("{tag}: {l}"));
-            }
-        });
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(err).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                log(&format!("{tag}: {l}"));
+                if let Some(s) = &sink {
+                    let _ = s.send(l);
+                }
             }
         });
     }
     Ok(child)
+}
+
+/// Pushes a job's output lines to its logger (batched, in order) until every sender is
+/// gone. Only to loopback, like the rest of the fake's traffic.
+fn start_log_pusher(
+    http: reqwest::Client,
+    logger: JobLogger,
+) -> (mpsc::UnboundedSender<String>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let task = tokio::spawn(async move {
+        let host = reqwest::Url::parse(&logger.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let allowed = logger.method == "push" && loopback_host(&host);
+        if !allowed {
+            log(&format!(
+                "job logs: not pushing to {:?} (method {:?}; the fake only talks to loopback)",
+                logger.url, logger.method
+            ));
+        }
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while let Ok(l) = rx.try_recv() {
+                batch.push(l);
+            }
+            if !allowed {
+                continue;
+            }
+            let body = batch.join("\n");
+            for attempt in 1..=3 {
+                let sent = http
+                    .post(&logger.url)
+                    .header("Authorization", format!("Bearer {}", logger.token))
+                    .header("Content-Type", "text/plain")
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status().is_success() => break,
+                    Ok(r) => log(&format!(
+                        "job logs: push attempt {attempt} got HTTP {}",
+                        r.status().as_u16()
+                    )),
+                    Err(e) => log(&format!("job logs: push attempt {attempt} failed: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    (tx, task)
 }
 
 /// Runs `bash -c <script>` (or `bash <path>`) in its own process group;
@@ -664,13 +734,14 @@ async fn run_step(
     env: &[(OsString, OsString)],
     tag: &str,
     stop: &Notify,
+    sink: Option<&mpsc::UnboundedSender<String>>,
 ) -> Option<bool> {
     let mut cmd = tokio::process::Command::new("bash");
     cmd.args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .process_group(0);
-    let mut child = match spawn_logged(&mut cmd, tag.to_string()) {
+    let mut child = match spawn_logged(&mut cmd, tag.to_string(), sink) {
         Ok(c) => c,
         Err(e) => {
             log(&format!("{tag}: could not start bash: {e}"));
@@ -734,9 +805,17 @@ async fn run_job(ctx: Arc<JobCtx>, id: String, stop: Arc<Notify>) {
             ));
         }
         let tag = format!("job {}", id.get(..8).unwrap_or(&id));
+        let (sink_tx, pusher) = match payload.logger.clone() {
+            Some(logger) => {
+                let (tx, task) = start_log_pusher(ctx.api.http.clone(), logger);
+                (Some(tx), Some(task))
+            }
+            None => (None, None),
+        };
+        let sink = sink_tx.as_ref();
         if !stopped {
             if let Some(hook) = &ctx.cfg.pre_job_hook_path {
-                match run_step(&[hook.as_str()], &env, &tag, &stop).await {
+                match run_step(&[hook.as_str()], &env, &tag, &stop, sink).await {
                     None => stopped = true,
                     Some(false) => log(&format!("pre-job hook {hook} failed (ignored)")),
                     Some(true) => {}
@@ -749,7 +828,7 @@ async fn run_job(ctx: Arc<JobCtx>, id: String, stop: Arc<Notify>) {
                 stopped = true;
                 break;
             }
-            match run_step(&["-c", c.directive.as_str()], &env, &tag, &stop).await {
+            match run_step(&["-c", c.directive.as_str()], &env, &tag, &stop, sink).await {
                 None => {
                     stopped = true;
                     break;
@@ -763,9 +842,21 @@ async fn run_job(ctx: Arc<JobCtx>, id: String, stop: Arc<Notify>) {
         }
         if let Some(hook) = &ctx.cfg.post_job_hook_path {
             if !stopped {
-                if let Some(false) = run_step(&[hook.as_str()], &env, &tag, &stop).await {
+                if let Some(false) = run_step(&[hook.as_str()], &env, &tag, &stop, sink).await {
                     log(&format!("post-job hook {hook} failed (ignored)"));
                 }
+            }
+        }
+        // The output is at the hub before the job is reported finished (bounded: a
+        // process the job left behind may hold its pipes open).
+        // Once the readers' clones are gone too (EOF), the pusher ends.
+        drop(sink_tx);
+        if let Some(mut task) = pusher {
+            if tokio::time::timeout(Duration::from_secs(3), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
             }
         }
     } else {
@@ -1012,8 +1103,19 @@ async fn shutdown(api: &Api, cfg: &Config, knobs: &Knobs, reason: &str) {
     }
     if let Some(path) = &cfg.shutdown_hook_path {
         log(&format!("Executing shutdown hook from {path}"));
-        let out = tokio::process::Command::new("bash")
-            .arg(path)
+        let mut cmd = tokio::process::Command::new("bash");
+        if knobs.hook_hang.is_zero() {
+            cmd.arg(path);
+        } else {
+            log(&format!(
+                "FAKE_AGENT_HOOK_HANG_SECS: the hook will hang {:?} after its script",
+                knobs.hook_hang
+            ));
+            cmd.args(["-c", "bash \"$1\"; exec sleep \"$2\"", "hook"])
+                .arg(path)
+                .arg(knobs.hook_hang.as_secs().to_string());
+        }
+        let out = cmd
             .env_remove(CHILD_ENV)
             .env("SEMAPHORE_AGENT_SHUTDOWN_REASON", reason)
             .stdin(std::process::Stdio::null())
@@ -1412,6 +1514,7 @@ mod tests {
             disconnect_tries: 2,
             disconnect_interval: Duration::from_millis(10),
             hook_sleep: Duration::ZERO,
+            hook_hang: Duration::ZERO,
         }
     }
 
@@ -1648,6 +1751,41 @@ mod tests {
         assert_eq!(finish(handle).await, 0);
         assert!(t.elapsed() >= Duration::from_secs(1));
         assert_eq!(hook_reason(&run).as_deref(), Some("REQUESTED"));
+        let _ = std::fs::remove_dir_all(&run.dir);
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_hangs_after_its_script_holds_the_exit() {
+        let run = setup("hang1", "disconnect-after-idle-timeout: 1\n").await;
+        let mut k = knobs();
+        k.hook_hang = Duration::from_secs(2);
+        let (_tx, handle) = spawn_agent(&run, k);
+        let t = Instant::now();
+        assert_eq!(finish(handle).await, 0);
+        // The script ran (the reason is out) and then the hook hung.
+        assert_eq!(hook_reason(&run).as_deref(), Some("IDLE"));
+        assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
+        let _ = std::fs::remove_dir_all(&run.dir);
+    }
+
+    #[tokio::test]
+    async fn job_output_reaches_the_hub() {
+        let run = setup("logs1", "disconnect-after-job: true\n").await;
+        let id = run.hub.enqueue_job(JobSpec {
+            commands: vec![
+                "echo one; echo two >&2".into(),
+                "printf 'three\\nfour\\n'".into(),
+            ],
+            env: vec![],
+        });
+        let (_tx, handle) = spawn_agent(&run, knobs());
+        assert_eq!(finish(handle).await, 0);
+        let out = run.hub.job_output(&id);
+        for line in ["one", "two", "three", "four"] {
+            assert!(out.iter().any(|l| l == line), "{line} in {out:?}");
+        }
+        let pos = |l: &str| out.iter().position(|x| x == l);
+        assert!(pos("three") < pos("four"), "in order: {out:?}");
         let _ = std::fs::remove_dir_all(&run.dir);
     }
 }

@@ -1,0 +1,532 @@
+//! Interruptions: what, besides its own agent, tells an instance to go — and the policy
+//! the daemon follows for each (the flows themselves are in [`crate::daemon`]).
+//!
+//! | signal | where it shows | the supervisor |
+//! |---|---|---|
+//! | spot interruption notice | IMDS `meta-data/spot/instance-action` (spot instances; 404 = none) | drains at once (SIGTERM to the agent's group; the job gets the interruption grace, cut to fit before the notice's time), publishes `SpotInterruptions`, then ends the instance without decrement |
+//! | rebalance recommendation | IMDS `meta-data/events/recommendations/rebalance` (spot instances) | idle agent: drains and ends the instance without decrement (Auto Scaling launches a replacement); busy: after its job. Nothing when the group has Capacity Rebalancing on: Auto Scaling then replaces the instance itself, through the lifecycle hook |
+//! | Auto Scaling terminates the instance | IMDS `meta-data/autoscaling/target-lifecycle-state` = `Terminated` | idle agent: drains; busy: lets the job finish, heartbeating the hook; then `CompleteLifecycleAction(CONTINUE)` |
+//! | `max_uptime_secs` passed | the instance's launch time (IMDS identity document) | as a rebalance recommendation |
+//!
+//! "Busy" is "the running agent was handed a job" ([`crate::agent::Progress::jobs`]): exact
+//! for a one-job agent (`disconnect_after_job`), which exits after its job; an agent that
+//! takes several jobs counts as busy from its first job on, because its output as the
+//! supervisor reads it does not say when a job ends — it is then replaced when it exits.
+//!
+//! AWS: "We recommend that you check for these interruption notices every 5 seconds"
+//! (EC2 User Guide, Spot Instance interruption notices); the notice comes two minutes
+//! before the interruption. Auto Scaling "updates the value of the instance metadata item
+//! `autoscaling/target-lifecycle-state`" when an instance prepares to move to a steady
+//! state such as `Terminated` (Auto Scaling User Guide, Retrieve the target lifecycle
+//! state through instance metadata). A heartbeat restarts "the timeout period"; the
+//! wait lasts at most the hook's global timeout, 48 hours or 100 × the heartbeat timeout,
+//! whichever is smaller; then the hook's `DefaultResult` applies.
+
+use crate::aws::autoscaling::{AsgError, LifecycleActions};
+use crate::aws::cloudwatch::{Datum, Unit};
+use crate::aws::imds::{ImdsError, Metadata};
+use crate::config::LifecycleHook;
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+
+/// How often IMDS is asked (every 2 s: well inside AWS's recommended 5 s, and a local call).
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+
+pub const LIFE_CYCLE_PATH: &str = "/latest/meta-data/instance-life-cycle";
+pub const SPOT_ACTION_PATH: &str = "/latest/meta-data/spot/instance-action";
+pub const REBALANCE_PATH: &str = "/latest/meta-data/events/recommendations/rebalance";
+pub const TARGET_STATE_PATH: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
+
+/// The CloudWatch metric published once per spot interruption notice (namespace
+/// `Semaphore`, dimension `StackName`).
+pub const SPOT_METRIC: &str = "SpotInterruptions";
+
+/// What IMDS said. Each is sent once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Spot(SpotAction),
+    /// `noticeTime` as IMDS gave it.
+    Rebalance {
+        notice_time: String,
+    },
+    /// `target-lifecycle-state` is `Terminated`: Auto Scaling is terminating the instance.
+    Terminating,
+}
+
+/// `spot/instance-action`: `{"action": "terminate", "time": "2017-09-18T08:22:00Z"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpotAction {
+    /// `terminate`, `stop` or `hibernate`; `unknown` if the body did not say.
+    pub action: String,
+    /// The `time` field as given (empty if missing).
+    pub time_text: String,
+    /// `time`, parsed.
+    pub time: Option<SystemTime>,
+}
+
+impl SpotAction {
+    /// Never fails: a notice whose body cannot be read is still a notice.
+    pub fn parse(body: &str) -> Self {
+        let doc: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let field = |k: &str| doc.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let time_text = field("time").unwrap_or_default();
+        Self {
+            action: field("action").unwrap_or_else(|| "unknown".into()),
+            time: parse_time(&time_text),
+            time_text,
+        }
+    }
+}
+
+/// `{"noticeTime": "2020-11-05T08:22:00Z"}` → the time text (the body itself if malformed).
+pub fn rebalance_time(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|d| d.get("noticeTime")?.as_str().map(str::to_string))
+        .unwrap_or_else(|| body.trim().chars().take(80).collect())
+}
+
+fn parse_time(text: &str) -> Option<SystemTime> {
+    use aws_smithy_types::date_time::{DateTime, Format};
+    let t = DateTime::from_str(text, Format::DateTimeWithOffset).ok()?;
+    SystemTime::try_from(t).ok()
+}
+
+/// Polls IMDS every `every` and sends each [`Notice`] once. Spot paths only on spot
+/// instances (`instance-life-cycle`, read until it answers). Ends when the receiver is
+/// gone or everything was sent.
+pub async fn watch<M: Metadata>(imds: M, every: Duration, tx: mpsc::UnboundedSender<Notice>) {
+    let mut spot: Option<bool> = None;
+    let (mut sent_spot, mut sent_rebalance, mut sent_terminating) = (false, false, false);
+    let mut failures = 0u32;
+    loop {
+        let mut failed = false;
+        if spot.is_none() {
+            match imds.get(LIFE_CYCLE_PATH).await {
+                Ok(v) => {
+                    let is_spot = v.trim() == "spot";
+                    if is_spot {
+                        tracing::info!(
+                            poll_ms = every.as_millis() as u64,
+                            "spot instance: watching for interruption notices and rebalance recommendations"
+                        );
+                    }
+                    spot = Some(is_spot);
+                }
+                Err(ImdsError::NotFound { .. }) => spot = Some(false),
+                Err(e) => {
+                    tracing::debug!(error = %e, "IMDS poll failed");
+                    failed = true;
+                }
+            }
+        }
+        let mut ask = |r: Result<String, ImdsError>| -> Option<String> {
+            match r {
+                Ok(v) => Some(v),
+                Err(ImdsError::NotFound { .. }) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "IMDS poll failed");
+                    failed = true;
+                    None
+                }
+            }
+        };
+        if spot == Some(true) {
+            if !sent_spot {
+                if let Some(body) = ask(imds.get(SPOT_ACTION_PATH).await) {
+                    sent_spot = true;
+                    if tx.send(Notice::Spot(SpotAction::parse(&body))).is_err() {
+                        return;
+                    }
+                }
+            }
+            if !sent_rebalance {
+                if let Some(body) = ask(imds.get(REBALANCE_PATH).await) {
+                    sent_rebalance = true;
+                    let notice_time = rebalance_time(&body);
+                    if tx.send(Notice::Rebalance { notice_time }).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if !sent_terminating {
+            if let Some(state) = ask(imds.get(TARGET_STATE_PATH).await) {
+                if state.trim() == "Terminated" {
+                    sent_terminating = true;
+                    if tx.send(Notice::Terminating).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        if failed {
+            failures += 1;
+            if failures == 5 {
+                tracing::warn!(
+                    "IMDS has not answered the interruption polls 5 times in a row; still trying"
+                );
+            }
+        } else {
+            if failures >= 5 {
+                tracing::info!("IMDS answers the interruption polls again");
+            }
+            failures = 0;
+        }
+        let done = sent_terminating && (spot == Some(false) || (sent_spot && sent_rebalance));
+        if done || tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Why the supervisor itself stops the agent and ends the instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Interruption {
+    Spot(SpotAction),
+    /// Auto Scaling is terminating the instance (target lifecycle state `Terminated`).
+    Lifecycle,
+    Rebalance,
+    MaxUptime,
+}
+
+impl Interruption {
+    /// The `INTERRUPTION` journal field.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Spot(_) => "spot",
+            Self::Lifecycle => "lifecycle",
+            Self::Rebalance => "rebalance",
+            Self::MaxUptime => "max_uptime",
+        }
+    }
+
+    /// The `WHY` of the final log line.
+    pub fn why(&self) -> &'static str {
+        match self {
+            Self::Spot(_) => "spot interruption notice",
+            Self::Lifecycle => "Auto Scaling is terminating this instance",
+            Self::Rebalance => "spot rebalance recommendation: replacing this instance",
+            Self::MaxUptime => "older than max_uptime_secs: replacing this instance",
+        }
+    }
+}
+
+/// How long a spot drain may last before SIGKILL: the usual `grace_and_margin`, but done
+/// [`SPOT_SLACK`] before the notice's time so the agent still reports the stopped job.
+pub fn spot_kill_after(
+    grace_and_margin: Duration,
+    notice_time: Option<SystemTime>,
+    now: SystemTime,
+) -> Duration {
+    match notice_time {
+        Some(t) => {
+            let left = t.duration_since(now).unwrap_or_default();
+            grace_and_margin.min(left.saturating_sub(SPOT_SLACK))
+        }
+        None => grace_and_margin.min(Duration::from_secs(120).saturating_sub(SPOT_SLACK)),
+    }
+}
+
+/// Kept free before a spot interruption's time.
+pub const SPOT_SLACK: Duration = Duration::from_secs(10);
+
+/// Heartbeats go out at a third of the hook's heartbeat timeout, so one lost call is
+/// survived.
+pub fn heartbeat_every(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 3).max(Duration::from_millis(500))
+}
+
+/// The longest Auto Scaling keeps an instance in `Terminating:Wait`, heartbeats or not:
+/// 48 hours or 100 × the heartbeat timeout, whichever is smaller.
+pub fn global_timeout(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout * 100).min(Duration::from_secs(48 * 3600))
+}
+
+/// When a busy agent is drained anyway during a lifecycle wait: early enough that the
+/// drain (`grace_and_margin`) ends a minute before the hook's global timeout would.
+pub fn force_drain_after(heartbeat_timeout: Duration, grace_and_margin: Duration) -> Duration {
+    global_timeout(heartbeat_timeout)
+        .saturating_sub(grace_and_margin)
+        .saturating_sub(Duration::from_secs(60))
+}
+
+/// Time left before an instance launched at `launched` reaches `max_uptime`.
+pub fn uptime_left(launched: SystemTime, max_uptime: Duration, now: SystemTime) -> Duration {
+    let age = now.duration_since(launched).unwrap_or_default();
+    max_uptime.saturating_sub(age)
+}
+
+/// The datum published per spot interruption notice.
+pub fn spot_datum(stack: &str) -> Datum {
+    Datum {
+        metric: SPOT_METRIC,
+        dimensions: vec![("StackName", stack.to_string())],
+        value: 1.0,
+        unit: Unit::Count,
+    }
+}
+
+/// The lifecycle hook of this instance's group.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    pub group: String,
+    pub hook: LifecycleHook,
+    pub instance_id: String,
+}
+
+/// Tries of a `CompleteLifecycleAction` that Auto Scaling answers ValidationError: IMDS
+/// may say `Terminated` a moment before the lifecycle action exists.
+pub const COMPLETE_ATTEMPTS: u32 = 6;
+
+impl Hook {
+    /// `CompleteLifecycleAction(CONTINUE)`, retried on throttling, 5xx and (briefly) on
+    /// "no active lifecycle action". Returns the attempts it took.
+    pub async fn complete<A: LifecycleActions>(
+        &self,
+        asg: &A,
+        first_backoff: Duration,
+    ) -> Result<u32, AsgError> {
+        let mut delay = first_backoff;
+        for attempt in 1.. {
+            let r = asg
+                .complete_lifecycle_action(
+                    &self.group,
+                    &self.hook.name,
+                    &self.instance_id,
+                    "CONTINUE",
+                )
+                .await;
+            match r {
+                Ok(()) => return Ok(attempt),
+                Err(e)
+                    if attempt < COMPLETE_ATTEMPTS
+                        && (e.is_transient() || matches!(e, AsgError::Validation { .. })) =>
+                {
+                    tracing::debug!(attempt, error = %e, "CompleteLifecycleAction failed; retrying");
+                    tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    /// One `RecordLifecycleActionHeartbeat`; false (logged) if it failed.
+    pub async fn heartbeat<A: LifecycleActions>(&self, asg: &A) -> bool {
+        match asg
+            .record_lifecycle_action_heartbeat(&self.group, &self.hook.name, &self.instance_id)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(lifecycle_hook = %self.hook.name, error = %e, "lifecycle heartbeat failed");
+                false
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::UNIX_EPOCH;
+
+    #[test]
+    fn spot_actions_parse() {
+        let a = SpotAction::parse(r#"{"action": "terminate", "time": "2017-09-18T08:22:00Z"}"#);
+        assert_eq!(a.action, "terminate");
+        assert_eq!(a.time_text, "2017-09-18T08:22:00Z");
+        assert_eq!(
+            a.time,
+            Some(UNIX_EPOCH + Duration::from_secs(1_505_722_920))
+        );
+        let a = SpotAction::parse("<html>oops");
+        assert_eq!((a.action.as_str(), a.time), ("unknown", None));
+        assert_eq!(
+            rebalance_time(r#"{"noticeTime": "2020-11-05T08:22:00Z"}"#),
+            "2020-11-05T08:22:00Z"
+        );
+        assert_eq!(rebalance_time("garbage"), "garbage");
+    }
+
+    #[test]
+    fn spot_drain_fits_before_the_notice_time() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = Duration::from_secs;
+        // Two minutes ahead: the usual 70 s fits.
+        assert_eq!(spot_kill_after(s(70), Some(now + s(120)), now), s(70));
+        // A long grace is cut to end 10 s before the interruption.
+        assert_eq!(spot_kill_after(s(310), Some(now + s(120)), now), s(110));
+        // Past or unreadable times.
+        assert_eq!(spot_kill_after(s(70), Some(now - s(5)), now), s(0));
+        assert_eq!(spot_kill_after(s(310), None, now), s(110));
+    }
+
+    #[test]
+    fn hook_timings() {
+        let s = Duration::from_secs;
+        assert_eq!(heartbeat_every(s(600)), s(200));
+        assert_eq!(heartbeat_every(s(1)), Duration::from_millis(500));
+        assert_eq!(global_timeout(s(600)), s(60_000));
+        assert_eq!(global_timeout(s(7200)), s(172_800));
+        assert_eq!(force_drain_after(s(600), s(70)), s(60_000 - 130));
+        assert_eq!(force_drain_after(s(1), s(70)), s(0));
+        let t0 = UNIX_EPOCH + s(5_000);
+        assert_eq!(uptime_left(t0, s(3600), t0 + s(600)), s(3000));
+        assert_eq!(uptime_left(t0, s(3600), t0 + s(7200)), s(0));
+        assert_eq!(uptime_left(t0 + s(10), s(60), t0), s(60));
+    }
+
+    /// IMDS from a table the test changes.
+    #[derive(Clone, Default)]
+    struct Table(std::sync::Arc<Mutex<HashMap<&'static str, String>>>);
+
+    impl Table {
+        fn set(&self, path: &'static str, v: &str) {
+            self.0.lock().expect("lock").insert(path, v.to_string());
+        }
+    }
+
+    impl Metadata for Table {
+        async fn get(&self, path: &str) -> Result<String, ImdsError> {
+            self.0
+                .lock()
+                .expect("lock")
+                .get(path)
+                .cloned()
+                .ok_or_else(|| ImdsError::NotFound {
+                    path: path.to_string(),
+                })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn notices_are_sent_once_each() {
+        let imds = Table::default();
+        imds.set(LIFE_CYCLE_PATH, "spot");
+        imds.set(TARGET_STATE_PATH, "InService");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(watch(imds.clone(), POLL_EVERY, tx));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(rx.try_recv().is_err());
+        imds.set(REBALANCE_PATH, r#"{"noticeTime": "2020-11-05T08:22:00Z"}"#);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(
+            rx.try_recv().ok(),
+            Some(Notice::Rebalance {
+                notice_time: "2020-11-05T08:22:00Z".into()
+            })
+        );
+        imds.set(
+            SPOT_ACTION_PATH,
+            r#"{"action": "terminate", "time": "2017-09-18T08:22:00Z"}"#,
+        );
+        imds.set(TARGET_STATE_PATH, "Terminated");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(matches!(rx.try_recv(), Ok(Notice::Spot(a)) if a.action == "terminate"));
+        assert_eq!(rx.try_recv().ok(), Some(Notice::Terminating));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(rx.try_recv().is_err(), "each notice once");
+        assert!(task.is_finished(), "nothing left to watch");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_demand_instances_watch_only_the_lifecycle_state() {
+        let imds = Table::default();
+        imds.set(LIFE_CYCLE_PATH, "on-demand");
+        imds.set(SPOT_ACTION_PATH, r#"{"action": "terminate"}"#);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _task = tokio::spawn(watch(imds.clone(), POLL_EVERY, tx));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(rx.try_recv().is_err(), "no spot paths on on-demand");
+        imds.set(TARGET_STATE_PATH, "Terminated");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(rx.try_recv().ok(), Some(Notice::Terminating));
+    }
+
+    /// Scripted lifecycle calls.
+    #[derive(Default)]
+    struct Calls {
+        complete: Mutex<Vec<Result<(), AsgError>>>,
+        log: Mutex<Vec<String>>,
+    }
+
+    impl LifecycleActions for Calls {
+        async fn complete_lifecycle_action(
+            &self,
+            group: &str,
+            hook: &str,
+            id: &str,
+            result: &str,
+        ) -> Result<(), AsgError> {
+            self.log
+                .lock()
+                .expect("lock")
+                .push(format!("complete {group} {hook} {id} {result}"));
+            self.complete.lock().expect("lock").remove(0)
+        }
+        async fn record_lifecycle_action_heartbeat(
+            &self,
+            group: &str,
+            hook: &str,
+            id: &str,
+        ) -> Result<(), AsgError> {
+            self.log
+                .lock()
+                .expect("lock")
+                .push(format!("heartbeat {group} {hook} {id}"));
+            Ok(())
+        }
+    }
+
+    fn hook() -> Hook {
+        Hook {
+            group: "g".into(),
+            hook: LifecycleHook {
+                name: "drain".into(),
+                heartbeat_timeout: Duration::from_secs(60),
+            },
+            instance_id: "i-1".into(),
+        }
+    }
+
+    fn no_action() -> AsgError {
+        AsgError::Validation {
+            op: "CompleteLifecycleAction",
+            detail: "No active Lifecycle Action found".into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn completion_waits_briefly_for_the_action_to_exist() {
+        let calls = Calls::default();
+        *calls.complete.lock().expect("lock") = vec![Err(no_action()), Err(no_action()), Ok(())];
+        let attempts = hook()
+            .complete(&calls, Duration::from_millis(500))
+            .await
+            .expect("completes");
+        assert_eq!(attempts, 3);
+        assert_eq!(
+            calls.log.lock().expect("lock")[0],
+            "complete g drain i-1 CONTINUE"
+        );
+        // Never there: gives up after COMPLETE_ATTEMPTS.
+        let calls = Calls::default();
+        *calls.complete.lock().expect("lock") =
+            (0..COMPLETE_ATTEMPTS).map(|_| Err(no_action())).collect();
+        assert!(hook()
+            .complete(&calls, Duration::from_millis(500))
+            .await
+            .is_err());
+        assert!(hook().heartbeat(&calls).await);
+        assert_eq!(
+            calls.log.lock().expect("lock").last().map(String::as_str),
+            Some("heartbeat g drain i-1")
+        );
+    }
+}
