@@ -23,8 +23,6 @@ use std::time::{Duration, SystemTime};
 
 /// Refresh cached credentials this long before they expire.
 const CREDENTIALS_MARGIN: Duration = Duration::from_secs(300);
-/// Connecting alone may take this long (within the service's request timeout).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What tells one Query-protocol service from another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +117,6 @@ impl QueryError {
 /// One service's Query endpoint, with region and cached credentials.
 pub struct QueryClient {
     service: Service,
-    http: reqwest::Client,
     /// Base URL, no trailing slash; requests go to `<endpoint>/`.
     endpoint: String,
     region: String,
@@ -157,19 +154,8 @@ impl QueryClient {
             &region,
         );
         crate::tls::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .timeout(service.timeout)
-            .connect_timeout(CONNECT_TIMEOUT.min(service.timeout))
-            .user_agent(concat!("agent-fleet/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| QueryError::Client {
-                service: service.name,
-                detail: super::describe(&e),
-            })?;
         Ok(Self {
             service,
-            http,
             endpoint,
             region,
             credentials: config.credentials_provider(),
@@ -258,9 +244,11 @@ impl QueryClient {
             .map_err(|e| signing_error(e.to_string()))?
             .into_parts();
 
-        let mut req = self
-            .http
+        let http =
+            crate::tls::shared_client().map_err(|detail| QueryError::Client { service, detail })?;
+        let mut req = http
             .post(&url)
+            .timeout(self.service.timeout)
             .header(reqwest::header::CONTENT_TYPE, content_type);
         for (name, value) in instructions.headers() {
             req = req.header(name, value);

@@ -134,21 +134,14 @@ pub fn interpret(
 /// token is never sent anywhere but the configured endpoint).
 #[derive(Debug, Clone)]
 pub struct HttpDemand {
-    http: reqwest::Client,
+    _private: (),
 }
 
 impl HttpDemand {
-    /// Installs the process-wide rustls provider if nobody has yet (reqwest is built
-    /// without one; see [`crate::tls`]).
+    /// The client itself is [`crate::tls::shared_client`], built at the first poll (only
+    /// a leader polls).
     pub fn new() -> Result<Self, DemandError> {
-        crate::tls::install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("agent-fleet/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| DemandError::Transport(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Self { http })
+        Ok(Self { _private: () })
     }
 }
 
@@ -163,9 +156,10 @@ impl Demand for HttpDemand {
             .map_err(|_| DemandError::InvalidToken)?;
         auth.set_sensitive(true);
         let transport = |e: reqwest::Error| DemandError::Transport(crate::aws::describe(&e));
-        let mut resp = self
-            .http
+        let http = crate::tls::shared_client().map_err(DemandError::Transport)?;
+        let mut resp = http
             .get(metrics_url(endpoint, https))
+            .timeout(REQUEST_TIMEOUT)
             .header(reqwest::header::AUTHORIZATION, auth)
             .header(reqwest::header::ACCEPT, "application/json")
             .send()
