@@ -347,7 +347,17 @@ pub async fn diff(
     pace: Pace,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let p = plan(cf, cfg, pace, out).await?;
+    let existed = existing(cf, &cfg.stack_name).await?.is_some();
+    let p = match plan(cf, cfg, pace, out).await {
+        Ok(p) => p,
+        Err(e) => {
+            // A failed CREATE change set leaves an empty REVIEW_IN_PROGRESS stack behind.
+            if !existed {
+                let _ = cf.delete_stack().stack_name(&cfg.stack_name).send().await;
+            }
+            return Err(e);
+        }
+    };
     if p.create {
         writeln!(
             out,
@@ -536,19 +546,33 @@ enum End {
     Gone,
 }
 
+/// The id of the stack's newest event: everything up to it is history.
 async fn event_ids(cf: &Client, stack: &str) -> anyhow::Result<BTreeSet<String>> {
-    Ok(events(cf, stack)
-        .await?
-        .iter()
-        .filter_map(|e| e.event_id().map(str::to_string))
+    let page = cf
+        .describe_stack_events()
+        .stack_name(stack)
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+    Ok(page
+        .stack_events()
+        .first()
+        .and_then(|e| e.event_id())
+        .map(str::to_string)
+        .into_iter()
         .collect())
 }
 
-/// All events, oldest first.
-async fn events(cf: &Client, stack: &str) -> anyhow::Result<Vec<StackEvent>> {
-    let mut all = vec![];
+/// The events newer than any in `seen`, oldest first. Pages (newest first) only until an
+/// event already seen, so a long history is not read again on every poll.
+async fn new_events(
+    cf: &Client,
+    stack: &str,
+    seen: &BTreeSet<String>,
+) -> anyhow::Result<Vec<StackEvent>> {
+    let mut fresh = vec![];
     let mut token = None;
-    loop {
+    'pages: loop {
         let page = cf
             .describe_stack_events()
             .stack_name(stack)
@@ -556,15 +580,28 @@ async fn events(cf: &Client, stack: &str) -> anyhow::Result<Vec<StackEvent>> {
             .send()
             .await
             .map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
-        all.extend(page.stack_events().iter().cloned());
+        for e in page.stack_events() {
+            if e.event_id().is_some_and(|id| seen.contains(id)) {
+                break 'pages;
+            }
+            fresh.push(e.clone());
+        }
         token = page.next_token().map(str::to_string);
         if token.is_none() {
             break;
         }
     }
-    all.reverse();
-    Ok(all)
+    fresh.reverse();
+    Ok(fresh)
 }
+
+/// Consecutive failed reads of the stack before `follow` gives up watching.
+const MAX_READ_FAILURES: u32 = 10;
+
+/// How long a settled status is believed without an event of the new operation (the
+/// operation is asynchronous: right after ExecuteChangeSet or DeleteStack the stack may
+/// still show the old, settled status).
+const SETTLED_WITHOUT_EVENTS: Duration = Duration::from_secs(60);
 
 fn is_failure(status: &str) -> bool {
     status.ends_with("_FAILED") || status.contains("ROLLBACK")
@@ -583,13 +620,27 @@ async fn follow(
     let mut last_news = Instant::now();
     let mut done: BTreeSet<String> = BTreeSet::new();
     let mut failures: Vec<StackEvent> = vec![];
+    let mut read_failures = 0;
+    let mut operation_seen = false;
     loop {
-        let status = match existing(cf, stack).await? {
-            Some(e) => e.status,
-            None => return Ok(End::Gone),
+        let status = match existing(cf, stack).await {
+            Ok(Some(e)) => e.status,
+            Ok(None) => return Ok(End::Gone),
+            Err(e) => {
+                read_failures += 1;
+                if read_failures >= MAX_READ_FAILURES {
+                    return Err(e.context(format!(
+                        "gave up watching {stack} after {read_failures} failed reads; CloudFormation carries on: see `agent-fleet status`"
+                    )));
+                }
+                writeln!(out, "… cannot read the stack ({e:#}); retrying")?;
+                tokio::time::sleep(pace.poll).await;
+                continue;
+            }
         };
-        match events(cf, stack).await {
+        match new_events(cf, stack, &seen).await {
             Ok(evs) => {
+                read_failures = 0;
                 for e in evs {
                     let Some(id) = e.event_id().map(str::to_string) else {
                         continue;
@@ -601,6 +652,9 @@ async fn follow(
                     let st = e.resource_status().map(|s| s.as_str()).unwrap_or("?");
                     let logical = e.logical_resource_id().unwrap_or("?");
                     let is_stack = e.resource_type() == Some("AWS::CloudFormation::Stack");
+                    if is_stack {
+                        operation_seen = true;
+                    }
                     if st.ends_with("_COMPLETE") && !is_stack {
                         done.insert(logical.to_string());
                     }
@@ -622,13 +676,20 @@ async fn follow(
                     )?;
                 }
             }
-            Err(e) if status.starts_with("DELETE") => {
-                // The stack can vanish between the two calls.
-                let _ = e;
+            // The stack can vanish between the two calls.
+            Err(_) if status.starts_with("DELETE") => {}
+            Err(e) => {
+                read_failures += 1;
+                if read_failures >= MAX_READ_FAILURES {
+                    return Err(e.context(format!(
+                        "gave up reading the events of {stack} after {read_failures} tries; CloudFormation carries on: see `agent-fleet status`"
+                    )));
+                }
+                writeln!(out, "… cannot read the events ({e:#}); retrying")?;
             }
-            Err(e) => return Err(e.context(format!("cannot read the events of {stack}"))),
         }
-        let settled = !status.ends_with("_IN_PROGRESS");
+        let settled = !status.ends_with("_IN_PROGRESS")
+            && (operation_seen || started.elapsed() >= SETTLED_WITHOUT_EVENTS);
         if settled {
             if is_failure(&status) {
                 // The stack's own events say ROLLBACK; the resources' say why.

@@ -274,7 +274,7 @@ pub async fn print(
             })?
             .parameter()
             .and_then(|p| p.value())
-            .map(|v| Token::new(v.to_string()))
+            .map(|v| Token::new(v.trim().to_string()))
             .ok_or_else(|| format!("the token parameter {} is empty", settings.token_parameter))?;
         let demand = HttpDemand::new().map_err(|e| e.to_string())?;
         demand
