@@ -220,6 +220,9 @@ async fn poweroff(cmd: &[String]) {
 /// is left to fire (see [`Notifier::during`]): the SDK's 30 s operation timeout times the
 /// retries, with room to spare.
 const AWS_STEP_BOUND: Duration = Duration::from_secs(600);
+/// Longest one lifecycle heartbeat may hold the main loop (the SDK's own operation
+/// timeout is 30 s, systemd's `WatchdogSec=`).
+const HEARTBEAT_BOUND: Duration = Duration::from_secs(10);
 /// Longest stopping the election and scaler and releasing the lease may take.
 const LEADER_STOP_BOUND: Duration = Duration::from_secs(120);
 
@@ -471,6 +474,7 @@ async fn run_in(
             agent_name: agent_name.clone(),
             instance_id: instance_id.clone(),
             secret: token.clone(),
+            shutdown_hook: Some(hook_path.clone()),
         };
         let mut agent = RunningAgent::spawn(&launch).map_err(|e| {
             DaemonError::Input(format!(
@@ -540,7 +544,7 @@ async fn run_in(
                     break RunEnd::Exited(agent.finish(s).await);
                 }
                 n = end.next_notice() => {
-                    let busy = agent.progress().jobs > 0;
+                    let busy = waits_for_job(&agent, &settings);
                     if let Some(kind) = end.take_notice(n, busy, &settings).await {
                         break RunEnd::Drain(kind);
                     }
@@ -565,7 +569,7 @@ async fn run_in(
                 _ = tokio::time::sleep_until(uptime_at), if uptime_at != far => {
                     uptime_at = far;
                     if end.replace.is_none() {
-                        let busy = agent.progress().jobs > 0;
+                        let busy = waits_for_job(&agent, &settings);
                         tracing::info!(
                             max_uptime_secs = settings.max_uptime.map(|m| m.as_secs()).unwrap_or_default(),
                             busy,
@@ -582,7 +586,7 @@ async fn run_in(
                 }
                 _ = tokio::time::sleep_until(beat_at), if holding => {
                     if let Some(h) = &hook {
-                        end.heartbeat(h).await;
+                        end.heartbeat(&mut notify, h).await;
                         beat_at = tokio::time::Instant::now() + interrupt::heartbeat_every(h.hook.heartbeat_timeout);
                     }
                 }
@@ -649,6 +653,14 @@ async fn run_in(
                     kill_after.as_secs()
                 ));
                 let jobs_before = agent.progress().jobs;
+                if jobs_before > 0 && !settings.disconnect_after_job {
+                    tracing::info!(
+                        agent_name = %agent_name,
+                        jobs = jobs_before,
+                        interruption = kind.as_str(),
+                        "the agent takes several jobs (disconnect_after_job off): draining it now, so it takes no more; a running job has the interruption grace"
+                    );
+                }
                 let drained = drain(&mut agent, &agent_name, kill_after, &shutdown, &mut reasons);
                 let hook = end.terminating.and(end.hook(&settings));
                 let reason = notify
@@ -1157,10 +1169,25 @@ impl Ending<'_> {
         }
     }
 
-    async fn heartbeat(&mut self, hook: &interrupt::Hook) {
-        if hook.heartbeat(self.asg).await {
-            self.heartbeats += 1;
-            tracing::debug!(heartbeats = self.heartbeats, "lifecycle heartbeat sent");
+    /// One lifecycle heartbeat, feeding the watchdog meanwhile and given up after
+    /// [`HEARTBEAT_BOUND`] (the next one is a third of the heartbeat timeout away, so one
+    /// lost call is survived) so a slow Auto Scaling endpoint cannot stall the main loop.
+    async fn heartbeat(&mut self, notify: &mut Notifier, hook: &interrupt::Hook) {
+        let beat = tokio::time::timeout(HEARTBEAT_BOUND, hook.heartbeat(self.asg));
+        match notify
+            .during("a lifecycle heartbeat", HEARTBEAT_BOUND * 2, beat)
+            .await
+        {
+            Ok(true) => {
+                self.heartbeats += 1;
+                tracing::debug!(heartbeats = self.heartbeats, "lifecycle heartbeat sent");
+            }
+            Ok(false) => {}
+            Err(_) => tracing::warn!(
+                lifecycle_hook = %hook.hook.name,
+                bound_secs = HEARTBEAT_BOUND.as_secs(),
+                "lifecycle heartbeat did not return in time; trying again at the next one"
+            ),
         }
     }
 
@@ -1255,8 +1282,9 @@ impl Ending<'_> {
     /// terminates the instance; with a lifecycle hook, once we complete its action (at
     /// once: the agent is gone). If nothing happened after `terminate_timeout`, power off.
     async fn wait_for_end(&mut self, notify: &mut Notifier, settings: &Settings) {
-        let until = tokio::time::Instant::now() + self.opts.terminate_timeout;
-        let mut powered_off = false;
+        // No deadline (never power off) if the operator's timeout does not fit an Instant.
+        let until = tokio::time::Instant::now().checked_add(self.opts.terminate_timeout);
+        let mut powered_off = until.is_none();
         loop {
             if self.terminating.is_some() && !self.completed {
                 self.complete(notify, settings).await;
@@ -1271,7 +1299,7 @@ impl Ending<'_> {
                         other => tracing::info!(notice = ?other, "notice while the instance is ending: nothing more to do"),
                     }
                 }
-                _ = tokio::time::sleep_until(until), if !powered_off => {
+                _ = tokio::time::sleep_until(until.unwrap_or_else(tokio::time::Instant::now)), if !powered_off => {
                     tracing::error!(
                         timeout_secs = self.opts.terminate_timeout.as_secs(),
                         "instance still running long after its termination was requested"
@@ -1343,6 +1371,15 @@ fn with_pending(status: &str, end: &Ending<'_>) -> String {
     }
 }
 
+/// Whether an interruption that spares a busy agent (Auto Scaling's termination with a
+/// lifecycle hook, a rebalance recommendation, max uptime) waits for its job. Only a
+/// one-job agent (`disconnect_after_job`) does: it exits after its job. An agent that
+/// takes several jobs counts as busy from its first job on and would keep taking jobs,
+/// so it is drained at once (see [`crate::interrupt`]).
+fn waits_for_job(agent: &RunningAgent, settings: &Settings) -> bool {
+    settings.disconnect_after_job && agent.progress().jobs > 0
+}
+
 /// Runs `step` while heartbeating `hook` (if any) so Auto Scaling keeps waiting.
 async fn with_heartbeats<F: std::future::Future>(
     step: F,
@@ -1361,7 +1398,8 @@ async fn with_heartbeats<F: std::future::Future>(
             biased;
             out = &mut step => return out,
             _ = tokio::time::sleep_until(next) => {
-                if hook.heartbeat(asg).await {
+                // Bounded: the step (the drain) is not polled meanwhile.
+                if let Ok(true) = tokio::time::timeout(HEARTBEAT_BOUND, hook.heartbeat(asg)).await {
                     *beats += 1;
                 }
                 next = tokio::time::Instant::now() + every;

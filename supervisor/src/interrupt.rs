@@ -4,14 +4,17 @@
 //! | signal | where it shows | the supervisor |
 //! |---|---|---|
 //! | spot interruption notice | IMDS `meta-data/spot/instance-action` (spot instances; 404 = none) | drains at once (SIGTERM to the agent's group; the job gets the interruption grace, cut to fit before the notice's time), publishes `SpotInterruptions`, then ends the instance without decrement |
-//! | rebalance recommendation | IMDS `meta-data/events/recommendations/rebalance` (spot instances) | idle agent: drains and ends the instance without decrement (Auto Scaling launches a replacement); busy: after its job. Nothing when the group has Capacity Rebalancing on: Auto Scaling then replaces the instance itself, through the lifecycle hook |
-//! | Auto Scaling terminates the instance | IMDS `meta-data/autoscaling/target-lifecycle-state` = `Terminated` | idle agent: drains; busy: lets the job finish, heartbeating the hook; then `CompleteLifecycleAction(CONTINUE)` |
+//! | rebalance recommendation | IMDS `meta-data/events/recommendations/rebalance` (spot instances) | idle (or multi-job, see below) agent: drains and ends the instance without decrement (Auto Scaling launches a replacement); busy one-job agent: after its job. Nothing when the group has Capacity Rebalancing on: Auto Scaling then replaces the instance itself, through the lifecycle hook |
+//! | Auto Scaling terminates the instance | IMDS `meta-data/autoscaling/target-lifecycle-state` = `Terminated` | idle (or multi-job) agent: drains; busy one-job agent: lets the job finish, heartbeating the hook; then `CompleteLifecycleAction(CONTINUE)` |
 //! | `max_uptime_secs` passed | the instance's launch time (IMDS identity document) | as a rebalance recommendation |
 //!
-//! "Busy" is "the running agent was handed a job" ([`crate::agent::Progress::jobs`]): exact
-//! for a one-job agent (`disconnect_after_job`), which exits after its job; an agent that
-//! takes several jobs counts as busy from its first job on, because its output as the
-//! supervisor reads it does not say when a job ends — it is then replaced when it exits.
+//! "Busy" is "the running agent was handed a job" ([`crate::agent::Progress::jobs`]), and
+//! only a one-job agent (`disconnect_after_job`) is ever let finish its job: it exits
+//! after it. An agent that takes several jobs (`disconnect_after_job` off) is always
+//! treated as idle here — drained at once — because its output as the supervisor reads it
+//! does not say when a job ends, and left alone it would keep taking jobs (through a whole
+//! lifecycle wait, and max uptime or a rebalance would never take effect under load). The
+//! drain's SIGTERM stops it taking jobs; a job it is running gets the interruption grace.
 //!
 //! AWS: "We recommend that you check for these interruption notices every 5 seconds"
 //! (EC2 User Guide, Spot Instance interruption notices); the notice comes two minutes

@@ -110,6 +110,9 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     Ok((k.to_string(), v.to_string()))
 }
 
+/// The largest operator-given timeout taken as is (a day); larger ones are cut to it.
+const MAX_SECS: u64 = 24 * 3600;
+
 impl RunArgs {
     fn options(self) -> RunOptions {
         RunOptions {
@@ -128,10 +131,11 @@ impl RunArgs {
                 .into_iter()
                 .filter(|s| !s.is_empty())
                 .collect(),
-            terminate_timeout: Duration::from_secs(self.terminate_timeout_secs),
+            // At most a day: a larger value means "never" and could overflow a deadline.
+            terminate_timeout: Duration::from_secs(self.terminate_timeout_secs.min(MAX_SECS)),
             restart_backoff: Duration::from_millis(self.restart_backoff_ms.max(1)),
             restart_backoff_cap: Duration::from_secs(self.restart_backoff_cap_secs.max(1)),
-            drain_margin: Duration::from_secs(self.drain_margin_secs),
+            drain_margin: Duration::from_secs(self.drain_margin_secs.min(MAX_SECS)),
             imds_attempts: self.imds_attempts.max(1),
             aws_retry_backoff: Duration::from_millis(self.aws_retry_ms.max(1)),
         }

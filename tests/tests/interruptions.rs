@@ -649,6 +649,52 @@ async fn max_uptime_replaces_an_idle_instance_at_once_and_a_busy_one_after_its_j
     finish(fleet, result).await
 }
 
+/// An agent that takes several jobs (`disconnect_after_job` off) would keep taking jobs
+/// past the age limit: it is drained at once, its running job getting the grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_uptime_drains_a_busy_multi_job_agent_at_once() -> R {
+    let bed = Bed::start("uptime-multi").await?;
+    let group = "uptime-multi-agents";
+    bed.moto.create_group(group, 0, 2, 1).await?;
+    let mut cfg = bed.runtime_config(group);
+    cfg.max_uptime_secs = 8;
+    cfg.disconnect_after_job = false;
+    bed.put_config(&cfg).await?;
+    let fleet = fleet(&bed, group, "on-demand");
+    let result = async {
+        registered(&bed, 1).await?;
+        let (_job, busy) = running_job(&bed, "sleep 120; echo done").await?;
+        let started = fleet
+            .with_instance(&busy, |i| i.started)
+            .context("busy instance")?;
+        eventually(
+            "the busy multi-job instance replaced without waiting for its job",
+            Duration::from_secs(40),
+            || async {
+                let calls = bed.moto.calls(0).await.ok()?;
+                terminate_calls(&calls)
+                    .into_iter()
+                    .find(|(i, d, _)| *i == busy && d == "false")
+            },
+        )
+        .await?;
+        let age = started.elapsed();
+        assert!(
+            age < Duration::from_secs(60),
+            "did not wait for the job: {age:?}"
+        );
+        assert!(
+            has_event(&fleet, &busy, "interrupted").is_some(),
+            "the job was interrupted (it had the grace)"
+        );
+        let out = output_of(&fleet, &busy);
+        assert!(out.contains("disconnect_after_job off"), "{out}");
+        anyhow::Ok(())
+    }
+    .await;
+    finish(fleet, result).await
+}
+
 /// `cfn/agent-fleet.yaml` puts the termination hook on the agents group and names it, with
 /// its timeout and the age limit, in the runtime config.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,12 +68,19 @@ pub const SHUTDOWN_TIMEOUT_ENV: &str = "AGENT_SUPERVISOR_AGENT_SHUTDOWN_TIMEOUT_
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The bound on the agent's shutdown: `$AGENT_SUPERVISOR_AGENT_SHUTDOWN_TIMEOUT_SECS`,
-/// else [`DEFAULT_SHUTDOWN_TIMEOUT`].
+/// else [`DEFAULT_SHUTDOWN_TIMEOUT`]; at most [`MAX_SHUTDOWN_TIMEOUT`].
 pub fn shutdown_timeout() -> Duration {
-    std::env::var(SHUTDOWN_TIMEOUT_ENV)
-        .ok()
+    parse_shutdown_timeout(std::env::var(SHUTDOWN_TIMEOUT_ENV).ok().as_deref())
+}
+
+/// The longest shutdown bound taken from the environment (a day): a larger value would
+/// mean "never", and could overflow a deadline.
+pub const MAX_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+fn parse_shutdown_timeout(value: Option<&str>) -> Duration {
+    value
         .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+        .map(|s| Duration::from_secs(s).min(MAX_SHUTDOWN_TIMEOUT))
         .unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT)
 }
 
@@ -206,8 +213,8 @@ impl RunAs {
     }
 }
 
-/// How to start the agent.
-#[derive(Debug, Clone)]
+/// How to start the agent. `Debug` leaves out the token.
+#[derive(Clone)]
 pub struct Launch {
     pub binary: PathBuf,
     pub config_path: PathBuf,
@@ -219,6 +226,25 @@ pub struct Launch {
     pub instance_id: String,
     /// Replaced by `[redacted]` in any forwarded line that contains it.
     pub secret: String,
+    /// The shutdown hook the supervisor wrote and named in the agent's config. Run in the
+    /// agent's place if the agent is killed before its hook returns; never read back from
+    /// the config, which the agent user owns.
+    pub shutdown_hook: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("binary", &self.binary)
+            .field("config_path", &self.config_path)
+            .field("run_as", &self.run_as)
+            .field("env", &self.env)
+            .field("agent_name", &self.agent_name)
+            .field("instance_id", &self.instance_id)
+            .field("secret", &"[redacted]")
+            .field("shutdown_hook", &self.shutdown_hook)
+            .finish()
+    }
 }
 
 /// A running agent and its process group.
@@ -230,7 +256,10 @@ pub struct RunningAgent {
     winding: watch::Receiver<Winding>,
     last_error: Arc<Mutex<Option<String>>>,
     forwarders: Vec<tokio::task::JoinHandle<()>>,
-    config_path: PathBuf,
+    /// [`Launch::shutdown_hook`].
+    shutdown_hook: Option<PathBuf>,
+    /// The user the agent runs as; its stand-in hook runs as that user too.
+    run_as: Option<RunAs>,
     /// See [`shutdown_timeout`].
     shutdown_timeout: Duration,
     /// The group was killed because the agent overran its shutdown.
@@ -305,7 +334,8 @@ impl RunningAgent {
             winding,
             last_error,
             forwarders,
-            config_path: launch.config_path.clone(),
+            shutdown_hook: launch.shutdown_hook.clone(),
+            run_as: launch.run_as.clone(),
             shutdown_timeout: shutdown_timeout(),
             overran: false,
         })
@@ -420,20 +450,24 @@ impl RunningAgent {
 }
 
 impl RunningAgent {
-    /// The agent was killed before its shutdown hook returned: runs the hook it was
-    /// configured with (`shutdown-hook-path` in its config) with the reason it logged, so
-    /// the reason reaches the daemon the usual way. Bounded; failures are logged.
+    /// The agent was killed before its shutdown hook returned: runs the hook the
+    /// supervisor wrote for it ([`Launch::shutdown_hook`], never the path in the agent's
+    /// config, which the agent user can rewrite) the way the agent would — `bash <hook>`,
+    /// as the agent user — with the reason it logged, so the reason reaches the daemon
+    /// the usual way (over the hook socket). Bounded; failures are logged.
     async fn run_hook_for_agent(&self, reason: ShutdownReason) {
-        let hook = std::fs::read_to_string(&self.config_path)
-            .ok()
-            .and_then(|text| config_file::read_value(&text, "shutdown-hook-path"));
-        let Some(hook) = hook else {
-            tracing::error!(path = %self.config_path.display(), exit_reason = %reason, "the agent was killed before its shutdown hook ran, and its config names no hook to run in its place");
+        let Some(path) = &self.shutdown_hook else {
+            tracing::error!(exit_reason = %reason, "the agent was killed before its shutdown hook ran, and no hook was configured to run in its place");
             return;
         };
+        let hook = path.display();
         tracing::warn!(hook = %hook, exit_reason = %reason, "the agent was killed before its shutdown hook returned: running the hook in its place with the reason it logged");
         let mut cmd = Command::new("bash");
-        cmd.arg(&hook)
+        if let Some(run_as) = &self.run_as {
+            cmd.current_dir(&run_as.home);
+            drop_privileges(&mut cmd, run_as.clone());
+        }
+        cmd.arg(path)
             .env_clear()
             .env(
                 "PATH",
@@ -470,7 +504,10 @@ async fn overrun(winding: &mut watch::Receiver<Winding>, bound: Duration) -> Dur
     let Some(began) = began else {
         return std::future::pending().await;
     };
-    tokio::time::sleep_until((began + bound).into()).await;
+    let Some(at) = began.checked_add(bound) else {
+        return std::future::pending().await;
+    };
+    tokio::time::sleep_until(at.into()).await;
     began.elapsed()
 }
 
@@ -636,6 +673,39 @@ fn drop_privileges(cmd: &mut Command, run_as: RunAs) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shutdown_timeouts_from_the_environment_are_bounded() {
+        assert_eq!(parse_shutdown_timeout(None), DEFAULT_SHUTDOWN_TIMEOUT);
+        assert_eq!(parse_shutdown_timeout(Some("x")), DEFAULT_SHUTDOWN_TIMEOUT);
+        assert_eq!(
+            parse_shutdown_timeout(Some(" 90 ")),
+            Duration::from_secs(90)
+        );
+        let huge = parse_shutdown_timeout(Some("18446744073709551615"));
+        assert_eq!(huge, MAX_SHUTDOWN_TIMEOUT);
+        assert!(Instant::now().checked_add(huge).is_some());
+    }
+
+    #[test]
+    fn launch_debug_leaves_out_the_token() {
+        let launch = Launch {
+            binary: "/a".into(),
+            config_path: "/c".into(),
+            run_as: None,
+            env: vec![],
+            agent_name: "n".into(),
+            instance_id: "i-1".into(),
+            secret: "tok-SECRET-123".into(),
+            shutdown_hook: Some("/w/hook.sh".into()),
+        };
+        let shown = format!("{launch:?}");
+        assert!(!shown.contains("tok-SECRET-123"), "{shown}");
+        assert!(
+            shown.contains("[redacted]") && shown.contains("/w/hook.sh"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn reasons_parse_from_hook_and_wire_forms() {
