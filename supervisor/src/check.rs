@@ -45,6 +45,12 @@ pub async fn run(opts: &RunOptions) -> i32 {
             p.settings.endpoint, p.settings.agent_group
         ),
     );
+    if !p.settings.ignored_keys.is_empty() {
+        println!(
+            "WARN  runtime config: keys this agent-supervisor does not know are ignored: {}; fix: rebuild the AMI (agent-fleet ami build) if the stack template is newer, or correct the key",
+            p.settings.ignored_keys.join(", ")
+        );
+    }
 
     let ssm = SdkParameterStore::new(&p.sdk);
     match ssm.get(&p.settings.token_parameter).await {

@@ -3,8 +3,11 @@
 //!
 //! [`RuntimeConfig`] is the one serde type for that parameter: the template writes it,
 //! this crate parses it, and a test deploys the template and parses what it wrote.
-//! Parsing is strict (unknown keys are errors) so a typo never silently falls back to a
-//! default; [`Settings`] is the validated form the rest of the daemon uses.
+//! Types and values are checked strictly. Keys this version does not know are dropped
+//! before parsing and named in [`Settings::ignored_keys`] (the daemon and `check` warn):
+//! a newer stack template may add keys that an instance booted from an older AMI does not
+//! know, and refusing them would stop every such instance. [`Settings`] is the validated
+//! form the rest of the daemon uses.
 
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -309,12 +312,83 @@ pub struct Settings {
     pub lifecycle_hook: Option<LifecycleHook>,
     /// `None`: no age limit.
     pub max_uptime: Option<Duration>,
+    /// Keys of the parameter this version does not know (`scaler.foo`), ignored.
+    pub ignored_keys: Vec<String>,
+}
+
+/// The keys this version knows, per object of the runtime config ("" = the top level).
+const KNOWN_KEYS: &[(&str, &[&str])] = &[
+    (
+        "",
+        &[
+            "endpoint",
+            "token_parameter",
+            "agent_group",
+            "disconnect_after_job",
+            "idle_timeout_secs",
+            "interruption_grace_secs",
+            "cache_bucket",
+            "no_https",
+            "scaler",
+            "election",
+            "lifecycle_hook",
+            "max_uptime_secs",
+        ],
+    ),
+    (
+        "scaler",
+        &[
+            "enabled",
+            "poll_interval_ms",
+            "overprovision_strategy",
+            "overprovision_factor",
+        ],
+    ),
+    (
+        "election",
+        &["lease_ms", "renew_deadline_ms", "retry_ms", "prefix"],
+    ),
+    ("lifecycle_hook", &["name", "heartbeat_timeout_secs"]),
+];
+
+/// Drops the keys [`KNOWN_KEYS`] does not list; returns their paths.
+fn drop_unknown_keys(doc: &mut serde_json::Value) -> Vec<String> {
+    let mut dropped = vec![];
+    for (object, known) in KNOWN_KEYS {
+        let target = if object.is_empty() {
+            Some(&mut *doc)
+        } else {
+            doc.get_mut(*object)
+        };
+        let Some(map) = target.and_then(|v| v.as_object_mut()) else {
+            continue;
+        };
+        let unknown: Vec<String> = map
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for k in unknown {
+            map.remove(&k);
+            dropped.push(if object.is_empty() {
+                k
+            } else {
+                format!("{object}.{k}")
+            });
+        }
+    }
+    dropped
 }
 
 impl Settings {
     pub fn parse(parameter: &str, json: &str) -> Result<Self, ConfigError> {
-        let de = &mut serde_json::Deserializer::from_str(json);
-        let raw: RuntimeConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut doc: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| ConfigError::Parse {
+                parameter: parameter.to_string(),
+                detail: e.to_string(),
+            })?;
+        let ignored_keys = drop_unknown_keys(&mut doc);
+        let raw: RuntimeConfig = serde_path_to_error::deserialize(doc).map_err(|e| {
             let path = e.path().to_string();
             let detail = if path == "." || path.is_empty() {
                 e.inner().to_string()
@@ -326,7 +400,9 @@ impl Settings {
                 detail,
             }
         })?;
-        Self::validate(parameter, raw)
+        let mut settings = Self::validate(parameter, raw)?;
+        settings.ignored_keys = ignored_keys;
+        Ok(settings)
     }
 
     pub fn validate(parameter: &str, raw: RuntimeConfig) -> Result<Self, ConfigError> {
@@ -414,6 +490,7 @@ impl Settings {
         let election =
             validate_election(&raw.election, parameter).map_err(|(key, p)| invalid(key, &p))?;
         Ok(Self {
+            ignored_keys: vec![],
             scaler,
             election,
             config_parameter: parameter.to_string(),
@@ -667,12 +744,52 @@ mod tests {
     }
 
     #[test]
-    fn unknown_key_is_named() {
-        let json = GOOD.replace('}', r#","idle_timout_secs":5}"#);
-        let m = Settings::parse("/p", &json)
-            .expect_err("unknown")
-            .to_string();
-        assert!(m.contains("unknown field `idle_timout_secs`"), "{m}");
+    fn unknown_keys_are_ignored_and_named() {
+        let json = GOOD.replace(
+            '}',
+            r#","idle_timout_secs":5,"scaler":{"enabled":true,"future_knob":1}}"#,
+        );
+        let s = Settings::parse("/p", &json).expect("unknown keys are not fatal");
+        assert_eq!(
+            s.ignored_keys,
+            vec!["idle_timout_secs", "scaler.future_knob"]
+        );
+        assert_eq!(
+            s.idle_timeout,
+            Duration::from_secs(300),
+            "the default stays"
+        );
+        assert!(Settings::parse("/p", GOOD)
+            .expect("valid")
+            .ignored_keys
+            .is_empty());
+    }
+
+    /// Every field of the serde types is in KNOWN_KEYS (else a real key would be dropped).
+    #[test]
+    fn known_keys_cover_every_field() {
+        let full = RuntimeConfig {
+            endpoint: "e".into(),
+            token_parameter: "/t".into(),
+            agent_group: "g".into(),
+            disconnect_after_job: true,
+            idle_timeout_secs: 1,
+            interruption_grace_secs: 1,
+            cache_bucket: Some("bucket".into()),
+            no_https: false,
+            scaler: ScalerConfig::default(),
+            election: ElectionConfig {
+                prefix: Some("/p/leader".into()),
+                ..ElectionConfig::default()
+            },
+            lifecycle_hook: Some(LifecycleHookConfig {
+                name: "h".into(),
+                heartbeat_timeout_secs: 60,
+            }),
+            max_uptime_secs: 0,
+        };
+        let mut doc = serde_json::to_value(&full).expect("serialize");
+        assert_eq!(drop_unknown_keys(&mut doc), Vec::<String>::new());
     }
 
     #[test]

@@ -100,6 +100,7 @@ pub async fn prepare(opts: &RunOptions) -> Result<Prepared, DaemonError> {
         })?;
     let settings = Settings::parse(&identity.config_parameter, &raw.value)
         .map_err(|e| DaemonError::Input(e.to_string()))?;
+    warn_ignored_keys(&settings);
     Ok(Prepared {
         instance_id: info.instance_id,
         identity,
@@ -1476,6 +1477,9 @@ async fn reload_once<P: ParameterStore>(
                 settings.send_if_modified(|cur| {
                     let changed = *cur != s;
                     if changed {
+                        if s.ignored_keys != cur.ignored_keys {
+                            warn_ignored_keys(&s);
+                        }
                         tracing::info!(parameter = %parameter, "runtime config changed: scaler knobs apply now, agent knobs at the next agent start");
                         *cur = s;
                     }
@@ -1520,5 +1524,17 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Keys of the runtime config this supervisor does not know: a newer stack template than
+/// the AMI, or a typo in a hand edit.
+fn warn_ignored_keys(settings: &Settings) {
+    if !settings.ignored_keys.is_empty() {
+        tracing::warn!(
+            parameter = %settings.config_parameter,
+            keys = %settings.ignored_keys.join(", "),
+            "runtime config keys this agent-supervisor does not know are ignored; fix: rebuild the AMI (agent-fleet ami build) if the stack template is newer, or correct the key"
+        );
     }
 }

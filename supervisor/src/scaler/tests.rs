@@ -12,6 +12,7 @@ const LONG: Duration = Duration::from_secs(3600);
 
 fn settings(overprovision: Overprovision) -> Settings {
     Settings {
+        ignored_keys: vec![],
         config_parameter: "/agent-fleet/s1/config".into(),
         endpoint: "hub.test:8080".into(),
         token_parameter: "/agent-fleet/s1/token".into(),
