@@ -38,8 +38,37 @@ fn arg_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--rss-no-leader]";
+
+/// Refuses what it does not know (a mistyped flag must not start a 15-minute run).
+fn check_args() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--only" | "--runs" | "--rss-secs" | "--kills" | "--trials" => {
+                if args.get(i + 1).is_none() {
+                    return Err(format!("{} needs a value", args[i]));
+                }
+                i += 2;
+            }
+            "--rss-no-leader" => i += 1,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    if let Err(e) = check_args() {
+        eprintln!("fleet-bench: {e}\n{USAGE}");
+        std::process::exit(2);
+    }
     let only: Vec<String> = std::env::args()
         .skip_while(|a| a != "--only")
         .nth(1)
