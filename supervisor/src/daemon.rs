@@ -318,15 +318,7 @@ async fn run_in(
             }
         }
         notify.stopping("stopping: handing leadership on");
-        if let Some(l) = leader.take() {
-            notify
-                .during(
-                    "handing leadership on",
-                    LEADER_STOP_BOUND,
-                    l.stop_and_release(),
-                )
-                .await;
-        }
+        hand_leadership_on(&mut leader, &mut notify).await;
         return Ok(());
     }
 
@@ -526,11 +518,7 @@ async fn run_in(
                         "draining: the agent {agent_name} has up to {} s to stop",
                         grace.as_secs()
                     ));
-                    if let Some(l) = leader.take() {
-                        notify
-                            .during("handing leadership on", LEADER_STOP_BOUND, l.stop_and_release())
-                            .await;
-                    }
+                    hand_leadership_on(&mut leader, &mut notify).await;
                     let drained = drain(&mut agent, &agent_name, grace, &shutdown, &mut reasons);
                     notify
                         .during("the drain", grace + Duration::from_secs(30), drained)
@@ -550,10 +538,8 @@ async fn run_in(
                         break RunEnd::Drain(kind);
                     }
                     if end.terminating.is_some() {
-                        if let Some(l) = leader.take() {
-                            notify
-                                .during("handing leadership on", LEADER_STOP_BOUND, l.stop_and_release())
-                                .await;
+                        if leader.is_some() {
+                            hand_leadership_on(&mut leader, &mut notify).await;
                             lead_term = None;
                         }
                         if let (Some(h), false) = (&hook, holding) {
@@ -625,15 +611,7 @@ async fn run_in(
             RunEnd::Drain(kind) => {
                 // The supervisor stops the agent itself: spot notice, Auto Scaling's
                 // termination, or a replacement of an idle agent's instance.
-                if let Some(l) = leader.take() {
-                    notify
-                        .during(
-                            "handing leadership on",
-                            LEADER_STOP_BOUND,
-                            l.stop_and_release(),
-                        )
-                        .await;
-                }
+                hand_leadership_on(&mut leader, &mut notify).await;
                 let grace = settings.interruption_grace + opts.drain_margin;
                 let kill_after = match &kind {
                     Interruption::Spot(a) => {
@@ -1263,15 +1241,7 @@ impl Ending<'_> {
             }
         }
         // The instance is going: hand leadership on now, not at SIGTERM.
-        if let Some(l) = leader.take() {
-            notify
-                .during(
-                    "handing leadership on",
-                    LEADER_STOP_BOUND,
-                    l.stop_and_release(),
-                )
-                .await;
-        }
+        hand_leadership_on(leader, notify).await;
         notify.status(&format!(
             "terminating instance ({why}): waiting for Auto Scaling to stop it"
         ));
@@ -1536,5 +1506,19 @@ fn warn_ignored_keys(settings: &Settings) {
             keys = %settings.ignored_keys.join(", "),
             "runtime config keys this agent-supervisor does not know are ignored; fix: rebuild the AMI (agent-fleet ami build) if the stack template is newer, or correct the key"
         );
+    }
+}
+
+/// Stops leader work and releases the lease (bounded, with the watchdog fed), if this
+/// instance has any.
+async fn hand_leadership_on(leader: &mut Option<LeaderWork>, notify: &mut Notifier) {
+    if let Some(l) = leader.take() {
+        notify
+            .during(
+                "handing leadership on",
+                LEADER_STOP_BOUND,
+                l.stop_and_release(),
+            )
+            .await;
     }
 }

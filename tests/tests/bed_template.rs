@@ -4,22 +4,8 @@
 //! groups is exercised end to end through the CLI in `stack.rs`.
 
 use agent_fleet_tests::moto::Moto;
-use anyhow::Context;
 
 type R = anyhow::Result<()>;
-
-async fn set_desired(moto: &Moto, group: &str, desired: i32) -> R {
-    moto.autoscaling()
-        .await
-        .set_desired_capacity()
-        .auto_scaling_group_name(group)
-        .desired_capacity(desired)
-        .honor_cooldown(false)
-        .send()
-        .await
-        .with_context(|| format!("SetDesiredCapacity {group} {desired}"))?;
-    Ok(())
-}
 
 fn assert_names(user_data: &str, stack: &str, role: &str) {
     for line in [
@@ -64,7 +50,7 @@ async fn template_groups_have_the_stacks_user_data_and_launch() -> R {
     assert_eq!(moto.group(&scaler).await?.in_service().len(), 1);
     let g = moto.group(&agents).await?;
     assert_eq!((g.min, g.max, g.desired), (0, 3, 0), "{g:?}");
-    set_desired(&moto, &agents, 1).await?;
+    moto.set_desired(&agents, 1).await?;
     let g = moto.group(&agents).await?;
     assert_eq!(g.in_service().len(), 1, "{g:?}");
     Ok(())
