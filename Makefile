@@ -16,8 +16,12 @@ TOOLS_DIR ?= .tools
 CFN_GUARD_VERSION := 3.2.1
 CFN_GUARD := $(TOOLS_DIR)/bin/cfn-guard
 AGENT_FLEET := $(TARGET_DIR)/debug/agent-fleet
+# The real Semaphore agent for the real-agent tier of the tests, built offline from
+# ../shared/real-agent when that folder is beside the clone (tests/src/fleet.rs: real_agent).
+REAL_AGENT_SRC := ../shared/real-agent
+REAL_AGENT := $(TARGET_DIR)/semaphore-agent
 
-.PHONY: all venv tools build build-release demo test lint unit e2e bench clean deploy diff destroy status token ami ami-test drills
+.PHONY: all venv tools real-agent build build-release demo test lint unit e2e bench clean deploy diff destroy status token ami ami-test drills
 
 all: build
 
@@ -34,6 +38,14 @@ $(CFN_GUARD):
 	$(CARGO) install --quiet --locked --root $(TOOLS_DIR) cfn-guard --version $(CFN_GUARD_VERSION)
 
 tools: $(CFN_GUARD)
+
+# Idempotent (build.sh does nothing when the binary is built from the same inputs).
+real-agent:
+	@if [ -f $(REAL_AGENT_SRC)/build.sh ]; then \
+	  bash $(REAL_AGENT_SRC)/build.sh $(REAL_AGENT); \
+	else \
+	  echo "==> no $(REAL_AGENT_SRC): the real-agent tests will skip (AGENT_FLEET_REAL_AGENT=PATH runs them with a built agent)"; \
+	fi
 
 build:
 	$(CARGO) build --workspace --bins
@@ -55,10 +67,10 @@ unit:
 	$(CARGO) test --workspace --lib --bins
 
 # End-to-end tests start moto, fake IMDS/hub/agent and real supervisors on 127.0.0.1.
-e2e: venv build
+e2e: venv build real-agent
 	$(CARGO) test -p agent-fleet-tests --tests
 
-test: lint venv build ami-test
+test: lint venv build real-agent ami-test
 	$(CARGO) test --workspace
 
 # Failure drills with the Semaphore outage at 150 s (make test runs them at 20 s); prints DRILL figures.
@@ -69,7 +81,7 @@ drills: venv build
 ami-test: venv build
 	VENV=$(VENV) TOOLS_DIR=$(TOOLS_DIR) bootstrap/test.sh
 
-bench: venv build-release
+bench: venv build-release real-agent
 	$(TARGET_DIR)/release/fleet-bench
 
 # The operator CLI, with the SEMAPHORE_* variables of your shell (see README, "Deploying").

@@ -80,6 +80,17 @@ pub async fn run(opts: &RunOptions) -> i32 {
         Ok(_) => r.ok("agent user", &opts.agent_user),
         Err(e) => r.fail("agent user", e),
     }
+    match crate::hook::socket_path(&opts.work_dir) {
+        Ok(socket) => r.ok(
+            "work dir",
+            format!(
+                "{} (hook socket {})",
+                opts.work_dir.display(),
+                socket.display()
+            ),
+        ),
+        Err(e) => r.fail("work dir", e),
+    }
     if opts.agent_binary.exists() {
         r.ok("agent binary", opts.agent_binary.display());
     } else {

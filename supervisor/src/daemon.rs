@@ -6,7 +6,7 @@ use crate::agent::config_file::{write_private, AgentConfig};
 use crate::agent::{progress_changed, Launch, Progress, RunAs, RunningAgent, ShutdownReason};
 use crate::aws::autoscaling::SdkAutoScaling;
 use crate::aws::cloudwatch::{MetricsSink, QueryCloudWatch};
-use crate::aws::imds::{instance_info, launch_time, SdkImds};
+use crate::aws::imds::{instance_info, launch_time, Metadata, SdkImds};
 use crate::aws::ssm::{Parameter, ParameterStore, SdkParameterStore, SsmError};
 use crate::config::{Role, Settings, StackIdentity};
 use crate::interrupt::{self, Interruption, Notice};
@@ -177,6 +177,9 @@ fn agent_env(opts: &RunOptions, run_as: Option<&RunAs>) -> Vec<(String, String)>
         ("USER".into(), user.clone()),
         ("LOGNAME".into(), user),
         ("LANG".into(), "C.UTF-8".into()),
+        // The agent logs to stdout (forwarded to the journal) and, by default, appends the
+        // same lines to /tmp/agent_log for ever: no log file outside the journal.
+        ("SEMAPHORE_AGENT_LOG_FILE_PATH".into(), "/dev/null".into()),
     ];
     for name in &opts.pass_env {
         if let Ok(v) = std::env::var(name) {
@@ -276,6 +279,11 @@ async fn run_in(
     let token_read = Instant::now();
     let role = opts.role.or(identity.role).unwrap_or_default();
     span.record("role", role.as_str());
+    if role == Role::Agent {
+        // Before anything runs: a socket path that cannot be bound would stop the agent's
+        // start much later.
+        hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
+    }
 
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let settings_tx = Arc::new(settings_tx);
@@ -330,7 +338,7 @@ async fn run_in(
             opts.work_dir.display()
         ))
     })?;
-    let socket = opts.work_dir.join("hook.sock");
+    let socket = hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
     let hook_path = opts.work_dir.join("shutdown-hook.sh");
     let config_path = opts.work_dir.join("config.yaml");
     let exe = std::env::current_exe()
@@ -365,6 +373,8 @@ async fn run_in(
     ));
     // Read from IMDS when an age limit first needs it.
     let mut launched: Option<SystemTime> = None;
+    // Read from IMDS before the first agent starts (its grace depends on it).
+    let mut spot: Option<bool> = None;
     let mut end = Ending {
         opts: &opts,
         asg: &asg,
@@ -438,6 +448,19 @@ async fn run_in(
         runs += 1;
         let agent_name = format!("{instance_id}__{}", random_hex(6));
         let env_vars = cache_env(&settings);
+        let on_spot = spot_of(&mut spot).await;
+        let agent_grace =
+            interrupt::registered_grace(settings.interruption_grace, on_spot, opts.drain_margin);
+        if agent_grace < settings.interruption_grace && runs == 1 {
+            tracing::warn!(
+                interruption_grace_secs = settings.interruption_grace.as_secs(),
+                registered_grace_secs = agent_grace.as_secs(),
+                "spot instance: the agent's interruption grace is cut so that a drain after a two-minute spot notice ends before the reclaim"
+            );
+        }
+        // When a drained agent's group is killed: the grace, then what the agent needs to
+        // hear the stop, report the job and shut down (`interrupt::DRAIN_MARGIN`).
+        let drain_budget = agent_grace + opts.drain_margin;
         let rendered = AgentConfig {
             endpoint: &settings.endpoint,
             token: &token,
@@ -445,7 +468,7 @@ async fn run_in(
             name: &agent_name,
             disconnect_after_job: settings.disconnect_after_job,
             idle_timeout: settings.idle_timeout,
-            interruption_grace: settings.interruption_grace,
+            interruption_grace: agent_grace,
             shutdown_hook_path: &hook_path,
             env_vars: &env_vars,
         }
@@ -513,7 +536,7 @@ async fn run_in(
             tokio::select! {
                 biased;
                 _ = shutdown.drain.cancelled() => {
-                    let grace = settings.interruption_grace + opts.drain_margin;
+                    let grace = drain_budget;
                     notify.stopping(&format!(
                         "draining: the agent {agent_name} has up to {} s to stop",
                         grace.as_secs()
@@ -547,7 +570,7 @@ async fn run_in(
                             beat_at = now + interrupt::heartbeat_every(h.hook.heartbeat_timeout);
                             force_at = now + interrupt::force_drain_after(
                                 h.hook.heartbeat_timeout,
-                                settings.interruption_grace + opts.drain_margin,
+                                drain_budget,
                             );
                         }
                     }
@@ -612,7 +635,7 @@ async fn run_in(
                 // The supervisor stops the agent itself: spot notice, Auto Scaling's
                 // termination, or a replacement of an idle agent's instance.
                 hand_leadership_on(&mut leader, &mut notify).await;
-                let grace = settings.interruption_grace + opts.drain_margin;
+                let grace = drain_budget;
                 let kill_after = match &kind {
                     Interruption::Spot(a) => {
                         interrupt::spot_kill_after(grace, a.time, SystemTime::now())
@@ -1316,6 +1339,27 @@ impl Ending<'_> {
 
 /// When this instance launched (the identity document's `pendingTime`), read once; the
 /// supervisor's own start if IMDS does not say.
+/// Whether this is a spot instance (IMDS `instance-life-cycle`), read once; unknown
+/// (IMDS does not answer) counts as on-demand.
+async fn spot_of(cache: &mut Option<bool>) -> bool {
+    if let Some(s) = *cache {
+        return s;
+    }
+    let imds = SdkImds::new();
+    let s = match tokio::time::timeout(Duration::from_secs(5), imds.get(interrupt::LIFE_CYCLE_PATH))
+        .await
+    {
+        Ok(Ok(v)) => v.trim() == "spot",
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "instance-life-cycle unknown: on-demand assumed");
+            false
+        }
+        Err(_) => false,
+    };
+    *cache = Some(s);
+    s
+}
+
 async fn launch_of(cache: &mut Option<SystemTime>, fallback: SystemTime) -> SystemTime {
     if let Some(t) = *cache {
         return t;

@@ -15,6 +15,28 @@ use tracing::Instrument;
 
 pub const REASON_ENV: &str = "SEMAPHORE_AGENT_SHUTDOWN_REASON";
 
+/// The socket's file name in the work directory.
+pub const SOCKET_FILE: &str = "hook.sock";
+
+/// The longest path a Unix socket may have: `sun_path` is 108 bytes, NUL included.
+pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+/// The hook socket's path in `work_dir`, or why there can be none: a path longer than
+/// [`MAX_SOCKET_PATH_BYTES`] cannot be bound, so a long `--work-dir` is refused at start
+/// (and by `check`) rather than when the first agent should start.
+pub fn socket_path(work_dir: &Path) -> Result<PathBuf, String> {
+    let socket = work_dir.join(SOCKET_FILE);
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH_BYTES {
+        return Err(format!(
+            "the shutdown-hook socket {} would be {len} bytes long; a Unix socket path may have at most {MAX_SOCKET_PATH_BYTES}; fix: a --work-dir of at most {} bytes",
+            socket.display(),
+            MAX_SOCKET_PATH_BYTES - SOCKET_FILE.len() - 1
+        ));
+    }
+    Ok(socket)
+}
+
 /// The hook script the agent runs.
 pub fn script(supervisor_exe: &Path, socket: &Path) -> Result<String, String> {
     for p in [supervisor_exe, socket] {
@@ -144,6 +166,32 @@ mod tests {
         let start = std::time::Instant::now();
         assert_eq!(client(Path::new("/nonexistent/hook.sock")), 0);
         assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn socket_paths_must_fit_a_sockaddr() {
+        let fits = format!(
+            "/{}",
+            "w".repeat(MAX_SOCKET_PATH_BYTES - SOCKET_FILE.len() - 2)
+        );
+        let socket = socket_path(Path::new(&fits)).expect("fits");
+        assert_eq!(socket.as_os_str().len(), MAX_SOCKET_PATH_BYTES);
+        let long = format!("{fits}x");
+        let e = socket_path(Path::new(&long)).expect_err("one byte too long");
+        assert!(
+            e.contains(&long) && e.contains("--work-dir of at most 97 bytes"),
+            "{e}"
+        );
+        // And the longest accepted path really binds.
+        let dir = std::env::temp_dir().join(format!("hooklen-{}", std::process::id()));
+        let room = MAX_SOCKET_PATH_BYTES - SOCKET_FILE.len() - 1 - dir.as_os_str().len() - 1;
+        let deep = dir.join("d".repeat(room));
+        std::fs::create_dir_all(&deep).expect("mkdir");
+        let socket = socket_path(&deep).expect("fits");
+        assert_eq!(socket.as_os_str().len(), MAX_SOCKET_PATH_BYTES);
+        let bound = std::os::unix::net::UnixListener::bind(&socket);
+        let _ = std::fs::remove_dir_all(&dir);
+        bound.expect("the longest accepted socket path binds");
     }
 
     #[test]

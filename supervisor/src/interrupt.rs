@@ -235,6 +235,47 @@ pub fn spot_kill_after(
 /// Kept free before a spot interruption's time.
 pub const SPOT_SLACK: Duration = Duration::from_secs(10);
 
+/// The shortest warning EC2 gives before it reclaims a spot instance.
+pub const SPOT_NOTICE: Duration = Duration::from_secs(120);
+
+/// What the agent needs after a drain's SIGTERM beyond the interruption grace, before its
+/// group may be killed, from what the real agent was seen and coded to do: Semaphore
+/// decides `stop-job` once the grace has passed, but the agent hears it only at its next
+/// sync — up to one sync interval later (the server answers `next_sync_after` of 4–6 s);
+/// it then stops the job, flushes the job's log and reports the job finished (1.0–3.0 s
+/// seen, about 4.5 s by its code); that report is answered with the shutdown, after which
+/// it disconnects and runs its shutdown hook.
+pub const AGENT_SYNC_INTERVAL_MAX: Duration = Duration::from_secs(6);
+/// See [`AGENT_SYNC_INTERVAL_MAX`]: stop-job → job stopped, log flushed, finish reported.
+pub const AGENT_STOP_REPORT_MAX: Duration = Duration::from_secs(5);
+/// See [`AGENT_SYNC_INTERVAL_MAX`]: the shutdown answer, the disconnect and the hook.
+pub const AGENT_SHUTDOWN_MAX: Duration = Duration::from_secs(3);
+
+/// The default drain margin: the grace plus this is when a drained agent's group is
+/// killed (14 s).
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(
+    AGENT_SYNC_INTERVAL_MAX.as_secs()
+        + AGENT_STOP_REPORT_MAX.as_secs()
+        + AGENT_SHUTDOWN_MAX.as_secs(),
+);
+
+/// The interruption grace the agent registers with. On a spot instance it is cut so that a
+/// drain started by the shortest notice — grace, then `drain_margin` — still ends
+/// [`SPOT_SLACK`] before the reclaim: the job is then stopped by Semaphore and its result
+/// reported, instead of the agent being killed mid-report. Semaphore's server holds the
+/// grace from registration on, so it must be cut here, not when the notice comes.
+pub fn registered_grace(grace: Duration, spot: bool, drain_margin: Duration) -> Duration {
+    if spot {
+        grace.min(
+            SPOT_NOTICE
+                .saturating_sub(SPOT_SLACK)
+                .saturating_sub(drain_margin),
+        )
+    } else {
+        grace
+    }
+}
+
 /// Heartbeats go out at a third of the hook's heartbeat timeout, so one lost call is
 /// survived.
 pub fn heartbeat_every(heartbeat_timeout: Duration) -> Duration {
@@ -531,5 +572,23 @@ mod tests {
             calls.log.lock().expect("lock").last().map(String::as_str),
             Some("heartbeat g drain i-1")
         );
+    }
+
+    #[test]
+    fn a_spot_drain_fits_before_the_reclaim_with_the_grace_the_agent_registered() {
+        assert_eq!(DRAIN_MARGIN, Duration::from_secs(14));
+        let grace = Duration::from_secs(300);
+        let on_spot = registered_grace(grace, true, DRAIN_MARGIN);
+        assert_eq!(on_spot, Duration::from_secs(96));
+        assert_eq!(registered_grace(grace, false, DRAIN_MARGIN), grace);
+        assert_eq!(
+            registered_grace(Duration::from_secs(30), true, DRAIN_MARGIN),
+            Duration::from_secs(30)
+        );
+        // The drain a two-minute notice starts is never cut short of grace + margin.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let kill_after = spot_kill_after(on_spot + DRAIN_MARGIN, Some(now + SPOT_NOTICE), now);
+        assert_eq!(kill_after, on_spot + DRAIN_MARGIN);
+        assert!(kill_after + SPOT_SLACK <= SPOT_NOTICE);
     }
 }

@@ -89,8 +89,10 @@ struct RunArgs {
         default_value_t = 300
     )]
     restart_backoff_cap_secs: u64,
-    /// Seconds added to the interruption grace before the agent's group is killed on drain.
-    #[arg(long, env = "AGENT_SUPERVISOR_DRAIN_MARGIN_SECS", default_value_t = 10)]
+    /// Seconds added to the interruption grace before the agent's group is killed on drain:
+    /// by default one sync interval (6 s), stopping and reporting the job (5 s) and the
+    /// agent's shutdown (3 s) — see `interrupt::DRAIN_MARGIN`.
+    #[arg(long, env = "AGENT_SUPERVISOR_DRAIN_MARGIN_SECS", default_value_t = agent_supervisor::interrupt::DRAIN_MARGIN.as_secs())]
     drain_margin_secs: u64,
     /// IMDS attempts per item at boot (backoff from 200 ms).
     #[arg(long, env = "AGENT_SUPERVISOR_IMDS_ATTEMPTS", default_value_t = 6)]

@@ -151,6 +151,7 @@ impl Bed {
                 group_life_cycle: Default::default(),
                 poll: Duration::from_millis(150),
                 stop_timeout: Duration::from_secs(10),
+                agent: Default::default(),
             }
         }
     }

@@ -40,6 +40,84 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// Where the real Semaphore agent is built (`make real-agent`, `.ci/run`): beside the
+/// profile directories of the target dir, as `semaphore-agent`.
+pub const REAL_AGENT_FILE: &str = "semaphore-agent";
+
+/// The real Semaphore agent binary for the real-agent tier of the tests.
+///
+/// `AGENT_FLEET_REAL_AGENT=PATH` names one; otherwise `<target dir>/semaphore-agent`, which
+/// the Makefile builds from `../shared/real-agent` when that folder is there.
+/// `Ok(None)` means "skip the real-agent tier" (a user's clone without `../shared`); the
+/// caller prints [`real_agent_skip_line`]. Where `../shared/real-agent` exists but the
+/// binary was not built, that is an error: the tier must not silently vanish in CI.
+pub fn real_agent() -> anyhow::Result<Option<PathBuf>> {
+    if let Some(p) = std::env::var_os("AGENT_FLEET_REAL_AGENT") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("AGENT_FLEET_REAL_AGENT={} is not a file", p.display());
+        }
+        return Ok(Some(p));
+    }
+    let bins = bin_dir()?;
+    let target = bins.parent().unwrap_or(&bins);
+    let built = target.join(REAL_AGENT_FILE);
+    if built.is_file() {
+        return Ok(Some(built));
+    }
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/real-agent");
+    if shared.join("build.sh").is_file() {
+        bail!(
+            "{} exists but the real agent was not built into {}: run `make real-agent`",
+            shared.display(),
+            built.display()
+        );
+    }
+    Ok(None)
+}
+
+/// The one line a skipped real-agent test prints.
+pub fn real_agent_skip_line(test: &str) -> String {
+    format!(
+        "{test}: real-agent tier skipped: no ../shared/real-agent beside this clone; \
+         set AGENT_FLEET_REAL_AGENT=PATH to a built Semaphore agent to run it"
+    )
+}
+
+/// Which Semaphore agent an instance's supervisor runs: a parameter of the bed, so one
+/// scenario runs with both.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AgentKind {
+    /// The test bed's fake (`tests/src/bin/agent.rs`): fast, and able to inject faults
+    /// (`FAKE_AGENT_*` knobs) the real one cannot.
+    #[default]
+    Fake,
+    /// The real Semaphore agent, built from `../shared/real-agent` ([`real_agent`]).
+    Real(PathBuf),
+}
+
+impl AgentKind {
+    /// The binary the supervisor is given as `--agent-binary`.
+    pub fn binary(&self) -> anyhow::Result<PathBuf> {
+        match self {
+            AgentKind::Fake => Ok(bin_dir()?.join("agent")),
+            AgentKind::Real(p) => Ok(p.clone()),
+        }
+    }
+
+    /// `fake` or `real`, for names and messages.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AgentKind::Fake => "fake",
+            AgentKind::Real(_) => "real",
+        }
+    }
+
+    pub fn is_real(&self) -> bool {
+        matches!(self, AgentKind::Real(_))
+    }
+}
+
 /// The user data a test writes for its own groups (see the supervisor's `config` module);
 /// `cfn/agent-fleet.yaml`'s launch templates also add `AGENT_FLEET_ROLE=agent|scaler`
 /// (see [`FleetOptions::user_data_from_launch_template`]).
@@ -74,6 +152,8 @@ pub struct InstanceOptions {
     /// The launch time the fake IMDS reports (`pendingTime`), Unix ms; `None`: when the
     /// fake IMDS started, just before the supervisor.
     pub launch_time_unix_ms: Option<u64>,
+    /// The agent the supervisor runs.
+    pub agent: AgentKind,
 }
 
 impl InstanceOptions {
@@ -92,6 +172,7 @@ impl InstanceOptions {
             env: vec![],
             wrapper: vec![],
             launch_time_unix_ms: None,
+            agent: AgentKind::Fake,
         }
     }
 }
@@ -174,7 +255,7 @@ impl Instance {
         };
         cmd.arg(&opts.command)
             .arg("--agent-binary")
-            .arg(bins.join("agent"))
+            .arg(opts.agent.binary()?)
             .arg("--agent-user")
             .arg(&user)
             .arg("--work-dir")
@@ -183,6 +264,8 @@ impl Instance {
             .arg(format!("touch {}", dir.join("powered-off").display()))
             .arg("--agent-env")
             .arg(format!("FAKE_AGENT_EVENTS={}", events_path.display()))
+            .arg("--agent-env")
+            .arg(format!("{BED_INSTANCE_ENV}={}", dir.display()))
             .args(
                 opts.agent_env
                     .iter()
@@ -390,11 +473,25 @@ impl Instance {
             .collect()
     }
 
+    /// Live processes the instance's agents left or still run — the agent, its wrapper,
+    /// its jobs' shells —, whichever agent it is: each carries [`BED_INSTANCE_ENV`] in its
+    /// environment (the supervisor passes it to the agent, the agent to its jobs).
+    /// `(pid, process group, command)`.
+    pub fn agent_processes(&self) -> Vec<(i32, i32, String)> {
+        processes_with_env(&format!("{BED_INSTANCE_ENV}={}", self.dir.display()))
+    }
+
     /// Kills the supervisor and any agent group it left (test teardown).
     pub fn kill_all(&self) {
         self.signal(Signal::SIGKILL);
-        for g in self.agent_groups() {
-            let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+        let groups = self
+            .agent_groups()
+            .into_iter()
+            .chain(self.agent_processes().into_iter().map(|(_, g, _)| g));
+        for g in groups.collect::<HashSet<_>>() {
+            if g > 1 {
+                let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+            }
         }
     }
 }
@@ -411,6 +508,36 @@ pub fn agent_events(path: &Path) -> Vec<serde_json::Value> {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The variable that marks every process an instance's agent started (see
+/// [`Instance::agent_processes`]); its value is the instance's directory.
+pub const BED_INSTANCE_ENV: &str = "AGENT_FLEET_BED_INSTANCE";
+
+/// Live (non-zombie) processes whose environment holds `entry` (`NAME=VALUE`):
+/// `(pid, process group, command)`.
+pub fn processes_with_env(entry: &str) -> Vec<(i32, i32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let me = std::process::id() as i32;
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|pid| *pid != me)
+        .filter_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            env.split(|b| *b == 0)
+                .any(|v| v == entry.as_bytes())
+                .then_some(pid)?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+            let mut f = rest.split_whitespace();
+            let state = f.next()?;
+            let pgrp = f.nth(1)?.parse::<i32>().ok()?;
+            (state != "Z").then(|| (pid, pgrp, comm.to_string()))
+        })
         .collect()
 }
 
@@ -466,6 +593,8 @@ pub struct FleetOptions {
     pub poll: Duration,
     /// How long a terminated instance's supervisor gets after SIGTERM before SIGKILL.
     pub stop_timeout: Duration,
+    /// The agent every instance runs.
+    pub agent: AgentKind,
 }
 
 /// The launcher: one supervisor per in-service instance of `groups`.
@@ -699,6 +828,7 @@ async fn launcher(
                 user_data: Some(user_data),
                 args,
                 agent_env: opts.agent_env.clone(),
+                agent: opts.agent.clone(),
                 life_cycle: opts
                     .group_life_cycle
                     .get(&group)

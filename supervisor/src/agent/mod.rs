@@ -50,9 +50,59 @@ pub const JOB_ASSIGNED_LINE: &str = "SYNC response (action: run-job";
 pub const SHUTDOWN_BEGAN_LINES: &[&str] = &[
     "Agent shutdown requested by Semaphore due to: ",
     "Unable to sync with Semaphore for over",
-    "Agent has been idle for the past",
     "Disconnecting the Agent from Semaphore",
 ];
+
+/// The agent's messages (after [`message_of`]) an operator needs in the journal at INFO:
+/// registration, the jobs handed to it and their end, and its shutdown — the real agent's
+/// wording (`pkg/listener`, `pkg/jobs`). Everything else it says (its 13-line banner,
+/// three lines per sync, log pushing) goes to DEBUG: about 50,000 lines a day for an idle
+/// agent at a 5 s sync. Lines that look like errors go to WARN ([`agent_line_level`]).
+pub const OPERATOR_LINES: &[&str] = &[
+    "Starting Agent",
+    REGISTERED_LINE,
+    JOB_ASSIGNED_LINE,
+    "SYNC response (action: stop-job",
+    "SYNC request (state: finished-job",
+    "Running job",
+    "Stopping job",
+    "Regular commands",
+    "Termination signal received",
+    SHUTDOWN_BEGAN_LINES[0],
+    SHUTDOWN_BEGAN_LINES[1],
+    SHUTDOWN_BEGAN_LINES[2],
+    "Disconnected.",
+    "Executing shutdown hook",
+    SHUTDOWN_DONE_LINE,
+];
+
+/// The journal level of one agent message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineLevel {
+    Warn,
+    Info,
+    Debug,
+}
+
+/// How loud an agent message is in the journal: error-looking lines at WARN (the agent's
+/// log format carries no level), [`OPERATOR_LINES`] at INFO, the rest at DEBUG
+/// (`AGENT_SUPERVISOR_LOG=info,agent=debug` shows them).
+pub fn agent_line_level(message: &str) -> LineLevel {
+    if looks_like_error(message) {
+        LineLevel::Warn
+    } else if OPERATOR_LINES.iter().any(|l| message.starts_with(l)) {
+        LineLevel::Info
+    } else {
+        LineLevel::Debug
+    }
+}
+
+fn looks_like_error(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    ["error", "failed", "fatal", "panic"]
+        .iter()
+        .any(|w| lower.contains(w))
+}
 
 /// The line the agent logs after its shutdown hook returned, with the hook's reason.
 pub const SHUTDOWN_DONE_LINE: &str = "Agent shutting down due to: ";
@@ -98,7 +148,6 @@ fn shutdown_news(message: &str) -> Option<(bool, Option<ShutdownReason>)> {
             .strip_prefix(SHUTDOWN_BEGAN_LINES[0])
             .map(ShutdownReason::parse),
         1 => Some(ShutdownReason::UnableToSync),
-        2 => Some(ShutdownReason::Idle),
         _ => None,
     };
     Some((true, reason))
@@ -613,19 +662,28 @@ async fn forward<R: AsyncRead + Unpin>(
                 p.last_job = Some(job.to_string());
             });
         }
-        let lower = line.to_ascii_lowercase();
-        if lower.contains("error") || lower.contains("failed") || lower.contains("fatal") {
+        let level = agent_line_level(&line);
+        if level == LineLevel::Warn {
             if let Ok(mut g) = last_error.lock() {
                 *g = Some(line.clone());
             }
         }
-        tracing::info!(
-            target: AGENT_TARGET,
-            instance_id = %ctx.instance_id,
-            agent_name = %ctx.agent_name,
-            stream = stream_name,
-            "{line}"
-        );
+        macro_rules! agent_line {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: AGENT_TARGET,
+                    instance_id = %ctx.instance_id,
+                    agent_name = %ctx.agent_name,
+                    stream = stream_name,
+                    "{line}"
+                )
+            };
+        }
+        match level {
+            LineLevel::Warn => agent_line!(warn),
+            LineLevel::Info => agent_line!(info),
+            LineLevel::Debug => agent_line!(debug),
+        }
     }
 }
 
@@ -769,6 +827,46 @@ mod tests {
             None
         );
         assert_eq!(shutdown_news("SYNC response (action: continue)"), None);
+    }
+
+    #[test]
+    fn only_what_an_operator_needs_is_logged_at_info() {
+        // The real agent's words (pkg/listener, pkg/jobs, pkg/eventlogger).
+        for info in [
+            "Starting Agent",
+            "Starting to poll for jobs",
+            "SYNC response (action: run-job, job: 8c5e6c1b-ae51-4b6e-a5d3-2b1c8f0e0a11)",
+            "SYNC request (state: finished-job, job: 8c5e, result: stopped)",
+            "Running job 8c5e6c1b",
+            "Stopping job",
+            "Regular commands finished successfully",
+            "Termination signal received",
+            "Agent shutdown requested by Semaphore due to: interrupted",
+            "Disconnecting the Agent from Semaphore",
+            "Disconnected.",
+            "Executing shutdown hook from /var/lib/agent-supervisor/shutdown-hook.sh",
+            "Agent shutting down due to: INTERRUPTED",
+        ] {
+            assert_eq!(agent_line_level(info), LineLevel::Info, "{info}");
+        }
+        for debug in [
+            "   11     00000000    11   000000000  ",
+            "SYNC request (state: waiting-for-jobs)",
+            "SYNC response (action: continue)",
+            "Waiting 4.7s for next sync...",
+            "Waiting 2.1s to push next batch of logs...",
+            "No logs to push - skipping",
+            "Registering Agent",
+        ] {
+            assert_eq!(agent_line_level(debug), LineLevel::Debug, "{debug}");
+        }
+        for warn in [
+            "[Register] attempt [3] failed with [404 Not Found] - retrying in 1s",
+            "[SYNC ERR] Failed to sync with API: 503",
+            "Error pushing logs: connection refused",
+        ] {
+            assert_eq!(agent_line_level(warn), LineLevel::Warn, "{warn}");
+        }
     }
 
     #[test]

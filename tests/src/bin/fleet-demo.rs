@@ -5,7 +5,7 @@
 //! and the group scales back in to 0 as they idle out. The timeline shows every part.
 
 use agent_fleet_tests::bed::Bed;
-use agent_fleet_tests::fleet::FleetEvent;
+use agent_fleet_tests::fleet::{real_agent, AgentKind, FleetEvent};
 use agent_fleet_tests::hub::{HubEvent, JobSpec};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -34,9 +34,35 @@ fn field(line: &str, key: &str) -> Option<String> {
     }
 }
 
+const USAGE: &str = "usage: fleet-demo [--agent fake|real]\n  \
+    --agent real  run the real Semaphore agent (built by `make real-agent`, or AGENT_FLEET_REAL_AGENT=PATH)";
+
+/// The agent from the command line (`--agent fake|real`; default fake).
+fn agent_from_args() -> anyhow::Result<AgentKind> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        [] | ["--agent", "fake"] => Ok(AgentKind::Fake),
+        ["--agent", "real"] => match real_agent()? {
+            Some(p) => Ok(AgentKind::Real(p)),
+            None => anyhow::bail!(
+                "no real agent: ../shared/real-agent is not beside this clone; set AGENT_FLEET_REAL_AGENT=PATH to a built Semaphore agent"
+            ),
+        },
+        ["--help"] | ["-h"] => {
+            println!("{USAGE}");
+            std::process::exit(0)
+        }
+        _ => anyhow::bail!("unknown arguments {args:?}\n{USAGE}"),
+    }
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    println!("agent-fleet demo: a {JOBS}-job wave, scaled up from zero and back");
+    let agent = agent_from_args()?;
+    println!(
+        "agent-fleet demo: a {JOBS}-job wave, scaled up from zero and back ({} agent)",
+        agent.label()
+    );
     println!("(emulated AWS and Semaphore on 127.0.0.1; every instance runs the real agent-supervisor)\n");
     let t0 = Instant::now();
     print!("starting the AWS emulator (moto) and the fake Semaphore hub … ");
@@ -63,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut hub_events = bed.hub.subscribe();
     let mut opts = bed.fleet_options(&[SCALER_GROUP, GROUP], &[], &[]);
+    opts.agent = agent;
     opts.group_args.insert(
         SCALER_GROUP.to_string(),
         vec!["--role".into(), "scaler".into()],
@@ -202,8 +229,14 @@ async fn main() -> anyhow::Result<()> {
         g.in_service().len()
     );
     fleet.shutdown().await;
-    if finished != JOBS {
-        anyhow::bail!("only {finished} of {JOBS} jobs finished");
+    if finished != JOBS || passed != JOBS {
+        anyhow::bail!("{finished} of {JOBS} jobs finished, {passed} passed");
+    }
+    if g.desired != 0 {
+        anyhow::bail!(
+            "the agent group did not scale back in to 0 (desired {})",
+            g.desired
+        );
     }
     Ok(())
 }
