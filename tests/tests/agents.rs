@@ -171,6 +171,15 @@ async fn one_job_then_terminate_without_decrement(agent: AgentKind) -> R {
             .unwrap_or_default();
         assert!(!cfg.contains(TOKEN), "the token is still in config.yaml");
         assert!(cfg.contains(TOKEN_REMOVED), "{cfg}");
+        let mode = fleet
+            .with_instance(&id, |i| std::fs::metadata(i.dir.join("work/config.yaml")))
+            .transpose()?
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+        assert_eq!(
+            mode,
+            Some(0o600),
+            "config.yaml is private to the agent user"
+        );
 
         let job = bed.hub.enqueue_job(JobSpec {
             commands: vec![
@@ -270,6 +279,14 @@ async fn idle_then_terminate_with_decrement(agent: AgentKind) -> R {
         assert_eq!((decrement.as_str(), error), ("true", None));
         let g = bed.moto.group(&group).await?;
         assert_eq!(g.desired, 0, "desired 1 → 0: {g:?}");
+        assert!(
+            !bed.moto
+                .calls(0)
+                .await?
+                .iter()
+                .any(|c| c.is("autoscaling", "SetDesiredCapacity")),
+            "the group shrinks through the terminate call alone"
+        );
         let agents = bed.hub.agents();
         assert!(
             agents
@@ -488,14 +505,17 @@ async fn drain_on_spot_notice_reports_the_job_stopped(agent: AgentKind) -> R {
     finish(fleet, result).await
 }
 
-/// Auto Scaling terminates a busy instance through the lifecycle hook; the job outlasts
-/// what the hook can hold (a 1 s heartbeat timeout: 100 s in all), so the supervisor
-/// drains the agent in time for a clean stop, then completes the lifecycle action.
+/// Auto Scaling terminates a busy instance through the lifecycle hook, and the job outlasts
+/// what the hook can hold: the supervisor drains the agent in time for a clean stop, then
+/// completes the lifecycle action. The hook's hold ends 100 heartbeat timeouts after it
+/// began; to reach that point in seconds, the runtime config tells the supervisor the
+/// timeout is 1 s (a 100 s hold: the drain starts 100 − 16 − 60 = 24 s in) while the
+/// emulated hook's is 30 s, so that heartbeats polled every 2 s keep it held meanwhile.
 async fn drain_at_the_lifecycle_hooks_limit_reports_the_job_stopped(agent: AgentKind) -> R {
     let (bed, group) = drain_bed("hookdrain", &agent).await?;
     bed.moto.create_group(&group, 0, 2, 1).await?;
     bed.moto
-        .put_termination_hook(&group, "agent-fleet-drain", 1)
+        .put_termination_hook(&group, "agent-fleet-drain", 30)
         .await?;
     let mut cfg = bed.runtime_config(&group);
     cfg.interruption_grace_secs = 2;
@@ -510,6 +530,16 @@ async fn drain_at_the_lifecycle_hooks_limit_reports_the_job_stopped(agent: Agent
         let (job, id) = long_job(&bed).await?;
         bed.moto.terminate_instance(&id, true).await?;
         let out_of = || fleet.with_instance(&id, |i| i.output()).unwrap_or_default();
+        eventually(
+            "the forced drain began",
+            Duration::from_secs(45),
+            || async {
+                out_of()
+                    .contains("the lifecycle hook's wait is nearly over")
+                    .then_some(())
+            },
+        )
+        .await?;
         assert_clean_drain(&bed, &job, out_of).await?;
         eventually(
             "the lifecycle action completed",

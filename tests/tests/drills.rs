@@ -1022,7 +1022,7 @@ async fn unwritable_work_dir_is_refused_naming_the_path_without_churn() -> R {
 /// and terminates the instance with decrement — within the bound plus a few seconds of
 /// the agent's shutdown; nothing of the agent's group survives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_hanging_in_its_shutdown_hook_still_ends_the_instance() -> R {
+async fn fake_agent_only_hanging_in_its_shutdown_hook_still_ends_the_instance() -> R {
     const D: &str = "hanging_hook";
     let bound = Duration::from_secs(3);
     let bed = Bed::start("hookhang").await?;

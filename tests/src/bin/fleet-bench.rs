@@ -14,12 +14,23 @@
 //! - `ssm_calls_per_s_{10,100,1000}`: the election of that many candidates simulated on
 //!   paused time against an in-memory store with SSM's semantics.
 //!
-//! `--only boot,idle,rss,scale,failover,ssm` picks sections; `--runs`, `--rss-secs`,
-//! `--kills`, `--trials` change the counts; `--rss-no-leader` measures RSS without leader work.
+//! - `real_agent_boot_to_registered_ms_p50` / `fake_agent_…`: supervisor spawned → the
+//!   hub's record of the agent's registration, with the real Semaphore agent and with the
+//!   fake, in the same run (≥ 10 runs each, loopback, hub sync 200 ms).
+//! - `real_agent_clean_drain_ratio`: a spot notice mid-job, real agent, hub sync 5 s
+//!   (the real server's pace), ≥ 10 runs: the share whose job reached the hub as
+//!   `stopped` with the agent never killed by the supervisor. Target 1.0.
+//!
+//! `--only boot,idle,rss,scale,failover,ssm,real` picks sections; `--runs`, `--rss-secs`,
+//! `--kills`, `--trials`, `--drains` change the counts; `--rss-no-leader` measures RSS
+//! without leader work. The `real` section needs the real agent (`make real-agent`, or
+//! `AGENT_FLEET_REAL_AGENT=PATH`); without it, it says so and is skipped.
 
 use agent_fleet_tests::bed::{eventually, Bed};
-use agent_fleet_tests::fleet::Instance;
-use std::time::Duration;
+use agent_fleet_tests::fleet::{real_agent, real_agent_skip_line, AgentKind, Fleet, Instance};
+use agent_fleet_tests::hub::{HubOptions, JobSpec, JobState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -38,7 +49,7 @@ fn arg_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--rss-no-leader]";
+const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--rss-no-leader]";
 
 /// Refuses what it does not know (a mistyped flag must not start a 15-minute run).
 fn check_args() -> Result<(), String> {
@@ -46,7 +57,7 @@ fn check_args() -> Result<(), String> {
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
-            "--only" | "--runs" | "--rss-secs" | "--kills" | "--trials" => {
+            "--only" | "--runs" | "--rss-secs" | "--kills" | "--trials" | "--drains" => {
                 if args.get(i + 1).is_none() {
                     return Err(format!("{} needs a value", args[i]));
                 }
@@ -97,6 +108,140 @@ async fn main() -> anyhow::Result<()> {
     if want("failover") {
         failover(&bed, arg_usize("--kills", 10)).await?;
     }
+    if want("real") {
+        match real_agent()? {
+            Some(path) => {
+                let real = AgentKind::Real(path);
+                let runs = runs.clamp(10, 25);
+                boot_to_registered(&bed, &AgentKind::Fake, runs).await?;
+                boot_to_registered(&bed, &real, runs).await?;
+                clean_drains(&real, arg_usize("--drains", 10)).await?;
+            }
+            None => println!("{}", real_agent_skip_line("fleet-bench real")),
+        }
+    }
+    Ok(())
+}
+
+/// Supervisor spawned → the hub recorded the agent's registration, `runs` times.
+async fn boot_to_registered(bed: &Bed, agent: &AgentKind, runs: usize) -> anyhow::Result<()> {
+    let group = format!("bench-reg-{}", agent.label());
+    bed.moto.create_group(&group, 0, 1, 1).await?;
+    let param = format!("/agent-fleet/bench/reg-{}", agent.label());
+    bed.moto
+        .put_parameter(
+            &param,
+            &serde_json::to_string(&bed.runtime_config(&group))?,
+            false,
+        )
+        .await?;
+    let id = bed.moto.group(&group).await?.in_service()[0].clone();
+    let mut took = Vec::new();
+    for run in 0..runs + 1 {
+        let before = bed.hub.agents().len();
+        let mut o = bed.instance(&id, &group);
+        o.user_data = Some(agent_fleet_tests::fleet::user_data("bench", &param));
+        o.root = bed.root.join(format!("reg-{}-{run}", agent.label()));
+        o.agent = agent.clone();
+        let inst = Instance::start(o, None).await?;
+        let registered_at = eventually("registered", Duration::from_secs(30), || async {
+            bed.hub
+                .agents()
+                .get(before..)
+                .and_then(|new| new.iter().find(|a| a.name.starts_with(&id)))
+                .map(|a| a.registered_at)
+        })
+        .await?;
+        if run > 0 {
+            took.push(
+                registered_at
+                    .saturating_duration_since(inst.started)
+                    .as_secs_f64()
+                    * 1e3,
+            );
+        }
+        inst.kill_all();
+        let _ = inst.wait_exit(Duration::from_secs(5)).await;
+    }
+    let p50 = percentile(&mut took, 0.5);
+    let p95 = percentile(&mut took, 0.95);
+    println!(
+        "supervisor start → registered ({} agent) over {} runs: p50 {p50:.1} ms, p95 {p95:.1} ms",
+        agent.label(),
+        took.len()
+    );
+    println!(
+        "BENCH {}_agent_boot_to_registered_ms_p50 {p50:.1} ms",
+        agent.label()
+    );
+    Ok(())
+}
+
+/// Spot notices mid-job with the hub syncing every 5 s: how many drains ended with the
+/// job's `stopped` result at the hub and the agent never killed.
+async fn clean_drains(agent: &AgentKind, runs: usize) -> anyhow::Result<()> {
+    let mut clean = 0usize;
+    let mut took = Vec::new();
+    for run in 0..runs {
+        let bed = Bed::start_with(
+            &format!("drain{run}"),
+            HubOptions {
+                next_sync_after_ms: 5000,
+                ..HubOptions::default()
+            },
+        )
+        .await?;
+        let group = format!("drain{run}-agents");
+        bed.moto.create_group(&group, 0, 1, 1).await?;
+        let mut cfg = bed.runtime_config(&group);
+        cfg.interruption_grace_secs = 2;
+        bed.put_config(&cfg).await?;
+        let mut o = bed.fleet_options(&[&group], &[], &[]);
+        o.agent = agent.clone();
+        o.group_life_cycle.insert(group.clone(), "spot".into());
+        let fleet = Fleet::start(Arc::clone(&bed.moto), o);
+        let job = bed.hub.enqueue_job(JobSpec {
+            commands: vec!["echo job-is-running; sleep 600".into()],
+            env: vec![],
+        });
+        eventually("the job runs", Duration::from_secs(60), || async {
+            bed.hub
+                .job_output(&job)
+                .iter()
+                .any(|l| l.contains("job-is-running"))
+                .then_some(())
+        })
+        .await?;
+        let id = fleet.launched().first().cloned().unwrap_or_default();
+        let t0 = Instant::now();
+        fleet.with_instance(&id, |i| i.imds.set_spot_interruption("terminate", 120));
+        let output = || fleet.with_instance(&id, |i| i.output()).unwrap_or_default();
+        let ended = eventually("the drain ended", Duration::from_secs(60), || async {
+            output().contains("terminating this instance").then_some(())
+        })
+        .await;
+        let stopped = bed.hub.job(&job).is_some_and(|j| {
+            j.state == JobState::Finished && j.result.as_deref() == Some("stopped")
+        });
+        let killed = output().contains("killing its process group");
+        let ok = ended.is_ok() && stopped && !killed;
+        clean += usize::from(ok);
+        took.push(t0.elapsed().as_secs_f64() * 1e3);
+        println!(
+            "drain {}: {} ({:.1} s from the notice; job stopped at the hub: {stopped}; agent killed: {killed})",
+            run + 1,
+            if ok { "clean" } else { "NOT clean" },
+            t0.elapsed().as_secs_f64()
+        );
+        fleet.shutdown().await;
+    }
+    let ratio = clean as f64 / runs.max(1) as f64;
+    let p50 = percentile(&mut took, 0.5);
+    println!("spot notice → instance ending, p50 {p50:.0} ms over {runs} drains");
+    println!(
+        "BENCH {}_agent_clean_drain_ratio {ratio:.2} ratio",
+        agent.label()
+    );
     Ok(())
 }
 
