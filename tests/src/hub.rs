@@ -13,16 +13,53 @@
 //! | `POST /register` | registration | 201 `{name, token}`; no header 401, wrong token 404, bad body/name 400 |
 //! | `POST /sync` | access | 200 [`SyncResponse`]; unknown/disconnected token 401 |
 //! | `GET /jobs/{id}` | access | 200 [`JobPayload`]; 404 when the job is not assigned to that agent |
+//! | `POST /refresh` | access | 200 `{"token": …}`: a new token for the log of the agent's current job; 404 without a job |
 //! | `POST /disconnect` | access | 200; the agent leaves the live set |
 //! | `GET /metrics` | registration | 200 [`Metrics`]; wrong/missing token 401; [`Fault`]s apply here |
 //!
+//! What `/register` accepts, as the real server: `idle_timeout` and
+//! `interruption_grace_period` are Go `int`s, any integer is taken (a negative one
+//! counts as 0; the real agent refuses a negative idle timeout itself but sends a
+//! negative grace period as configured); unknown fields are ignored. Names: 8–80
+//! characters of `[a-zA-Z0-9-_/+]`, or an http(s) URL (a server-verified STS name) —
+//! the server's rule as `shared/reference/semaphore-agent.md` states it; the real
+//! agent itself only checks the length (or that the name parses as a URL), so a name
+//! it accepts may still get 400 here, as from the real server.
+//!
+//! `next_sync_after` is [`HubOptions::next_sync_after_ms`] (200 ms by default, for fast
+//! tests), or, with [`HubOptions::next_sync_after_max_ms`], a fresh random value in
+//! the range for each answer: [`HubOptions::real_sync`] is the real server's 4–6 s.
+//!
 //! # Job logs
 //!
-//! Each job payload carries a `logger` ([`JobLogger`]: `method` `push`, a `url` and a
-//! per-job `token`), as the real job request does. The agent pushes the job's output
-//! there: `POST /logs/{job_id}` with `Authorization: Bearer <token>` and a plain-text
-//! body of lines (the real log service takes JSON events; the text is what matters
-//! here). The hub keeps the lines in [`JobInfo::output`]; a wrong token gets 401.
+//! Each job payload carries a `logger` ([`JobLogger`]: `method` `push`, a `url` —
+//! `http://<host>/api/v1/logs/{job_id}` — and a per-job `token`), as the real job
+//! request does. The agent pushes the job's log there as the real agent does
+//! (`pkg/eventlogger/httpbackend.go`): `POST <url>?start_from=N`,
+//! `Content-Type: text/plain`, `Authorization: Bearer <token>`, a body of JSON
+//! events, one per line (`job_started`, `cmd_started` `{directive}`, `cmd_output`
+//! `{output}`, `cmd_finished` `{directive, exit_code, started_at, finished_at}`,
+//! `job_finished` `{result}`), `N` being the index of the first one in the job's log.
+//! The hub answers what the agent expects:
+//!
+//! | push | answer | the real agent then |
+//! |---|---|---|
+//! | `N` = events stored | 200, all appended | moves `start_from` on |
+//! | `N` < events stored (a re-sent batch) | 200, only the events past the stored ones appended: none twice | moves on |
+//! | log space used up ([`HubOptions::max_log_events_per_job`] events stored) | 422, the job is `log_trimmed` (the push that reached the limit was taken whole) | stops pushing for good (and uploads the log as an artifact if `upload-job-logs` says so) |
+//! | token not (or no longer) valid | 401 | `POST /refresh`, pushes the same batch with the new token at its next tick |
+//! | `N` > events stored (a gap), a missing `start_from`, a line that is not a JSON event | 409 / 400, nothing stored | retries the same batch every tick (any other status) until its flush timeout |
+//!
+//! The 422 check comes before the token check, as in the agent's own mock log
+//! service. What the real log service does with a gap is not known (the agent only
+//! moves `start_from` on a 200, so it never makes one); the hub refuses it so a
+//! stored log is always whole. [`Hub::expire_log_tokens`] makes every issued log
+//! token stale (the next push gets 401: the refresh path runs once);
+//! [`Hub::set_max_log_events`] changes the log space. The hub keeps the events
+//! ([`JobInfo::log_events`], each once), the output lines derived from them
+//! ([`JobInfo::output`], [`Hub::job_output`]), every push and its answer
+//! ([`JobInfo::log_pushes`]), and the result the agent logged
+//! ([`JobInfo::logged_result`]). Log pushes are never refused by an outage.
 //!
 //! Sync semantics (server side decides, reasons are lower-case on the wire):
 //! * `waiting-for-jobs`: disconnect requested -> `shutdown`/`requested`;
@@ -51,7 +88,9 @@
 //!
 //! # Control API (no auth), for other processes
 //!
-//! * `POST /control/jobs` [`JobSpec`] -> `{"id": …}`
+//! * `POST /control/jobs` [`JobSpec`], optionally with the [`Epilogues`] keys -> `{"id": …}`
+//! * `POST /control/logs` `{"expire_tokens": true, "max_events_per_job": N}` (either may
+//!   be left out): [`Hub::expire_log_tokens`], [`Hub::set_max_log_events`]
 //! * `GET /control/state` -> [`HubState`] (`jobs`, `agents`, `metrics`, `metrics_polls`, `fault`, `api_outage`, `metrics_outage`)
 //! * `POST /control/agents/{name}/disconnect` -> 200, or 404 when no live agent has that name
 //! * `POST /control/fault` JSON [`Fault`] or `null` (e.g. `"ServerError"`,
@@ -62,13 +101,13 @@
 //!   `{"agent_api": bool, "metrics": bool}` (either may be left out): with
 //!   `metrics` on, `GET /metrics` answers 503 too (counted in `metrics_polls`) —
 //!   Semaphore down as a whole ([`Hub::set_down`]). Job log pushes are never
-//!   refused.
+//!   refused by an outage (`/refresh` is: it is part of the agent API).
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -79,11 +118,25 @@ use tokio::sync::broadcast;
 /// Base path of the agent API.
 pub const API_BASE: &str = "/api/v1/self_hosted_agents";
 
+/// Path of a job's log (the job payload's `logger.url`), as on the real server.
+pub const LOGS_BASE: &str = "/api/v1/logs";
+const LOGS_ROUTE: &str = "/api/v1/logs/{id}";
+
+/// The real server's `next_sync_after` range, in ms: each sync answer picks one at
+/// random in it. Use with [`HubOptions::real_sync`].
+pub const REAL_SYNC_MS: (u64, u64) = (4000, 6000);
+
 /// Hub settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubOptions {
-    /// `next_sync_after` in every sync answer, in ms (real server: 4000–6000).
+    /// `next_sync_after` in every sync answer, in ms; with
+    /// [`next_sync_after_max_ms`](Self::next_sync_after_max_ms) the low end of the
+    /// range. Default 200 (fast tests); the real server: 4000–6000 ([`REAL_SYNC_MS`]).
     pub next_sync_after_ms: u64,
+    /// When greater than `next_sync_after_ms`, each sync answer picks
+    /// `next_sync_after` uniformly in `[next_sync_after_ms, next_sync_after_max_ms]`,
+    /// as the real server does (4–6 s). 0 (default) = always `next_sync_after_ms`.
+    pub next_sync_after_max_ms: u64,
     /// The agent-type registration token.
     pub registration_token: String,
     /// An agent that has not synced for this long is dropped as `stale`
@@ -91,27 +144,82 @@ pub struct HubOptions {
     pub stale_agent_after_ms: u64,
     /// TCP port on 127.0.0.1 (0 = ephemeral).
     pub port: u16,
+    /// Log space per job, in events (0 = unlimited): once a job's log holds this many
+    /// events, further pushes are answered 422 (the push that reaches the limit is
+    /// taken whole, as by the agent's own mock log service). [`Hub::set_max_log_events`]
+    /// changes it.
+    pub max_log_events_per_job: u64,
 }
 
 impl Default for HubOptions {
     fn default() -> Self {
         HubOptions {
             next_sync_after_ms: 200,
+            next_sync_after_max_ms: 0,
             registration_token: "reg-token".to_string(),
             stale_agent_after_ms: 180_000,
             port: 0,
+            max_log_events_per_job: 0,
         }
     }
 }
 
-/// A job to enqueue: shell commands (each run as `bash -c <cmd>` by the fake
-/// agent) and job env vars. JSON: `{"commands":["echo hi"],"env":[["K","V"]]}`.
+impl HubOptions {
+    /// The default options with the real server's random 4–6 s sync interval.
+    pub fn real_sync() -> HubOptions {
+        HubOptions {
+            next_sync_after_ms: REAL_SYNC_MS.0,
+            next_sync_after_max_ms: REAL_SYNC_MS.1,
+            ..HubOptions::default()
+        }
+    }
+
+    /// The `next_sync_after` for one sync answer.
+    fn pick_next_sync_after(&self) -> u64 {
+        if self.next_sync_after_max_ms > self.next_sync_after_ms {
+            fastrand::u64(self.next_sync_after_ms..=self.next_sync_after_max_ms)
+        } else {
+            self.next_sync_after_ms
+        }
+    }
+}
+
+/// A job to enqueue: shell commands (run one after the other in one shell session by
+/// the agents, until the first that fails) and job env vars. JSON:
+/// `{"commands":["echo hi"],"env":[["K","V"]]}`. Epilogues: [`Hub::enqueue_job_with_epilogues`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
     #[serde(default)]
     pub commands: Vec<String>,
     #[serde(default)]
     pub env: Vec<(String, String)>,
+}
+
+/// A job's epilogue commands (run after its commands, in the same shell session, with
+/// `SEMAPHORE_JOB_RESULT` exported; not when the job was stopped). JSON keys as in
+/// the job payload: `epilogue_always_commands`, `epilogue_on_pass_commands`,
+/// `epilogue_on_fail_commands` (lists of strings).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Epilogues {
+    pub epilogue_always_commands: Vec<String>,
+    pub epilogue_on_pass_commands: Vec<String>,
+    pub epilogue_on_fail_commands: Vec<String>,
+}
+
+/// One `POST /api/v1/logs/{id}` the hub answered, for tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPush {
+    /// The `start_from` query parameter (None when missing or not a number).
+    pub start_from: Option<u64>,
+    /// Events in the body.
+    pub events: u64,
+    /// Events appended to the job's log (0 for a re-sent batch).
+    pub appended: u64,
+    /// The HTTP status answered.
+    pub status: u16,
+    /// ms since the hub started.
+    pub at_ms: u64,
 }
 
 /// Life of a job on the hub.
@@ -148,9 +256,84 @@ pub struct JobInfo {
     pub queued_ms: u64,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
-    /// The job's output as the agent pushed it to its logger, line by line.
+    /// The job's output as the agent pushed it to its logger, line by line: the
+    /// `output` of its `cmd_output` events, split into lines per command (a line never
+    /// spans two commands; a trailing `\r` is dropped, as a PTY ends lines with `\r\n`).
+    /// Directives (`cmd_started`) are not included: see [`JobInfo::log_events`].
     #[serde(default)]
     pub output: Vec<String>,
+    /// Epilogue commands of the job payload.
+    #[serde(default)]
+    pub epilogues: Epilogues,
+    /// The job's log as pushed: one JSON object per event (`job_started`,
+    /// `cmd_started`, `cmd_output`, `cmd_finished`, `job_finished`), in order, each
+    /// stored once however often it was sent.
+    #[serde(default)]
+    pub log_events: Vec<serde_json::Value>,
+    /// Every log push the hub answered, in order.
+    #[serde(default)]
+    pub log_pushes: Vec<LogPush>,
+    /// `POST /refresh` calls that issued a new log token for this job.
+    #[serde(default)]
+    pub log_token_refreshes: u64,
+    /// The log space was used up (a push got 422).
+    #[serde(default)]
+    pub log_trimmed: bool,
+}
+
+impl JobInfo {
+    /// The `result` of the `job_finished` log event: the result as the agent logged
+    /// it (None until that event arrived).
+    pub fn logged_result(&self) -> Option<String> {
+        self.log_events
+            .iter()
+            .rev()
+            .find(|e| e["event"] == "job_finished")
+            .and_then(|e| e["result"].as_str())
+            .map(str::to_string)
+    }
+
+    /// The directives of the `cmd_started` events, in order.
+    pub fn logged_directives(&self) -> Vec<String> {
+        self.log_events
+            .iter()
+            .filter(|e| e["event"] == "cmd_started")
+            .filter_map(|e| e["directive"].as_str())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The output lines of a job log (see [`JobInfo::output`]).
+pub fn output_lines(events: &[serde_json::Value]) -> Vec<String> {
+    fn flush(cur: &mut String, out: &mut Vec<String>) {
+        if cur.is_empty() {
+            return;
+        }
+        let text = std::mem::take(cur);
+        let mut parts: Vec<&str> = text.split('\n').collect();
+        if parts.last() == Some(&"") {
+            parts.pop();
+        }
+        out.extend(
+            parts
+                .iter()
+                .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string()),
+        );
+    }
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for e in events {
+        if e["event"] == "cmd_output" {
+            if let Some(o) = e["output"].as_str() {
+                cur.push_str(o);
+            }
+        } else {
+            flush(&mut cur, &mut out);
+        }
+    }
+    flush(&mut cur, &mut out);
+    out
 }
 
 /// Life of an agent on the hub.
@@ -293,9 +476,18 @@ pub struct RegisterRequest {
     pub arch: String,
     pub hostname: String,
     pub single_job: bool,
-    pub idle_timeout: u64,
-    pub interruption_grace_period: u64,
+    /// Seconds (a Go `int` on the wire: the hub takes any integer, negative = 0).
+    pub idle_timeout: i64,
+    /// Seconds (a Go `int`: the real agent sends a negative value as configured; the
+    /// hub takes any integer, negative = 0).
+    pub interruption_grace_period: i64,
     pub job_id: String,
+}
+
+/// `POST /refresh` answer: a new token for the current job's log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RefreshTokenResponse {
+    pub token: String,
 }
 
 /// `POST /register` 201 answer.
@@ -473,8 +665,11 @@ struct Inner {
     metrics_polls: u64,
     /// When each `/metrics` request arrived, ms since the hub started.
     metrics_poll_ms: Vec<u64>,
-    /// Job id -> the token its log pushes must carry.
-    log_tokens: std::collections::HashMap<String, String>,
+    /// Job id -> the tokens its log pushes may carry (issued with the payload or by
+    /// `/refresh`; emptied by [`Hub::expire_log_tokens`]).
+    log_tokens: std::collections::HashMap<String, Vec<String>>,
+    /// Log space per job in events (0 = unlimited).
+    max_log_events: u64,
     sts_seq: u64,
 }
 
@@ -586,7 +781,7 @@ impl Shared {
         m
     }
 
-    fn enqueue(&self, spec: JobSpec) -> String {
+    fn enqueue(&self, spec: JobSpec, epilogues: Epilogues) -> String {
         let id = uuid();
         let now = Instant::now();
         let mut inner = self.state();
@@ -603,6 +798,11 @@ impl Shared {
             started_ms: None,
             finished_ms: None,
             output: Vec::new(),
+            epilogues,
+            log_events: Vec::new(),
+            log_pushes: Vec::new(),
+            log_token_refreshes: 0,
+            log_trimmed: false,
         });
         drop(inner);
         self.emit(HubEvent::JobQueued { id: id.clone() });
@@ -835,6 +1035,7 @@ impl Hub {
                 metrics_polls: 0,
                 metrics_poll_ms: Vec::new(),
                 log_tokens: std::collections::HashMap::new(),
+                max_log_events: opts.max_log_events_per_job,
                 sts_seq: 0,
             }),
             events,
@@ -874,7 +1075,12 @@ impl Hub {
 
     /// Queues a job; returns its id (a UUID).
     pub fn enqueue_job(&self, job: JobSpec) -> String {
-        self.shared.enqueue(job)
+        self.shared.enqueue(job, Epilogues::default())
+    }
+
+    /// Queues a job with epilogue commands; returns its id.
+    pub fn enqueue_job_with_epilogues(&self, job: JobSpec, epilogues: Epilogues) -> String {
+        self.shared.enqueue(job, epilogues)
     }
 
     /// All jobs, in enqueue order.
@@ -977,9 +1183,30 @@ impl Hub {
             .collect()
     }
 
-    /// The output lines the agent pushed for a job (empty for an unknown job).
+    /// The output lines the agent pushed for a job (empty for an unknown job); see
+    /// [`JobInfo::output`].
     pub fn job_output(&self, id: &str) -> Vec<String> {
         self.job(id).map(|j| j.output).unwrap_or_default()
+    }
+
+    /// The log events the agent pushed for a job (empty for an unknown job).
+    pub fn job_log_events(&self, id: &str) -> Vec<serde_json::Value> {
+        self.job(id).map(|j| j.log_events).unwrap_or_default()
+    }
+
+    /// Like an expired log token: every log token issued so far stops working, so the
+    /// next push of every job's log gets 401 and the agent must `POST /refresh` for a
+    /// new one (which then works).
+    pub fn expire_log_tokens(&self) {
+        for tokens in self.shared.lock().log_tokens.values_mut() {
+            tokens.clear();
+        }
+    }
+
+    /// Log space per job in events (0 = unlimited); see
+    /// [`HubOptions::max_log_events_per_job`]. Applies to later pushes.
+    pub fn set_max_log_events(&self, max: u64) {
+        self.shared.lock().max_log_events = max;
     }
 
     /// Polls `cond` every 20 ms until it holds or `timeout` passes.
@@ -1013,6 +1240,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(&format!("{API_BASE}/sync"), post(sync))
         .route(&format!("{API_BASE}/jobs/{{id}}"), get(get_job))
         .route(&format!("{API_BASE}/disconnect"), post(disconnect))
+        .route(&format!("{API_BASE}/refresh"), post(refresh_log_token))
         .route(&format!("{API_BASE}/metrics"), get(metrics))
         .route("/control/jobs", post(control_jobs))
         .route("/control/state", get(control_state))
@@ -1023,7 +1251,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/control/fault", post(control_fault))
         .route("/control/token", post(control_token))
         .route("/control/outage", post(control_outage))
-        .route("/logs/{id}", post(push_logs))
+        .route("/control/logs", post(control_logs))
+        .route(LOGS_ROUTE, post(push_logs))
         .with_state(shared)
 }
 
@@ -1085,8 +1314,8 @@ async fn register(State(s): S, headers: HeaderMap, body: Bytes) -> Response {
             name: name.clone(),
             state: AgentState::Idle,
             single_job: req.single_job,
-            idle_timeout: req.idle_timeout,
-            interruption_grace_period: req.interruption_grace_period,
+            idle_timeout: u64::try_from(req.idle_timeout).unwrap_or(0),
+            interruption_grace_period: u64::try_from(req.interruption_grace_period).unwrap_or(0),
             version: req.version,
             pid: req.pid,
             os: req.os,
@@ -1134,7 +1363,7 @@ async fn sync(State(s): S, headers: HeaderMap, body: Bytes) -> Response {
         Err(e) => return message(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
     };
     let mut answer = s.sync(&mut inner, idx, &req, Instant::now());
-    answer.next_sync_after = s.opts.next_sync_after_ms;
+    answer.next_sync_after = s.opts.pick_next_sync_after();
     (StatusCode::OK, Json(answer)).into_response()
 }
 
@@ -1155,18 +1384,18 @@ async fn get_job(State(s): S, headers: HeaderMap, Path(id): Path<String>) -> Res
         return message(StatusCode::NOT_FOUND, "job not found");
     };
     let mut payload = job_payload(job);
-    let token = inner
-        .log_tokens
-        .entry(id.clone())
-        .or_insert_with(|| random_hex(32))
-        .clone();
+    let tokens = inner.log_tokens.entry(id.clone()).or_default();
+    if tokens.is_empty() {
+        tokens.push(random_hex(32));
+    }
+    let token = tokens.last().cloned().unwrap_or_default();
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("127.0.0.1");
     payload.logger = Some(JobLogger {
         method: "push".into(),
-        url: format!("http://{host}/logs/{id}"),
+        url: format!("http://{host}{LOGS_BASE}/{id}"),
         token,
     });
     Json(payload).into_response()
@@ -1195,8 +1424,19 @@ pub fn job_payload(job: &JobInfo) -> JobPayload {
             })
             .collect(),
         env_vars,
+        epilogue_always_commands: commands(&job.epilogues.epilogue_always_commands),
+        epilogue_on_pass_commands: commands(&job.epilogues.epilogue_on_pass_commands),
+        epilogue_on_fail_commands: commands(&job.epilogues.epilogue_on_fail_commands),
         ..JobPayload::default()
     }
+}
+
+fn commands(c: &[String]) -> Vec<Command> {
+    c.iter()
+        .map(|d| Command {
+            directive: d.clone(),
+        })
+        .collect()
 }
 
 async fn disconnect(State(s): S, headers: HeaderMap) -> Response {
@@ -1274,10 +1514,71 @@ async fn metrics(State(s): S, headers: HeaderMap) -> Response {
 }
 
 async fn control_jobs(State(s): S, body: Bytes) -> Response {
-    match serde_json::from_slice::<JobSpec>(&body) {
-        Ok(spec) => Json(serde_json::json!({ "id": s.enqueue(spec) })).into_response(),
+    #[derive(Deserialize)]
+    struct ControlJob {
+        #[serde(flatten)]
+        spec: JobSpec,
+        #[serde(flatten)]
+        epilogues: Epilogues,
+    }
+    match serde_json::from_slice::<ControlJob>(&body) {
+        Ok(j) => Json(serde_json::json!({ "id": s.enqueue(j.spec, j.epilogues) })).into_response(),
         Err(e) => message(StatusCode::BAD_REQUEST, &format!("bad job spec: {e}")),
     }
+}
+
+/// `POST /control/logs` `{"expire_tokens": true, "max_events_per_job": N}` (either
+/// may be left out).
+async fn control_logs(State(s): S, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Parts {
+        #[serde(default)]
+        expire_tokens: bool,
+        max_events_per_job: Option<u64>,
+    }
+    match serde_json::from_slice::<Parts>(&body) {
+        Ok(p) => {
+            let mut inner = s.lock();
+            if p.expire_tokens {
+                for tokens in inner.log_tokens.values_mut() {
+                    tokens.clear();
+                }
+            }
+            if let Some(max) = p.max_events_per_job {
+                inner.max_log_events = max;
+            }
+            (StatusCode::OK, Json(serde_json::json!({ "ok": true }))).into_response()
+        }
+        Err(e) => message(
+            StatusCode::BAD_REQUEST,
+            &format!("expected {{\"expire_tokens\": bool, \"max_events_per_job\": N}}: {e}"),
+        ),
+    }
+}
+
+/// `POST /refresh` (access token): a new token for the log of the agent's current job.
+async fn refresh_log_token(State(s): S, headers: HeaderMap) -> Response {
+    let mut inner = s.state();
+    if inner.api_outage {
+        return outage();
+    }
+    let Some(idx) = agent_index(&inner, &headers) else {
+        return message(StatusCode::UNAUTHORIZED, "unauthorized");
+    };
+    let Some(job) = inner.agents[idx].info.job.clone() else {
+        return message(StatusCode::NOT_FOUND, "the agent has no job");
+    };
+    let token = random_hex(32);
+    inner
+        .log_tokens
+        .entry(job.clone())
+        .or_default()
+        .push(token.clone());
+    if let Some(j) = inner.jobs.iter_mut().find(|j| j.id == job) {
+        j.log_token_refreshes += 1;
+    }
+    Json(RefreshTokenResponse { token }).into_response()
 }
 
 async fn control_state(State(s): S) -> Response {
@@ -1347,26 +1648,102 @@ async fn control_outage(State(s): S, body: Bytes) -> Response {
     }
 }
 
+/// `POST /api/v1/logs/{id}?start_from=N`: JSON event lines (see the module docs).
 async fn push_logs(
     State(s): S,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
     body: Bytes,
 ) -> Response {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .map(str::trim)
+        .map(str::to_string);
+    let start_from = query.get("start_from").and_then(|v| v.parse::<u64>().ok());
+    let at_ms = s.ms(Instant::now());
     let mut inner = s.lock();
-    let expected = inner.log_tokens.get(&id).cloned();
-    if expected.is_none() || bearer != expected.as_deref() {
-        return message(StatusCode::UNAUTHORIZED, "unauthorized");
+    let max = inner.max_log_events;
+    let token_ok = match (&bearer, inner.log_tokens.get(&id)) {
+        (Some(b), Some(valid)) => valid.iter().any(|t| t == b),
+        _ => false,
+    };
+    let Some(job) = inner.jobs.iter_mut().find(|j| j.id == id) else {
+        return message(StatusCode::NOT_FOUND, "no such job");
+    };
+    let mut push = LogPush {
+        start_from,
+        events: 0,
+        appended: 0,
+        status: 200,
+        at_ms,
+    };
+    let answer = |job: &mut JobInfo, push: LogPush, status: StatusCode, msg: &str| {
+        job.log_pushes.push(LogPush {
+            status: status.as_u16(),
+            ..push
+        });
+        message(status, msg)
+    };
+    // As the agent's own mock log service: log space first, then the token.
+    if max > 0 && job.log_events.len() as u64 >= max {
+        job.log_trimmed = true;
+        return answer(
+            job,
+            push,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "no more space for this job's logs",
+        );
+    }
+    if !token_ok {
+        return answer(job, push, StatusCode::UNAUTHORIZED, "unauthorized");
     }
     let text = String::from_utf8_lossy(&body);
-    if let Some(job) = inner.jobs.iter_mut().find(|j| j.id == id) {
-        job.output.extend(text.lines().map(str::to_string));
+    let mut events = Vec::new();
+    for line in text.split('\n').filter(|l| !l.trim().is_empty()) {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) if v.get("event").and_then(|e| e.as_str()).is_some() => events.push(v),
+            _ => {
+                push.events = events.len() as u64;
+                return answer(
+                    job,
+                    push,
+                    StatusCode::BAD_REQUEST,
+                    &format!("not a JSON log event: {line:?}"),
+                );
+            }
+        }
     }
+    push.events = events.len() as u64;
+    let Some(start) = start_from else {
+        return answer(
+            job,
+            push,
+            StatusCode::BAD_REQUEST,
+            "start_from must be a non-negative integer",
+        );
+    };
+    let have = job.log_events.len() as u64;
+    if start > have {
+        // A gap: events [have, start) never arrived. The agent only moves start_from
+        // on a 200, so this is not a real agent's push; refuse it and keep the log whole.
+        return answer(
+            job,
+            push,
+            StatusCode::CONFLICT,
+            &format!("start_from {start} is past the {have} events received"),
+        );
+    }
+    // A re-sent batch (start < have): the events already stored are skipped.
+    let skip = usize::try_from(have - start).unwrap_or(usize::MAX);
+    for ev in events.into_iter().skip(skip) {
+        job.log_events.push(ev);
+        push.appended += 1;
+    }
+    job.output = output_lines(&job.log_events);
+    job.log_pushes.push(push);
     (StatusCode::OK, Json(serde_json::json!({ "ok": true }))).into_response()
 }
 
@@ -2256,11 +2633,9 @@ mod tests {
         assert!(times.windows(2).all(|w| w[0] <= w[1]));
     }
 
-    #[tokio::test]
-    async fn job_output_is_pushed_to_the_logger() {
-        let hub = hub().await;
-        let api = Api::new(&hub);
-        let r = api.register("agent-logs1", serde_json::json!({})).await;
+    /// Registers, takes a job and reads its payload: (access token, job id, logger).
+    async fn job_with_logger(api: &Api, hub: &Hub, name: &str) -> (String, String, JobLogger) {
+        let r = api.register(name, serde_json::json!({})).await;
         let id = hub.enqueue_job(JobSpec::default());
         assert_eq!(
             api.sync(&r.token, "waiting-for-jobs", "", "", 0)
@@ -2278,35 +2653,264 @@ mod tests {
             .json()
             .await
             .expect("job json");
-        let logger = payload.logger.expect("a logger");
+        (r.token, id, payload.logger.expect("a logger"))
+    }
+
+    async fn push(api: &Api, logger: &JobLogger, token: &str, start: &str, body: &str) -> Status {
+        api.http
+            .post(format!("{}?start_from={start}", logger.url))
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Content-Type", "text/plain")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("push")
+            .status()
+    }
+
+    fn out(o: &str) -> String {
+        format!(
+            "{}\n",
+            serde_json::json!({"event": "cmd_output", "timestamp": 1, "output": o})
+        )
+    }
+
+    fn ev(kind: &str, extra: serde_json::Value) -> String {
+        let mut v = serde_json::json!({"event": kind, "timestamp": 1});
+        if let (Some(m), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        format!("{v}\n")
+    }
+
+    #[tokio::test]
+    async fn job_logs_are_json_events_with_start_from() {
+        let hub = hub().await;
+        let api = Api::new(&hub);
+        let (_, id, logger) = job_with_logger(&api, &hub, "agent-logs1").await;
         assert_eq!(logger.method, "push");
         assert!(
-            logger.url.ends_with(&format!("/logs/{id}")),
+            logger.url.ends_with(&format!("{LOGS_BASE}/{id}")),
             "{}",
             logger.url
         );
-        let push = |token: &str, body: &str| {
+        let t = logger.token.clone();
+        let first = format!(
+            "{}{}{}{}",
+            ev("job_started", serde_json::json!({})),
+            ev("cmd_started", serde_json::json!({"directive": "echo one"})),
+            out("one\r\ntw"),
+            out("o\n"),
+        );
+        assert_eq!(
+            push(&api, &logger, "wrong", "0", &first).await,
+            Status::UNAUTHORIZED
+        );
+        assert_eq!(push(&api, &logger, &t, "0", &first).await, Status::OK);
+        // The same batch again (a lost answer): nothing twice.
+        assert_eq!(push(&api, &logger, &t, "0", &first).await, Status::OK);
+        // Overlapping: two known, one new.
+        let next = format!(
+            "{}{}{}",
+            out("o\n"),
+            ev(
+                "cmd_finished",
+                serde_json::json!({"directive": "echo one", "exit_code": 0})
+            ),
+            ev(
+                "cmd_started",
+                serde_json::json!({"directive": "printf three"})
+            ),
+        );
+        let overlap = format!("{}{next}", out("one\r\ntw"));
+        assert_eq!(push(&api, &logger, &t, "2", &overlap).await, Status::OK);
+        // A gap, no start_from, not JSON: refused, nothing stored.
+        let later = format!(
+            "{}{}",
+            out("three"),
+            ev("job_finished", serde_json::json!({"result": "passed"}))
+        );
+        assert_eq!(push(&api, &logger, &t, "9", &later).await, Status::CONFLICT);
+        assert_eq!(
+            push(&api, &logger, &t, "x", &later).await,
+            Status::BAD_REQUEST
+        );
+        assert_eq!(
+            push(&api, &logger, &t, "6", "plain text\n").await,
+            Status::BAD_REQUEST
+        );
+        assert_eq!(hub.job_log_events(&id).len(), 6);
+        assert_eq!(push(&api, &logger, &t, "6", &later).await, Status::OK);
+        let job = hub.job(&id).expect("job");
+        assert_eq!(job.log_events.len(), 8);
+        assert_eq!(hub.job_output(&id), vec!["one", "two", "three"]);
+        assert_eq!(job.logged_result().as_deref(), Some("passed"));
+        assert_eq!(job.logged_directives(), vec!["echo one", "printf three"]);
+        let statuses: Vec<u16> = job.log_pushes.iter().map(|p| p.status).collect();
+        assert_eq!(statuses, vec![401, 200, 200, 200, 409, 400, 400, 200]);
+        let appended: Vec<u64> = job.log_pushes.iter().map(|p| p.appended).collect();
+        assert_eq!(appended, vec![0, 4, 0, 2, 0, 0, 0, 2]);
+    }
+
+    #[tokio::test]
+    async fn an_expired_log_token_is_refreshed() {
+        let hub = hub().await;
+        let api = Api::new(&hub);
+        let (access, id, logger) = job_with_logger(&api, &hub, "agent-logs2").await;
+        let batch = out("x\n");
+        hub.expire_log_tokens();
+        assert_eq!(
+            push(&api, &logger, &logger.token, "0", &batch).await,
+            Status::UNAUTHORIZED
+        );
+        let refresh = |token: String| {
             api.http
-                .post(&logger.url)
-                .header("Authorization", format!("Bearer {token}"))
-                .body(body.to_string())
+                .post(format!("{}/refresh", api.base))
+                .header("Authorization", format!("Token {token}"))
                 .send()
         };
         assert_eq!(
-            push("wrong", "x").await.expect("push").status(),
+            refresh("nope".into()).await.expect("refresh").status(),
             Status::UNAUTHORIZED
         );
+        let resp = refresh(access.clone()).await.expect("refresh");
+        assert_eq!(resp.status(), Status::OK);
+        let new: RefreshTokenResponse = resp.json().await.expect("json");
+        assert_ne!(new.token, logger.token);
         assert_eq!(
-            push(&logger.token, "one\ntwo\n")
+            push(&api, &logger, &new.token, "0", &batch).await,
+            Status::OK
+        );
+        assert_eq!(hub.job_output(&id), vec!["x"]);
+        assert_eq!(hub.job(&id).map(|j| j.log_token_refreshes), Some(1));
+        // Through the control API.
+        let url = format!("{}/control/logs", hub.base_url());
+        let resp = api
+            .http
+            .post(&url)
+            .body(r#"{"expire_tokens": true}"#)
+            .send()
+            .await
+            .expect("control");
+        assert_eq!(resp.status(), Status::OK);
+        assert_eq!(
+            push(&api, &logger, &new.token, "1", &batch).await,
+            Status::UNAUTHORIZED
+        );
+        // Without a job there is nothing to refresh.
+        assert_eq!(
+            api.sync(&access, "finished-job", &id, "passed", 0)
                 .await
-                .expect("push")
-                .status(),
-            Status::OK
+                .action,
+            "wait-for-jobs"
         );
         assert_eq!(
-            push(&logger.token, "three").await.expect("push").status(),
-            Status::OK
+            refresh(access).await.expect("refresh").status(),
+            Status::NOT_FOUND
         );
-        assert_eq!(hub.job_output(&id), vec!["one", "two", "three"]);
+    }
+
+    #[tokio::test]
+    async fn log_space_used_up_is_422() {
+        let hub = Hub::start(HubOptions {
+            max_log_events_per_job: 3,
+            ..HubOptions::default()
+        })
+        .await
+        .expect("hub");
+        let api = Api::new(&hub);
+        let (_, id, logger) = job_with_logger(&api, &hub, "agent-logs3").await;
+        let t = &logger.token;
+        let two = format!("{}{}", out("a\n"), out("b\n"));
+        assert_eq!(push(&api, &logger, t, "0", &two).await, Status::OK);
+        assert_eq!(push(&api, &logger, t, "2", &two).await, Status::OK);
+        assert_eq!(hub.job_output(&id), vec!["a", "b", "a", "b"]);
+        assert_eq!(
+            push(&api, &logger, t, "4", &two).await,
+            Status::UNPROCESSABLE_ENTITY
+        );
+        // Before the token check.
+        assert_eq!(
+            push(&api, &logger, "wrong", "4", &two).await,
+            Status::UNPROCESSABLE_ENTITY
+        );
+        assert!(hub.job(&id).is_some_and(|j| j.log_trimmed));
+        hub.set_max_log_events(0);
+        assert_eq!(push(&api, &logger, t, "3", &two).await, Status::OK);
+        assert_eq!(hub.job_log_events(&id).len(), 5, "one known, one new");
+    }
+
+    #[tokio::test]
+    async fn sync_interval_range() {
+        let hub = Hub::start(HubOptions::real_sync()).await.expect("hub");
+        let api = Api::new(&hub);
+        let r = api.register("agent-sync1", serde_json::json!({})).await;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let s = api.sync(&r.token, "waiting-for-jobs", "", "", 0).await;
+            assert!(
+                (4000..=6000).contains(&s.next_sync_after),
+                "{}",
+                s.next_sync_after
+            );
+            seen.insert(s.next_sync_after);
+        }
+        assert!(seen.len() > 1, "random: {seen:?}");
+        assert_eq!(HubOptions::default().next_sync_after_ms, 200);
+    }
+
+    #[tokio::test]
+    async fn register_takes_any_integer_timeouts() {
+        let hub = hub().await;
+        let api = Api::new(&hub);
+        api.register(
+            "agent-neg1",
+            serde_json::json!({"interruption_grace_period": -5, "idle_timeout": -1, "extra": 1}),
+        )
+        .await;
+        let a = &hub.agents()[0];
+        assert_eq!((a.idle_timeout, a.interruption_grace_period), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn epilogues_are_in_the_payload() {
+        let hub = hub().await;
+        let api = Api::new(&hub);
+        let r = api.register("agent-epi1", serde_json::json!({})).await;
+        let id = hub.enqueue_job_with_epilogues(
+            JobSpec::default(),
+            Epilogues {
+                epilogue_always_commands: vec!["echo always".into()],
+                epilogue_on_pass_commands: vec![],
+                epilogue_on_fail_commands: vec!["echo failed".into()],
+            },
+        );
+        api.sync(&r.token, "waiting-for-jobs", "", "", 0).await;
+        let payload: JobPayload = api
+            .http
+            .get(format!("{}/jobs/{id}", api.base))
+            .header("Authorization", format!("Token {}", r.token))
+            .send()
+            .await
+            .expect("get job")
+            .json()
+            .await
+            .expect("job json");
+        assert_eq!(payload.epilogue_always_commands[0].directive, "echo always");
+        assert_eq!(
+            payload.epilogue_on_fail_commands[0].directive,
+            "echo failed"
+        );
+        let url = format!("{}/control/jobs", hub.base_url());
+        let resp = api
+            .http
+            .post(&url)
+            .body(r#"{"commands":["true"],"epilogue_on_pass_commands":["echo ok"]}"#)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(resp.status(), Status::OK);
+        let jobs = hub.jobs();
+        assert_eq!(jobs[1].epilogues.epilogue_on_pass_commands, vec!["echo ok"]);
     }
 }

@@ -1,63 +1,123 @@
-//! Fake Semaphore `agent` (becomes `target/<profile>/agent`), honouring the
-//! real agent's CLI, config, process-tree, signal, API and shutdown-hook
-//! contract (`shared/reference/semaphore-agent.md`) against the fake hub.
+//! Fake Semaphore `agent` (becomes `target/<profile>/agent`), honouring the real agent's
+//! CLI, config, process-tree, signal, API, job-log and shutdown-hook contract against the
+//! fake hub. The real agent (`shared/real-agent`, `pkg/listener`, `pkg/jobs`,
+//! `pkg/eventlogger`) is the reference; `tests/tests/hub_conformance.rs` runs both
+//! against the same checks.
 //!
-//! * `agent start --config-file <path>` (or `--config-file=<path>`); anything
-//!   else is a usage error, exit 1.
-//! * The config YAML may only hold the keys in [`KNOWN_KEYS`]; an unknown key,
-//!   a wrong type, a missing `endpoint`/`token`, an `env-vars` entry that is not
-//!   exactly `NAME=VALUE` (a value containing `=` is fatal), a `files` entry that
-//!   is not `host:container`, a bad `upload-job-logs` or a bad `name` exit 1.
-//!   `SEMAPHORE_AGENT_<KEY>` env vars (dashes → underscores) override scalar
-//!   keys (flag > env > file; flags other than `--config-file` are not taken).
+//! * `agent start --config-file <path>` (or `--config-file=<path>`); anything else is a
+//!   usage error, exit 1.
+//! * Config, read as the real agent (viper) reads it: the 25 keys of [`KNOWN_KEYS`]
+//!   (case-insensitive); `SEMAPHORE_AGENT_<KEY>` (dashes → underscores, non-empty)
+//!   overrides any key, lists included (split on whitespace). Values are read leniently:
+//!   booleans take `true`/`1`/`t`/`TRUE`… and YAML 1.1's `yes`/`on`/`y` (a string
+//!   that is none of these reads as false, with a warning line), integers take numbers,
+//!   numeric strings (`"300"`, `"0x10"`, `"5.0"`) and truncate floats, anything else
+//!   reads as 0 (with a warning line); a list where a string is expected reads as "".
+//!   Fatal, as in the real agent (exit 1): an unknown key or a nested mapping,
+//!   a missing `endpoint`/`token`, a negative `disconnect-after-idle-timeout` or
+//!   `kubernetes-pod-start-timeout`, an `env-vars`/`kubernetes-labels` entry that is not
+//!   exactly `NAME=VALUE` (a value containing `=` is fatal), a `files` entry that is not
+//!   `host:container`, `job-id` without `disconnect-after-job`, a bad `upload-job-logs`,
+//!   a `name` (or the `name-from-env` variable's value) that is neither 8–80 bytes long
+//!   nor a URL. `kubernetes-*` keys are accepted and otherwise ignored (jobs always use
+//!   the shell executor).
+//! * Strictnesses kept on purpose, beyond the real agent's, because each catches a
+//!   mistake of our supervisor that the real agent would only show later or elsewhere:
+//!   - an `env-vars` entry with an empty name (`=x`): the real agent takes it and every
+//!     job then fails in its "Exporting environment variables" step;
+//!   - an `endpoint` with a scheme (`https://…`): the real agent builds
+//!     `https://https://…` and fails every registration attempt for 30 s;
+//!   - only `start --config-file <path>`: the real agent takes every key as a flag too;
+//!     the supervisor must use the file;
+//!   - only loopback endpoints (127.0.0.0/8, localhost, ::1), logger URLs included: a
+//!     test bed must never reach a real Semaphore.
 //! * Process tree: the started process is a wrapper that re-executes itself
 //!   (`FAKE_AGENT_CHILD=1`) as a child in its own process group, forwards
-//!   SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to it and exits with its
-//!   code. If the child dies from a signal, the wrapper runs the agent again
-//!   in-process (a new registration), like the real panicwrap wrapper.
-//! * Only talks to loopback endpoints (127.0.0.0/8, localhost, ::1); any other
-//!   endpoint fails registration without sending traffic.
+//!   SIGTERM/SIGINT/SIGHUP/SIGQUIT/SIGUSR1/SIGUSR2 to it and exits with its code (the
+//!   real panicwrap wrapper forwards every signal). The child handles SIGTERM/SIGINT
+//!   only once registered, as the real one (its handler is set up with the job
+//!   processor): a SIGTERM before that kills it, and when the child dies from a signal
+//!   the wrapper runs the agent again, in its own process (an `exec` of itself with
+//!   `FAKE_AGENT_CHILD=rerun`: same pid, default signal dispositions, like the real
+//!   wrapper falling through to `main`), which registers again from attempt 1.
+//! * Once registered: the first SIGTERM/SIGINT sets `interrupted_at` and syncs at once;
+//!   later ones are ignored. A finished job is reported at once (a forced sync).
+//! * Registration: any 2xx is success. Log lines as the real agent's (`Jan _2
+//!   15:04:05.000 <name> : <msg>`, on stdout and, with `SEMAPHORE_AGENT_LOG_FILE_PATH`, in
+//!   that file; the real agent defaults to `/tmp/agent_log`, the fake logs to stdout
+//!   only by default), with the real wording for everything the supervisor parses
+//!   (`Starting to poll for jobs`, `SYNC response (action: run-job, job: <id>)`,
+//!   `Agent shutdown requested by Semaphore due to: <reason>`, `Disconnecting the Agent
+//!   from Semaphore`, `Unable to sync with Semaphore for over 10 minutes.`, `Agent
+//!   shutting down due to: <REASON>`), the 13-line banner at each start and the three
+//!   lines per sync.
+//!
+//! Jobs, as the real shell executor runs them: one `bash` session per job (the real
+//! one is `bash --login` on a PTY; the fake's is `bash --noprofile --norc` on pipes,
+//! stdout and stderr merged, commands' stdin `/dev/null`, its own process group). In
+//! it, in order: "Exporting environment variables" (the job's env vars, then the
+//! config's `env-vars`, sorted by name, from a file that is sourced), "Injecting Files"
+//! (the payload's `files` are not written), the pre-job hook (`bash <hook>`, or
+//! `source <hook>` with `source-pre-job-hook`; a failure fails the job only with
+//! `fail-on-pre-job-hook-error`), the commands (each sourced from a file, so an `export`
+//! is seen by the next; the first that fails ends them: the job failed; exit 130 reads
+//! `SEMAPHORE_JOB_RESULT`), then — unless the job was stopped — the epilogues with
+//! `SEMAPHORE_JOB_RESULT` exported (always, then on-pass or on-fail; their failures do
+//! not change the result), then the post-job hook. A command that exits the shell
+//! (`exit 3`) fails with code 1 and so does every later one, as on the real agent.
+//! `stop-job` kills the session's process group (SIGTERM, SIGKILL after 1 s): the job
+//! is `stopped`; at the end of a job the group gets SIGHUP (the real agent closes the
+//! PTY).
+//!
+//! Job logs, as the real agent's HTTP log backend: the events (`job_started`,
+//! `cmd_started`, `cmd_output` per line, `cmd_finished`, `job_finished`) are kept in
+//! memory and pushed to the payload's `logger.url` (`method` `push`) as JSON lines with
+//! `?start_from=N`, `Content-Type: text/plain`, `Authorization: Bearer <token>`, at most
+//! 2000 events a request, one request per tick; `start_from` moves on only on a 200; a
+//! 401 calls `POST /refresh` and the next tick pushes the same batch with the new
+//! token; a 422 stops pushing for good; anything else is retried at the next tick. At
+//! the end of the job the agent logs `job_finished`, then waits (polling, up to 60 s) for
+//! the pusher to flush everything, and only then reports the job finished to the hub,
+//! as the real agent does. The cadence: `FAKE_AGENT_LOG_CADENCE=real` is the real
+//! agent's (a tick every 1.5–3 s, 250–500 ms while flushing, the flush polled every
+//! 1 s: a job is reported 1–4.5 s after its last command); the default `fast` is
+//! 100–200 ms, 25–50 ms and 25 ms, because the existing suites' timings assume a job
+//! reported soon after its last command (their shells finish in well under a second).
 //!
 //! Test-bed knobs (env):
 //! * `FAKE_AGENT_EVENTS=<path>`: append JSON lines
 //!   `{"event","pid","mono_ns","unix_ms","name",…}`; events: `start` (the
-//!   wrapper, first thing), `child_start`, `registered`, `register_failed`,
-//!   `job_started`, `job_finished` (`job_id`, `result`), `interrupted`,
-//!   `shutdown` (`reason`), `hook` (`reason`, `path`), `hook_done` (`code`),
-//!   `child_exit` (`code`, `reason`), `rerun` (`signal`), `exit` (`code`; the
-//!   wrapper, right before it exits). `mono_ns` is CLOCK_MONOTONIC.
+//!   wrapper, first thing), `child_start` (`role`: `child` or `inprocess`),
+//!   `registered`, `register_failed`, `job_started`, `job_finished` (`job_id`,
+//!   `result`), `interrupted`, `shutdown` (`reason`), `hook` (`reason`, `path`),
+//!   `hook_done` (`code`), `child_exit` (`code`, `reason`), `rerun` (`signal`), `exit`
+//!   (`code`; the wrapper or its re-run, right before it exits). `mono_ns` is
+//!   CLOCK_MONOTONIC.
 //! * `FAKE_AGENT_REGISTER_TRIES` (30), `FAKE_AGENT_REGISTER_INTERVAL_MS` (1000)
 //! * `FAKE_AGENT_SYNC_TIMEOUT_SECS` (600): no good sync for that long →
 //!   shutdown `UNABLE_TO_SYNC`, exit 1
-//! * `FAKE_AGENT_DISCONNECT_TRIES` (5), `FAKE_AGENT_DISCONNECT_INTERVAL_MS` (200)
+//! * `FAKE_AGENT_DISCONNECT_TRIES` (5; real 100), `FAKE_AGENT_DISCONNECT_INTERVAL_MS`
+//!   (200; real 1000)
+//! * `FAKE_AGENT_LOG_CADENCE` (`fast`, or `real`): see above
 //! * `FAKE_AGENT_HOOK_SLEEP_SECS`: sleep this long in the shutdown-hook step
 //!   (before the hook runs; also without a hook) — a hanging-hook drill
 //! * `FAKE_AGENT_HOOK_HANG_SECS`: the shutdown hook itself hangs this long after
 //!   its script returned (it runs as `bash -c 'bash <hook>; sleep N'`, in the
 //!   agent's process group) — the other hanging-hook drill
-//!
-//! Jobs: each command runs as `bash -c <command>` with the agent's environment
-//! plus the config's `env-vars` and the job's env vars, in its own process group.
-//! Its output lines go to the agent's log (`job <id8>: <line>`) and, when the
-//! job payload has a `push` logger, to the logger URL (the hub records them:
-//! [`agent_fleet_tests::hub::JobInfo::output`]) before the job is reported
-//! finished.
-//! * `SEMAPHORE_AGENT_LOG_FILE_PATH`: also append the log there (the real
-//!   agent defaults to `/tmp/agent_log`; the fake only logs to stdout by default)
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io::{Read, Write};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_fleet_tests::hub::{
-    base64_decode, valid_agent_name, JobLogger, JobPayload, RegisterRequest, RegisterResponse,
-    SyncRequest, SyncResponse, API_BASE,
+    base64_decode, Command, JobLogger, JobPayload, RefreshTokenResponse, RegisterRequest,
+    RegisterResponse, SyncRequest, SyncResponse, API_BASE,
 };
-use anyhow::{anyhow, bail, Context};
-use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use anyhow::{bail, Context};
+use tokio::io::AsyncWriteExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, Notify};
 
@@ -65,22 +125,33 @@ const CHILD_ENV: &str = "FAKE_AGENT_CHILD";
 const VERSION: &str = "v2.4.0-fake";
 const USAGE: &str = "Usage: agent start --config-file <path>";
 
-/// Config keys the agent accepts.
+/// Config keys the agent accepts: the real agent's `ValidConfigKeys`.
 pub const KNOWN_KEYS: &[&str] = &[
+    "config-file",
+    "name",
+    "name-from-env",
     "endpoint",
     "token",
     "no-https",
-    "name",
-    "disconnect-after-job",
-    "disconnect-after-idle-timeout",
-    "interruption-grace-period",
     "shutdown-hook-path",
     "pre-job-hook-path",
     "post-job-hook-path",
+    "disconnect-after-job",
+    "job-id",
+    "disconnect-after-idle-timeout",
     "env-vars",
     "files",
     "fail-on-missing-files",
     "upload-job-logs",
+    "fail-on-pre-job-hook-error",
+    "source-pre-job-hook",
+    "interruption-grace-period",
+    "kubernetes-executor",
+    "kubernetes-pod-spec",
+    "kubernetes-allowed-images",
+    "kubernetes-pod-start-timeout",
+    "kubernetes-labels",
+    "kubernetes-default-image",
 ];
 
 // ---------------------------------------------------------------- logging
@@ -88,8 +159,18 @@ pub const KNOWN_KEYS: &[&str] = &[
 static LOG_NAME: Mutex<String> = Mutex::new(String::new());
 static LAST_REASON: Mutex<Option<String>> = Mutex::new(None);
 
+/// The name in log lines: the agent's name, or `[host]` while it is a URL (as the
+/// real agent's formatter does until the server names the agent).
 fn set_log_name(name: &str) {
-    *LOG_NAME.lock().unwrap_or_else(PoisonError::into_inner) = name.to_string();
+    let shown = if is_request_uri(name) {
+        reqwest::Url::parse(name)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| format!("[{h}]")))
+            .unwrap_or_else(|| "[]".to_string())
+    } else {
+        name.to_string()
+    };
+    *LOG_NAME.lock().unwrap_or_else(PoisonError::into_inner) = shown;
 }
 
 fn log_name() -> String {
@@ -141,16 +222,7 @@ fn timestamp(t: SystemTime) -> String {
     )
 }
 
-fn log(msg: &str) {
-    let name = log_name();
-    let ts = timestamp(SystemTime::now());
-    let mut text = String::new();
-    for line in msg.lines() {
-        text.push_str(&format!("{ts} {name} : {line}\n"));
-    }
-    if msg.is_empty() {
-        text.push_str(&format!("{ts} {name} : \n"));
-    }
+fn write_out(text: &str) {
     // The test harness only captures `print!`; the binary must not panic on EPIPE.
     #[cfg(test)]
     print!("{text}");
@@ -160,6 +232,24 @@ fn log(msg: &str) {
         let _ = out.write_all(text.as_bytes());
         let _ = out.flush();
     }
+}
+
+fn log(msg: &str) {
+    let name = log_name();
+    let ts = timestamp(SystemTime::now());
+    let prefix = if name.is_empty() {
+        format!("{ts} :")
+    } else {
+        format!("{ts} {name} :")
+    };
+    let mut text = String::new();
+    for line in msg.lines() {
+        text.push_str(&format!("{prefix} {line}\n"));
+    }
+    if msg.is_empty() {
+        text.push_str(&format!("{prefix} \n"));
+    }
+    write_out(&text);
     if let Some(path) = std::env::var_os("SEMAPHORE_AGENT_LOG_FILE_PATH") {
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
@@ -168,6 +258,57 @@ fn log(msg: &str) {
         {
             let _ = f.write_all(text.as_bytes());
         }
+    }
+}
+
+/// The real agent's hello message (stdout only, not in the log file).
+fn banner() {
+    const LINES: [&str; 13] = [
+        "                                      ",
+        "                 00000000000          ",
+        "               0000000000000000       ",
+        "             00000000000000000000     ",
+        "          00000000000    0000000000   ",
+        "   11     00000000    11   000000000  ",
+        " 111111   000000   1111111   000000   ",
+        "111111111   00   111111111     00     ",
+        "  111111111    1111111111             ",
+        "    1111111111111111111               ",
+        "      111111111111111                 ",
+        "         111111111                    ",
+        "                                      ",
+    ];
+    let mut text = String::new();
+    for l in LINES {
+        text.push_str(l);
+        text.push('\n');
+    }
+    write_out(&text);
+}
+
+/// Go's `time.Duration` string for whole milliseconds: `200ms`, `4.5s`, `1m0.5s`.
+fn go_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_string();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let secs = |ms: u128| {
+        let s = format!("{}.{:03}", ms / 1000, ms % 1000);
+        let s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+        format!("{s}s")
+    };
+    if ms < 60_000 {
+        return secs(ms);
+    }
+    let (h, rest) = (ms / 3_600_000, ms % 3_600_000);
+    let (m, rest) = (rest / 60_000, rest % 60_000);
+    if h > 0 {
+        format!("{h}h{m}m{}", secs(rest))
+    } else {
+        format!("{m}m{}", secs(rest))
     }
 }
 
@@ -218,23 +359,229 @@ fn event(kind: &str, extra: serde_json::Value) {
 
 // ---------------------------------------------------------------- config
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-struct FileConfig {
-    endpoint: Option<String>,
-    token: Option<String>,
-    no_https: Option<bool>,
-    name: Option<String>,
-    disconnect_after_job: Option<bool>,
-    disconnect_after_idle_timeout: Option<u64>,
-    interruption_grace_period: Option<u64>,
-    shutdown_hook_path: Option<String>,
-    pre_job_hook_path: Option<String>,
-    post_job_hook_path: Option<String>,
-    env_vars: Option<Vec<String>>,
-    files: Option<Vec<String>>,
-    fail_on_missing_files: Option<bool>,
-    upload_job_logs: Option<String>,
+/// Go's `url.ParseRequestURI` succeeding, roughly: an absolute path, or a scheme
+/// (`[a-zA-Z][a-zA-Z0-9+.-]*:`) followed by something.
+fn is_request_uri(s: &str) -> bool {
+    if s.starts_with('/') {
+        return true;
+    }
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-'))
+        && !rest.is_empty()
+}
+
+/// The real agent's name check: a URL, or 8–80 bytes.
+fn valid_config_name(name: &str) -> bool {
+    is_request_uri(name) || (8..=80).contains(&name.len())
+}
+
+/// A random name like the real agent's: base64 (URL alphabet) of 15 random bytes.
+fn random_name() -> String {
+    const URL_B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    (0..20)
+        .map(|_| char::from(URL_B64[fastrand::usize(..64)]))
+        .collect()
+}
+
+/// One config value as viper would hold it: from the YAML file, or a string from the
+/// environment.
+#[derive(Debug, Clone)]
+enum Raw {
+    Yaml(serde_yaml::Value),
+    Env(String),
+}
+
+/// Go's `strconv.ParseInt(s, 0, 64)` after cast's `trimZeroDecimal`.
+fn go_parse_int(s: &str) -> Option<i64> {
+    let mut t = s;
+    // trimZeroDecimal: "300.00" -> "300".
+    if let Some((int, frac)) = t.split_once('.') {
+        if !frac.is_empty() && frac.chars().all(|c| c == '0') {
+            t = int;
+        }
+    }
+    let (neg, body) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let lower = body.to_ascii_lowercase();
+    let (radix, digits) = if let Some(d) = lower.strip_prefix("0x") {
+        (16, d.to_string())
+    } else if let Some(d) = lower.strip_prefix("0o") {
+        (8, d.to_string())
+    } else if let Some(d) = lower.strip_prefix("0b") {
+        (2, d.to_string())
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        (8, lower[1..].to_string())
+    } else {
+        (10, lower.clone())
+    };
+    let digits = if radix != 10 || body.contains('_') {
+        digits.replace('_', "")
+    } else {
+        digits
+    };
+    if digits.is_empty() || digits.starts_with('+') || digits.starts_with('-') {
+        return None;
+    }
+    let v = i64::from_str_radix(&digits, radix).ok()?;
+    Some(if neg { -v } else { v })
+}
+
+/// Go's `strconv.ParseBool`.
+fn go_parse_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// YAML 1.1 booleans (the real agent's YAML reader resolves unquoted ones).
+fn yaml11_bool(s: &str) -> Option<bool> {
+    match s {
+        "y" | "Y" | "yes" | "Yes" | "YES" | "on" | "On" | "ON" => Some(true),
+        "n" | "N" | "no" | "No" | "NO" | "off" | "Off" | "OFF" => Some(false),
+        _ => None,
+    }
+}
+
+fn number_string(n: &serde_yaml::Number) -> String {
+    if let Some(i) = n.as_i64() {
+        i.to_string()
+    } else if let Some(u) = n.as_u64() {
+        u.to_string()
+    } else {
+        let f = n.as_f64().unwrap_or(0.0);
+        if f.fract() == 0.0 && f.abs() < 1e15 {
+            format!("{f:.0}")
+        } else {
+            f.to_string()
+        }
+    }
+}
+
+/// The values of a config file plus `SEMAPHORE_AGENT_*` overrides, read with cast's
+/// rules. Warnings (a value read as false/0/"") go to `warnings`.
+struct Values {
+    map: BTreeMap<String, Raw>,
+    warnings: Vec<String>,
+}
+
+impl Values {
+    fn get(&self, key: &str) -> Option<&Raw> {
+        self.map.get(key)
+    }
+
+    fn string(&mut self, key: &str) -> String {
+        match self.get(key).cloned() {
+            None => String::new(),
+            Some(Raw::Env(s)) => s,
+            Some(Raw::Yaml(v)) => match v {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                serde_yaml::Value::Number(n) => number_string(&n),
+                serde_yaml::Value::Null => String::new(),
+                other => {
+                    self.warnings.push(format!(
+                        "{key}: {other:?} is not a string: read as \"\" (as the real agent does)"
+                    ));
+                    String::new()
+                }
+            },
+        }
+    }
+
+    fn boolean(&mut self, key: &str) -> bool {
+        let (b, bad) = match self.get(key) {
+            None => (false, None),
+            Some(Raw::Env(s)) => match go_parse_bool(s) {
+                Some(b) => (b, None),
+                None => (false, Some(s.clone())),
+            },
+            Some(Raw::Yaml(v)) => match v {
+                serde_yaml::Value::Bool(b) => (*b, None),
+                serde_yaml::Value::Null => (false, None),
+                serde_yaml::Value::Number(n) => match n.as_i64() {
+                    Some(i) => (i != 0, None),
+                    None => (false, Some(number_string(n))),
+                },
+                serde_yaml::Value::String(s) => match go_parse_bool(s).or_else(|| yaml11_bool(s)) {
+                    Some(b) => (b, None),
+                    None => (false, Some(s.clone())),
+                },
+                other => (false, Some(format!("{other:?}"))),
+            },
+        };
+        if let Some(bad) = bad {
+            self.warnings.push(format!(
+                "{key}: {bad:?} is not a boolean: read as false (as the real agent does)"
+            ));
+        }
+        b
+    }
+
+    fn int(&mut self, key: &str) -> i64 {
+        let (i, bad) = match self.get(key) {
+            None => (0, None),
+            Some(Raw::Env(s)) => match go_parse_int(s) {
+                Some(i) => (i, None),
+                None => (0, Some(s.clone())),
+            },
+            Some(Raw::Yaml(v)) => match v {
+                serde_yaml::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+                    (Some(i), _) => (i, None),
+                    // Saturating, as a Go int(float64) on amd64 would not be; fine here.
+                    (None, Some(f)) => (f.trunc() as i64, None),
+                    _ => (0, Some(number_string(n))),
+                },
+                serde_yaml::Value::Bool(b) => (i64::from(*b), None),
+                serde_yaml::Value::Null => (0, None),
+                serde_yaml::Value::String(s) => match go_parse_int(s) {
+                    Some(i) => (i, None),
+                    None => (0, Some(s.clone())),
+                },
+                other => (0, Some(format!("{other:?}"))),
+            },
+        };
+        if let Some(bad) = bad {
+            self.warnings.push(format!(
+                "{key}: {bad:?} is not an integer: read as 0 (as the real agent does)"
+            ));
+        }
+        i
+    }
+
+    fn list(&mut self, key: &str) -> Vec<String> {
+        match self.get(key).cloned() {
+            None => Vec::new(),
+            Some(Raw::Env(s)) => s.split_whitespace().map(str::to_string).collect(),
+            Some(Raw::Yaml(v)) => match v {
+                serde_yaml::Value::Sequence(items) => items
+                    .iter()
+                    .map(|item| match item {
+                        serde_yaml::Value::String(s) => s.clone(),
+                        serde_yaml::Value::Bool(b) => b.to_string(),
+                        serde_yaml::Value::Number(n) => number_string(n),
+                        _ => String::new(),
+                    })
+                    .collect(),
+                serde_yaml::Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+                serde_yaml::Value::Null => Vec::new(),
+                other => {
+                    self.warnings.push(format!(
+                        "{key}: {other:?} is not a list: read as [] (as the real agent does)"
+                    ));
+                    Vec::new()
+                }
+            },
+        }
+    }
 }
 
 /// The resolved agent configuration.
@@ -246,158 +593,195 @@ struct Config {
     /// Configured name, or a random one.
     name: String,
     disconnect_after_job: bool,
-    idle_timeout: u64,
-    interruption_grace_period: u64,
+    job_id: String,
+    idle_timeout: i64,
+    interruption_grace_period: i64,
     shutdown_hook_path: Option<String>,
     pre_job_hook_path: Option<String>,
     post_job_hook_path: Option<String>,
+    fail_on_pre_job_hook_error: bool,
+    source_pre_job_hook: bool,
     env_vars: Vec<(String, String)>,
     files: Vec<(String, String)>,
     fail_on_missing_files: bool,
     upload_job_logs: String,
+    /// Values read as false/0/"" that were not what the key expects (logged at start).
+    warnings: Vec<String>,
 }
 
-fn env_bool(key: &str, v: &str) -> anyhow::Result<bool> {
-    match v {
-        "true" | "1" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => bail!("{key}: expected a boolean, got {v:?}"),
-    }
-}
-
-fn env_u64(key: &str, v: &str) -> anyhow::Result<u64> {
-    v.parse()
-        .map_err(|_| anyhow!("{key}: expected a non-negative integer, got {v:?}"))
-}
-
-/// Parses and validates a config file's text; `env` looks up
-/// `SEMAPHORE_AGENT_*` overrides.
+/// Parses and validates a config file's text; `env` looks up `SEMAPHORE_AGENT_*`
+/// overrides (and the `name-from-env` variable).
 fn parse_config(text: &str, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Config> {
     let value: serde_yaml::Value =
-        serde_yaml::from_str(text).context("config file is not valid YAML")?;
-    let value = match value {
-        serde_yaml::Value::Null => serde_yaml::Value::Mapping(serde_yaml::Mapping::new()),
-        v @ serde_yaml::Value::Mapping(_) => v,
-        _ => bail!("config file must be a YAML mapping of keys"),
+        serde_yaml::from_str(text).context("Error reading config file: not valid YAML")?;
+    let mapping = match value {
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        serde_yaml::Value::Mapping(m) => m,
+        _ => bail!("Error reading config file: not a mapping of keys"),
     };
-    if let serde_yaml::Value::Mapping(m) = &value {
-        for (k, v) in m {
-            let key = match k {
-                serde_yaml::Value::String(s) => s.clone(),
-                other => serde_yaml::to_string(other)
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string(),
-            };
-            if !KNOWN_KEYS.contains(&key.as_str()) {
-                bail!("unknown config key {key:?}");
-            }
-            let mut one = serde_yaml::Mapping::new();
-            one.insert(k.clone(), v.clone());
-            if let Err(e) = serde_yaml::from_value::<FileConfig>(serde_yaml::Value::Mapping(one)) {
-                bail!("config key {key:?}: {e}");
-            }
+    let mut map = BTreeMap::new();
+    for (k, v) in mapping {
+        let key = match &k {
+            serde_yaml::Value::String(s) => s.to_lowercase(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            serde_yaml::Value::Number(n) => number_string(n),
+            other => serde_yaml::to_string(other)
+                .unwrap_or_default()
+                .trim()
+                .to_lowercase(),
+        };
+        // viper flattens a nested mapping into `key.sub` keys: none is valid.
+        if let serde_yaml::Value::Mapping(m) = &v {
+            let sub = m
+                .keys()
+                .next()
+                .and_then(|s| s.as_str().map(str::to_lowercase))
+                .unwrap_or_default();
+            bail!("Unrecognized option '{key}.{sub}'. Exiting...");
+        }
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            bail!("Unrecognized option '{key}'. Exiting...");
+        }
+        map.insert(key, Raw::Yaml(v));
+    }
+    for key in KNOWN_KEYS {
+        let var = format!("SEMAPHORE_AGENT_{}", key.to_uppercase().replace('-', "_"));
+        if let Some(v) = env(&var).filter(|v| !v.is_empty()) {
+            map.insert((*key).to_string(), Raw::Env(v));
         }
     }
-    let mut f: FileConfig =
-        serde_yaml::from_value(value).context("invalid value in config file")?;
+    let mut vals = Values {
+        map,
+        warnings: Vec::new(),
+    };
 
-    let envkey = |k: &str| format!("SEMAPHORE_AGENT_{}", k.to_uppercase().replace('-', "_"));
-    let str_over = |k: &str, slot: &mut Option<String>| {
-        if let Some(v) = env(&envkey(k)) {
-            *slot = Some(v);
-        }
+    let disconnect_after_job = vals.boolean("disconnect-after-job");
+    let job_id = vals.string("job-id");
+    if !job_id.is_empty() && !disconnect_after_job {
+        bail!("job-id can only be used if disconnect-after-job is also used. Exiting...");
+    }
+    let upload_job_logs = match vals.get("upload-job-logs") {
+        None => "never".to_string(),
+        Some(_) => vals.string("upload-job-logs"),
     };
-    str_over("endpoint", &mut f.endpoint);
-    str_over("token", &mut f.token);
-    str_over("name", &mut f.name);
-    str_over("shutdown-hook-path", &mut f.shutdown_hook_path);
-    str_over("pre-job-hook-path", &mut f.pre_job_hook_path);
-    str_over("post-job-hook-path", &mut f.post_job_hook_path);
-    str_over("upload-job-logs", &mut f.upload_job_logs);
-    for (k, slot) in [
-        ("no-https", &mut f.no_https),
-        ("disconnect-after-job", &mut f.disconnect_after_job),
-        ("fail-on-missing-files", &mut f.fail_on_missing_files),
-    ] {
-        let ek = envkey(k);
-        if let Some(v) = env(&ek) {
-            *slot = Some(env_bool(&ek, &v)?);
-        }
-    }
-    for (k, slot) in [
-        (
-            "disconnect-after-idle-timeout",
-            &mut f.disconnect_after_idle_timeout,
-        ),
-        (
-            "interruption-grace-period",
-            &mut f.interruption_grace_period,
-        ),
-    ] {
-        let ek = envkey(k);
-        if let Some(v) = env(&ek) {
-            *slot = Some(env_u64(&ek, &v)?);
-        }
-    }
-
-    let endpoint = f
-        .endpoint
-        .filter(|s| !s.is_empty())
-        .context("endpoint is required")?;
-    if endpoint.contains("://") {
-        bail!("endpoint must be host[:port] without a scheme, got {endpoint:?}");
-    }
-    let token = f
-        .token
-        .filter(|s| !s.is_empty())
-        .context("token is required")?;
-    let name = match f.name.filter(|s| !s.is_empty()) {
-        Some(n) if valid_agent_name(&n) => n,
-        Some(n) => {
-            bail!("name {n:?} is invalid: it must be 8-80 characters of [a-zA-Z0-9-_/+] or a URL")
-        }
-        None => (0..20).map(|_| fastrand::alphanumeric()).collect(),
-    };
-    let mut env_vars = Vec::new();
-    for e in f.env_vars.unwrap_or_default() {
-        let parts: Vec<&str> = e.split('=').collect();
-        match parts.as_slice() {
-            [k, v] if !k.is_empty() => env_vars.push((k.to_string(), v.to_string())),
-            _ => bail!("env-vars: {e:?} is not NAME=VALUE (a value may not contain '=')"),
-        }
-    }
-    let mut files = Vec::new();
-    for e in f.files.unwrap_or_default() {
-        let parts: Vec<&str> = e.split(':').collect();
-        match parts.as_slice() {
-            [h, c] if !h.is_empty() && !c.is_empty() => files.push((h.to_string(), c.to_string())),
-            _ => bail!("files: {e:?} is not host:container"),
-        }
-    }
-    let upload_job_logs = f.upload_job_logs.unwrap_or_else(|| "never".to_string());
     if !matches!(
         upload_job_logs.as_str(),
         "never" | "always" | "when-trimmed"
     ) {
-        bail!("upload-job-logs: {upload_job_logs:?} is not one of never, always, when-trimmed");
+        bail!(
+            "Unsupported value '{upload_job_logs}' for 'upload-job-logs'. Allowed values are: \
+             [never always when-trimmed]. Exiting..."
+        );
     }
-    let hook = |p: Option<String>| p.filter(|s| !s.is_empty());
+    let name = vals.string("name");
+    let name = if !name.is_empty() {
+        if !valid_config_name(&name) {
+            bail!(
+                "Agent name validation failed: name should have between 8 and 80 characters. \
+                 '{name}' has {}",
+                name.len()
+            );
+        }
+        name
+    } else {
+        let var = vals.string("name-from-env");
+        if var.is_empty() {
+            random_name()
+        } else {
+            let n = env(&var).unwrap_or_default();
+            if !valid_config_name(&n) {
+                bail!(
+                    "Agent name validation failed: name should have between 8 and 80 \
+                     characters. '{n}' has {}",
+                    n.len()
+                );
+            }
+            n
+        }
+    };
+    let endpoint = vals.string("endpoint");
+    if endpoint.is_empty() {
+        bail!("Semaphore endpoint was not specified. Exiting...");
+    }
+    if endpoint.contains("://") {
+        bail!(
+            "endpoint must be host[:port] without a scheme, got {endpoint:?} (the fake is \
+             stricter than the real agent here)"
+        );
+    }
+    let token = vals.string("token");
+    if token.is_empty() {
+        bail!("Agent registration token was not specified. Exiting...");
+    }
+    let idle_timeout = vals.int("disconnect-after-idle-timeout");
+    if idle_timeout < 0 {
+        bail!("Idle timeout can't be negative. Exiting...");
+    }
+    if vals.int("kubernetes-pod-start-timeout") < 0 {
+        bail!("Kubernetes pod start timeout can't be negative. Exiting...");
+    }
+    let no_https = vals.boolean("no-https");
+    let mut env_vars = Vec::new();
+    for e in vals.list("env-vars") {
+        let parts: Vec<&str> = e.split('=').collect();
+        match parts.as_slice() {
+            [k, v] if !k.is_empty() => env_vars.push((k.to_string(), v.to_string())),
+            [_, _] => bail!(
+                "Error parsing --env-vars: {e} has an empty name (the fake is stricter than \
+                 the real agent here)"
+            ),
+            _ => bail!("Error parsing --env-vars: {e} is not a valid environment variable"),
+        }
+    }
+    let mut files = Vec::new();
+    for e in vals.list("files") {
+        let parts: Vec<&str> = e.split(':').collect();
+        match parts.as_slice() {
+            [h, c] => files.push((h.to_string(), c.to_string())),
+            _ => bail!("Error parsing --files: {e} is not a valid file injection"),
+        }
+    }
+    for e in vals.list("kubernetes-labels") {
+        if e.split('=').count() != 2 {
+            bail!("Error parsing --kubernetes-labels: {e} is not a valid label");
+        }
+    }
+    let _ = vals.list("kubernetes-allowed-images");
+    for key in [
+        "kubernetes-executor",
+        "kubernetes-pod-spec",
+        "kubernetes-default-image",
+        "config-file",
+    ] {
+        let _ = vals.string(key);
+    }
+    let interruption_grace_period = vals.int("interruption-grace-period");
+    let hook = |p: String| Some(p).filter(|s| !s.is_empty());
+    let shutdown_hook_path = hook(vals.string("shutdown-hook-path"));
+    let pre_job_hook_path = hook(vals.string("pre-job-hook-path"));
+    let post_job_hook_path = hook(vals.string("post-job-hook-path"));
+    let fail_on_pre_job_hook_error = vals.boolean("fail-on-pre-job-hook-error");
+    let source_pre_job_hook = vals.boolean("source-pre-job-hook");
+    let fail_on_missing_files = vals.boolean("fail-on-missing-files");
     Ok(Config {
         endpoint,
         token,
-        no_https: f.no_https.unwrap_or(false),
+        no_https,
         name,
-        disconnect_after_job: f.disconnect_after_job.unwrap_or(false),
-        idle_timeout: f.disconnect_after_idle_timeout.unwrap_or(0),
-        interruption_grace_period: f.interruption_grace_period.unwrap_or(0),
-        shutdown_hook_path: hook(f.shutdown_hook_path),
-        pre_job_hook_path: hook(f.pre_job_hook_path),
-        post_job_hook_path: hook(f.post_job_hook_path),
+        disconnect_after_job,
+        job_id,
+        idle_timeout,
+        interruption_grace_period,
+        shutdown_hook_path,
+        pre_job_hook_path,
+        post_job_hook_path,
+        fail_on_pre_job_hook_error,
+        source_pre_job_hook,
         env_vars,
         files,
-        fail_on_missing_files: f.fail_on_missing_files.unwrap_or(false),
+        fail_on_missing_files,
         upload_job_logs,
+        warnings: vals.warnings,
     })
 }
 
@@ -417,6 +801,47 @@ fn parse_args(args: &[String]) -> anyhow::Result<String> {
 
 // ---------------------------------------------------------------- knobs
 
+/// How often job logs are pushed (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LogCadence {
+    /// Between two pushes while the job runs, ms (min, max).
+    push_ms: (u64, u64),
+    /// Between two pushes once the job is done, ms (min, max).
+    flush_ms: (u64, u64),
+    /// How often the end of the job checks whether the flush is done.
+    flush_poll: Duration,
+    /// How long the end of the job waits for the flush.
+    flush_timeout: Duration,
+    /// Log every tick, as the real agent does.
+    verbose: bool,
+}
+
+impl LogCadence {
+    const REAL: LogCadence = LogCadence {
+        push_ms: (1500, 3000),
+        flush_ms: (250, 500),
+        flush_poll: Duration::from_secs(1),
+        flush_timeout: Duration::from_secs(60),
+        verbose: true,
+    };
+    const FAST: LogCadence = LogCadence {
+        push_ms: (100, 200),
+        flush_ms: (25, 50),
+        flush_poll: Duration::from_millis(25),
+        flush_timeout: Duration::from_secs(60),
+        verbose: false,
+    };
+
+    fn delay(&self, flushing: bool) -> Duration {
+        let (lo, hi) = if flushing {
+            self.flush_ms
+        } else {
+            self.push_ms
+        };
+        Duration::from_millis(fastrand::u64(lo..=hi.max(lo)))
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Knobs {
     register_tries: u64,
@@ -426,6 +851,7 @@ struct Knobs {
     disconnect_interval: Duration,
     hook_sleep: Duration,
     hook_hang: Duration,
+    log_cadence: LogCadence,
 }
 
 fn knob(name: &str, default: u64) -> u64 {
@@ -443,6 +869,16 @@ fn knob(name: &str, default: u64) -> u64 {
 
 impl Knobs {
     fn from_env() -> Knobs {
+        let log_cadence = match std::env::var("FAKE_AGENT_LOG_CADENCE").as_deref() {
+            Ok("real") => LogCadence::REAL,
+            Ok("fast") | Err(_) => LogCadence::FAST,
+            Ok(other) => {
+                log(&format!(
+                    "ignoring FAKE_AGENT_LOG_CADENCE={other:?}: not fast or real"
+                ));
+                LogCadence::FAST
+            }
+        };
         Knobs {
             register_tries: knob("FAKE_AGENT_REGISTER_TRIES", 30).max(1),
             register_interval: Duration::from_millis(knob("FAKE_AGENT_REGISTER_INTERVAL_MS", 1000)),
@@ -454,6 +890,7 @@ impl Knobs {
             )),
             hook_sleep: Duration::from_secs(knob("FAKE_AGENT_HOOK_SLEEP_SECS", 0)),
             hook_hang: Duration::from_secs(knob("FAKE_AGENT_HOOK_HANG_SECS", 0)),
+            log_cadence,
         }
     }
 }
@@ -485,7 +922,7 @@ impl Api {
     fn new(cfg: &Config, knobs: &Knobs) -> anyhow::Result<Api> {
         let timeout = knobs
             .sync_timeout
-            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+            .clamp(Duration::from_secs(1), Duration::from_secs(30));
         let http = {
             agent_supervisor::tls::install_crypto_provider();
             reqwest::Client::builder()
@@ -543,20 +980,26 @@ impl Api {
             single_job: cfg.disconnect_after_job,
             idle_timeout: cfg.idle_timeout,
             interruption_grace_period: cfg.interruption_grace_period,
-            job_id: String::new(),
+            job_id: cfg.job_id.clone(),
         };
+        let url = format!("{}/register", self.base);
         let resp = self
             .http
-            .post(format!("{}/register", self.base))
+            .post(&url)
             .header("Authorization", format!("Token {reg_token}"))
             .json(&body)
             .send()
             .await?;
         let status = resp.status();
-        if status != reqwest::StatusCode::CREATED {
-            bail!("register request got HTTP {}", status.as_u16());
+        let text = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!(
+                "register request to {url} got HTTP {}: {}",
+                status.as_u16(),
+                text.trim()
+            );
         }
-        let r: RegisterResponse = resp.json().await?;
+        let r: RegisterResponse = serde_json::from_str(&text)?;
         *self
             .access_token
             .lock()
@@ -566,6 +1009,17 @@ impl Api {
 
     async fn sync(&self, req: &SyncRequest) -> anyhow::Result<SyncResponse> {
         self.guard()?;
+        match req.state.as_str() {
+            "waiting-for-jobs" => log(&format!("SYNC request (state: {})", req.state)),
+            "finished-job" => log(&format!(
+                "SYNC request (state: {}, job: {}, result: {})",
+                req.state, req.job_id, req.job_result
+            )),
+            _ => log(&format!(
+                "SYNC request (state: {}, job: {})",
+                req.state, req.job_id
+            )),
+        }
         let resp = self
             .http
             .post(format!("{}/sync", self.base))
@@ -579,7 +1033,20 @@ impl Api {
                 resp.status().as_u16()
             );
         }
-        Ok(resp.json().await?)
+        let r: SyncResponse = resp.json().await?;
+        match r.action.as_str() {
+            "continue" | "wait-for-jobs" => log(&format!("SYNC response (action: {})", r.action)),
+            "run-job" | "stop-job" => log(&format!(
+                "SYNC response (action: {}, job: {})",
+                r.action, r.job_id
+            )),
+            "shutdown" => log(&format!(
+                "SYNC response (action: {}, reason: {})",
+                r.action, r.shutdown_reason
+            )),
+            other => log(&format!("SYNC response: {other:?}")),
+        }
+        Ok(r)
     }
 
     async fn get_job(&self, id: &str) -> anyhow::Result<JobPayload> {
@@ -591,9 +1058,33 @@ impl Api {
             .send()
             .await?;
         if resp.status() != reqwest::StatusCode::OK {
-            bail!("get job got HTTP {}", resp.status().as_u16());
+            bail!(
+                "failed to describe job, got HTTP {}",
+                resp.status().as_u16()
+            );
         }
         Ok(resp.json().await?)
+    }
+
+    /// `POST /refresh`: a new token for the current job's log.
+    async fn refresh_token(&self) -> anyhow::Result<String> {
+        self.guard()?;
+        log("Refreshing token for current job logs...");
+        let resp = self
+            .http
+            .post(format!("{}/refresh", self.base))
+            .header("Authorization", format!("Token {}", self.token()))
+            .send()
+            .await?;
+        if resp.status() != reqwest::StatusCode::OK {
+            bail!(
+                "failed to refresh token, got HTTP {}",
+                resp.status().as_u16()
+            );
+        }
+        let r: RefreshTokenResponse = resp.json().await?;
+        log("Successfully refreshed token for current job logs.");
+        Ok(r.token)
     }
 
     async fn disconnect(&self) -> anyhow::Result<()> {
@@ -608,6 +1099,466 @@ impl Api {
             bail!("disconnect got HTTP {}", resp.status().as_u16());
         }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- job logs
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// What the pusher and the end of the job share.
+#[derive(Debug, Default)]
+struct PushState {
+    /// The job is done: push what is left, then stop.
+    flush: bool,
+    /// Stop pushing (flushed, 422, or given up).
+    stop: bool,
+    /// The log service said the space is used up (422).
+    space_used_up: bool,
+}
+
+/// A job's log: events kept in memory and, with a `push` logger, pushed to the hub as
+/// the real agent's HTTP backend does.
+struct JobLog {
+    events: Arc<Mutex<Vec<String>>>,
+    state: Arc<Mutex<PushState>>,
+    pusher: Option<tokio::task::JoinHandle<()>>,
+    cadence: LogCadence,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl JobLog {
+    fn start(api: Arc<Api>, logger: Option<JobLogger>, cadence: LogCadence) -> JobLog {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let state = Arc::new(Mutex::new(PushState::default()));
+        let pusher = match logger {
+            Some(l) if l.method == "push" => {
+                let host = reqwest::Url::parse(&l.url)
+                    .ok()
+                    .and_then(|u| u.host_str().map(str::to_string))
+                    .unwrap_or_default();
+                if loopback_host(&host) {
+                    Some(tokio::spawn(push_loop(
+                        api,
+                        l,
+                        events.clone(),
+                        state.clone(),
+                        cadence,
+                    )))
+                } else {
+                    log(&format!(
+                        "job logs: not pushing to {:?} (the fake only talks to loopback)",
+                        l.url
+                    ));
+                    None
+                }
+            }
+            _ => None,
+        };
+        JobLog {
+            events,
+            state,
+            pusher,
+            cadence,
+        }
+    }
+
+    fn write(&self, ev: serde_json::Value) {
+        lock(&self.events).push(ev.to_string());
+    }
+
+    fn job_started(&self) {
+        self.write(serde_json::json!({"event": "job_started", "timestamp": unix_now()}));
+    }
+
+    fn job_finished(&self, result: &str) {
+        self.write(
+            serde_json::json!({"event": "job_finished", "timestamp": unix_now(), "result": result}),
+        );
+    }
+
+    fn cmd_started(&self, directive: &str) {
+        self.write(serde_json::json!({"event": "cmd_started", "timestamp": unix_now(), "directive": directive}));
+    }
+
+    fn cmd_output(&self, output: &str) {
+        self.write(
+            serde_json::json!({"event": "cmd_output", "timestamp": unix_now(), "output": output}),
+        );
+    }
+
+    fn cmd_finished(&self, directive: &str, code: i32, started_at: i64) {
+        self.write(serde_json::json!({
+            "event": "cmd_finished", "timestamp": unix_now(), "directive": directive,
+            "exit_code": code, "started_at": started_at, "finished_at": unix_now(),
+        }));
+    }
+
+    /// Flushes: waits (polling) until everything is pushed, the log service refused
+    /// more, or the flush timeout passed.
+    async fn close(mut self) {
+        let Some(task) = self.pusher.take() else {
+            return;
+        };
+        lock(&self.state).flush = true;
+        log("Waiting for all logs to be flushed...");
+        let deadline = Instant::now() + self.cadence.flush_timeout;
+        loop {
+            if lock(&self.state).stop {
+                break;
+            }
+            if Instant::now() >= deadline {
+                log("Could not push all logs - giving up");
+                break;
+            }
+            tokio::time::sleep(self.cadence.flush_poll).await;
+        }
+        let used_up = {
+            let mut s = lock(&self.state);
+            s.stop = true;
+            s.space_used_up
+        };
+        if used_up {
+            log("upload-job-logs: the job's log was trimmed (the fake does not upload it as an artifact)");
+        }
+        task.abort();
+    }
+}
+
+/// The real agent's `HTTPBackend.push`: one request per tick, `start_from` moving on
+/// only on a 200.
+async fn push_loop(
+    api: Arc<Api>,
+    logger: JobLogger,
+    events: Arc<Mutex<Vec<String>>>,
+    state: Arc<Mutex<PushState>>,
+    cadence: LogCadence,
+) {
+    const MAX_LINES_PER_REQUEST: usize = 2000;
+    log(&format!("Logs will be pushed to {}", logger.url));
+    let mut token = logger.token.clone();
+    let mut start_from: usize = 0;
+    loop {
+        let flushing = {
+            let s = lock(&state);
+            if s.stop {
+                break;
+            }
+            s.flush
+        };
+        let delay = cadence.delay(flushing);
+        if cadence.verbose {
+            log(&format!(
+                "Waiting {} to push next batch of logs...",
+                go_duration(delay)
+            ));
+        }
+        tokio::time::sleep(delay).await;
+        // The flag is read after the sleep, as the real agent reads it in newRequest.
+        let flushing = lock(&state).flush;
+        let (body, next) = {
+            let ev = lock(&events);
+            let end = ev.len().min(start_from + MAX_LINES_PER_REQUEST);
+            let mut body = String::new();
+            for e in ev.get(start_from..end).unwrap_or_default() {
+                body.push_str(e);
+                body.push('\n');
+            }
+            (body, end.max(start_from))
+        };
+        if next == start_from {
+            if flushing {
+                log("No more logs to flush - stopping");
+                lock(&state).stop = true;
+            } else if cadence.verbose {
+                log("No logs to push - skipping");
+            }
+            continue;
+        }
+        if cadence.verbose {
+            log(&format!(
+                "Pushing next batch of logs with {} log events...",
+                next - start_from
+            ));
+        }
+        let url = format!("{}?start_from={start_from}", logger.url);
+        let sent = api
+            .http
+            .post(&url)
+            .header("Content-Type", "text/plain")
+            .header("Authorization", format!("Bearer {token}"))
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Err(e) => log(&format!("Error pushing logs: {e}")),
+            Ok(r) => match r.status().as_u16() {
+                200 => start_from = next,
+                422 => {
+                    let mut s = lock(&state);
+                    s.stop = true;
+                    s.space_used_up = true;
+                    log("Error pushing logs: no more space available for logs - stopping");
+                }
+                401 => match api.refresh_token().await {
+                    Ok(t) => {
+                        token = t;
+                        log(&format!(
+                            "Error pushing logs: request to {url} failed: {}",
+                            r.status()
+                        ));
+                    }
+                    Err(e) => log(&format!("Error pushing logs: {e:#}")),
+                },
+                _ => log(&format!(
+                    "Error pushing logs: request to {url} failed: {}",
+                    r.status()
+                )),
+            },
+        }
+    }
+    log("Stopped pushing logs.");
+}
+
+// ---------------------------------------------------------------- the job's shell
+
+/// One `bash` session for a job, fed one instruction at a time (see the module docs).
+struct Session {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    output: mpsc::UnboundedReceiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pgid: Option<nix::unistd::Pid>,
+    dir: PathBuf,
+    end_mark: String,
+    alive: bool,
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ran {
+    Exit(i32),
+    Stopped,
+}
+
+fn base_env() -> Vec<(OsString, OsString)> {
+    std::env::vars_os()
+        .filter(|(k, _)| k != CHILD_ENV)
+        .collect()
+}
+
+/// Go's `shellQuote` (pkg/shell/env.go).
+fn shell_quote(s: &str) -> String {
+    if s.is_empty() {
+        return "''".to_string();
+    }
+    let plain = s
+        .chars()
+        .all(|c| c.is_alphanumeric() || c == '_' || "@%+=:,./-".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\"'\"'"))
+    }
+}
+
+impl Session {
+    fn start() -> anyhow::Result<Session> {
+        let dir = std::env::temp_dir().join(format!(
+            "fake-agent-job-{}-{:016x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let (mut reader, writer) = std::io::pipe()?;
+        let writer2 = writer.try_clone()?;
+        let mut cmd = tokio::process::Command::new("bash");
+        cmd.args(["--noprofile", "--norc", "-s"])
+            .env_clear()
+            .envs(base_env())
+            .stdin(std::process::Stdio::piped())
+            .stdout(writer)
+            .stderr(writer2)
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn()?;
+        // The parent's copies of the write end are gone with `cmd`.
+        drop(cmd);
+        let stdin = child.stdin.take();
+        let pgid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .map(nix::unistd::Pid::from_raw);
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match reader.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx.send(chunk[..n].to_vec()).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Session {
+            child,
+            stdin,
+            output: rx,
+            buf: Vec::new(),
+            pgid,
+            dir,
+            end_mark: format!("949556c7-{:016x}-end", fastrand::u64(..)),
+            alive: true,
+        })
+    }
+
+    /// Sends complete lines of `buf` (everything before `upto`) as output; keeps a
+    /// trailing partial line unless `all`.
+    fn emit(&mut self, upto: usize, all: bool, out: &mut (dyn FnMut(&str) + Send)) {
+        let upto = upto.min(self.buf.len());
+        let cut = if all {
+            upto
+        } else {
+            self.buf[..upto]
+                .iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(0, |i| i + 1)
+        };
+        if cut == 0 {
+            return;
+        }
+        let taken: Vec<u8> = self.buf.drain(..cut).collect();
+        let text = String::from_utf8_lossy(&taken);
+        for line in text.split_inclusive('\n') {
+            out(line);
+        }
+    }
+
+    /// Runs one command in the session: `source`d from a file, so it changes the
+    /// session. `out` gets its output line by line.
+    async fn run(
+        &mut self,
+        command: &str,
+        stop: &Notify,
+        out: &mut (dyn FnMut(&str) + Send),
+    ) -> Ran {
+        if !self.alive {
+            log("Error writing instruction: the job's shell is gone");
+            return Ran::Exit(1);
+        }
+        let file = self.dir.join("current-agent-cmd");
+        if let Err(e) = std::fs::write(&file, command) {
+            log(&format!("Err: {e}"));
+            return Ran::Exit(1);
+        }
+        let instruction = format!(
+            "source {} </dev/null; AGENT_CMD_RESULT=$?; printf '\\001 %s %d\\n' '{}' \"$AGENT_CMD_RESULT\"\n",
+            shell_quote(&file.display().to_string()),
+            self.end_mark
+        );
+        let written = match self.stdin.as_mut() {
+            Some(w) => w.write_all(instruction.as_bytes()).await.is_ok() && w.flush().await.is_ok(),
+            None => false,
+        };
+        if !written {
+            self.alive = false;
+            log("Error writing instruction: the job's shell is gone");
+            return Ran::Exit(1);
+        }
+        let marker = format!("\u{1} {} ", self.end_mark).into_bytes();
+        loop {
+            // The end marker: `\x01 <mark> <code>\n`.
+            if let Some(i) = self.buf.iter().position(|&b| b == 1) {
+                self.emit(i, true, out);
+                if self.buf.len() >= marker.len() {
+                    if self.buf.starts_with(&marker) {
+                        if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                            let code = String::from_utf8_lossy(&self.buf[marker.len()..nl])
+                                .trim()
+                                .parse::<i32>()
+                                .unwrap_or(1);
+                            self.buf.drain(..=nl);
+                            return Ran::Exit(code);
+                        }
+                    } else {
+                        // Not our marker: output like any other.
+                        self.buf.remove(0);
+                        out("\u{1}");
+                        continue;
+                    }
+                }
+            } else {
+                let len = self.buf.len();
+                self.emit(len, false, out);
+            }
+            tokio::select! {
+                chunk = self.output.recv() => match chunk {
+                    Some(c) => self.buf.extend_from_slice(&c),
+                    None => {
+                        // Every writer is gone: the shell died (e.g. `exit 3`).
+                        let len = self.buf.len();
+                        self.emit(len, true, out);
+                        self.alive = false;
+                        return Ran::Exit(1);
+                    }
+                },
+                _ = self.child.wait() => {
+                    // The shell died; what it wrote is in the pipe already.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while let Ok(c) = self.output.try_recv() {
+                        self.buf.extend_from_slice(&c);
+                    }
+                    let len = self.buf.len();
+                    self.emit(len, true, out);
+                    self.alive = false;
+                    return Ran::Exit(1);
+                }
+                () = stop.notified() => {
+                    self.kill_hard().await;
+                    let len = self.buf.len();
+                    self.emit(len, true, out);
+                    return Ran::Stopped;
+                }
+            }
+        }
+    }
+
+    /// `stop-job`: SIGTERM to the session's group, SIGKILL after 1 s.
+    async fn kill_hard(&mut self) {
+        self.alive = false;
+        self.stdin = None;
+        if let Some(pg) = self.pgid {
+            let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(Duration::from_secs(1), self.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
+                let _ = self.child.wait().await;
+            }
+        }
+    }
+
+    /// The end of a job: the group gets SIGHUP (a closed PTY), the shell SIGKILL.
+    async fn close(mut self) {
+        self.stdin = None;
+        if let Some(pg) = self.pgid {
+            let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGHUP);
+        }
+        let _ = self.child.start_kill();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -628,252 +1579,339 @@ struct Slot {
 struct JobCtx {
     api: Arc<Api>,
     cfg: Config,
+    knobs: Knobs,
     slot: Arc<Mutex<Slot>>,
+    /// Wakes the sync loop (the real agent's forced sync on a finished job).
+    force_sync: Arc<Notify>,
 }
 
-fn lock_slot(slot: &Mutex<Slot>) -> std::sync::MutexGuard<'_, Slot> {
-    slot.lock().unwrap_or_else(PoisonError::into_inner)
+/// The steps of a job on the shell executor (see the module docs).
+struct Executor<'a> {
+    session: Session,
+    log: &'a JobLog,
+    stop: &'a Notify,
+    /// Stopped by `stop-job`: nothing more runs.
+    stopped: bool,
+    /// Stopped by the job itself (exit 130): no epilogues, the result stands.
+    skip_epilogues: bool,
 }
 
-fn base_env() -> Vec<(OsString, OsString)> {
-    std::env::vars_os()
-        .filter(|(k, _)| k != CHILD_ENV)
-        .collect()
-}
-
-fn spawn_logged(
-    cmd: &mut tokio::process::Command,
-    tag: String,
-    sink: Option<&mpsc::UnboundedSender<String>>,
-) -> std::io::Result<tokio::process::Child> {
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
-    let mut child = cmd.spawn()?;
-    let streams = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-    ];
-    for stream in streams.into_iter().flatten() {
-        let tag = tag.clone();
-        let sink = sink.cloned();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stream).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                log(&format!("{tag}: {l}"));
-                if let Some(s) = &sink {
-                    let _ = s.send(l);
-                }
+impl Executor<'_> {
+    /// A logged command (`cmd_started`, output, `cmd_finished`).
+    async fn command(&mut self, directive: &str, command: &str, preamble: &[String]) -> i32 {
+        if self.stopped {
+            return 1;
+        }
+        let started = unix_now();
+        self.log.cmd_started(directive);
+        for p in preamble {
+            self.log.cmd_output(p);
+        }
+        let log = self.log;
+        let ran = self
+            .session
+            .run(command, self.stop, &mut |o| log.cmd_output(o))
+            .await;
+        let code = match ran {
+            Ran::Exit(c) => c,
+            Ran::Stopped => {
+                self.stopped = true;
+                1
             }
-        });
+        };
+        self.log.cmd_finished(directive, code, started);
+        code
     }
-    Ok(child)
-}
 
-/// Pushes a job's output lines to its logger (batched, in order) until every sender is
-/// gone. Only to loopback, like the rest of the fake's traffic.
-fn start_log_pusher(
-    http: reqwest::Client,
-    logger: JobLogger,
-) -> (mpsc::UnboundedSender<String>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let task = tokio::spawn(async move {
-        let host = reqwest::Url::parse(&logger.url)
-            .ok()
-            .and_then(|u| u.host_str().map(str::to_string))
-            .unwrap_or_default();
-        let allowed = logger.method == "push" && loopback_host(&host);
-        if !allowed {
-            log(&format!(
-                "job logs: not pushing to {:?} (method {:?}; the fake only talks to loopback)",
-                logger.url, logger.method
-            ));
+    /// A command whose output is not logged.
+    async fn silent(&mut self, command: &str) -> (i32, String) {
+        if self.stopped {
+            return (1, String::new());
         }
-        while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while let Ok(l) = rx.try_recv() {
-                batch.push(l);
-            }
-            if !allowed {
-                continue;
-            }
-            let body = batch.join("\n");
-            for attempt in 1..=3 {
-                let sent = http
-                    .post(&logger.url)
-                    .header("Authorization", format!("Bearer {}", logger.token))
-                    .header("Content-Type", "text/plain")
-                    .body(body.clone())
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status().is_success() => break,
-                    Ok(r) => log(&format!(
-                        "job logs: push attempt {attempt} got HTTP {}",
-                        r.status().as_u16()
-                    )),
-                    Err(e) => log(&format!("job logs: push attempt {attempt} failed: {e}")),
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut text = String::new();
+        match self
+            .session
+            .run(command, self.stop, &mut |o| text.push_str(o))
+            .await
+        {
+            Ran::Exit(c) => (c, text),
+            Ran::Stopped => {
+                self.stopped = true;
+                (1, text)
             }
         }
-    });
-    (tx, task)
-}
+    }
 
-/// Runs `bash -c <script>` (or `bash <path>`) in its own process group;
-/// returns Some(success) or None when stopped.
-async fn run_step(
-    args: &[&str],
-    env: &[(OsString, OsString)],
-    tag: &str,
-    stop: &Notify,
-    sink: Option<&mpsc::UnboundedSender<String>>,
-) -> Option<bool> {
-    let mut cmd = tokio::process::Command::new("bash");
-    cmd.args(args)
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .process_group(0);
-    let mut child = match spawn_logged(&mut cmd, tag.to_string(), sink) {
-        Ok(c) => c,
-        Err(e) => {
-            log(&format!("{tag}: could not start bash: {e}"));
-            return Some(false);
+    /// "Exporting environment variables": a file of exports, sourced.
+    async fn export_env(&mut self, vars: &[(String, String)]) -> i32 {
+        let started = unix_now();
+        let directive = "Exporting environment variables";
+        self.log.cmd_started(directive);
+        let mut env: BTreeMap<&str, &str> = BTreeMap::new();
+        for (k, v) in vars {
+            env.insert(k, v);
         }
-    };
-    let pgid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .map(nix::unistd::Pid::from_raw);
-    tokio::select! {
-        st = child.wait() => Some(st.is_ok_and(|s| s.success())),
-        () = stop.notified() => {
-            if let Some(pg) = pgid {
-                let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGTERM);
-                if tokio::time::timeout(Duration::from_secs(1), child.wait()).await.is_err() {
-                    let _ = nix::sys::signal::killpg(pg, nix::sys::signal::Signal::SIGKILL);
-                    let _ = child.wait().await;
-                }
+        let mut file = String::new();
+        for (k, v) in &env {
+            self.log.cmd_output(&format!("Exporting {k}\n"));
+            file.push_str(&format!("export {k}={}\n", shell_quote(v)));
+        }
+        let path = self.session.dir.join(format!(
+            ".env-{}",
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let code = if std::fs::write(&path, file).is_err() {
+            1
+        } else {
+            self.silent(&format!(
+                "source {}",
+                shell_quote(&path.display().to_string())
+            ))
+            .await
+            .0
+        };
+        self.log.cmd_finished(directive, code, started);
+        code
+    }
+
+    /// Commands until the first that fails; the last exit code (1 for none run).
+    async fn until_first_failure(&mut self, commands: &[Command]) -> i32 {
+        let mut last = 1;
+        for c in commands {
+            if self.stopped {
+                return 1;
             }
-            None
+            last = self.command(&c.directive, &c.directive, &[]).await;
+            if last != 0 {
+                break;
+            }
         }
+        last
     }
 }
 
 async fn run_job(ctx: Arc<JobCtx>, id: String, stop: Arc<Notify>) {
     let mut payload = None;
-    for attempt in 1..=5 {
+    // The real agent: 10 attempts, 3 s apart.
+    for attempt in 1..=10 {
         match ctx.api.get_job(&id).await {
             Ok(p) => {
                 payload = Some(p);
                 break;
             }
             Err(e) => {
-                log(&format!("[Get job] attempt {attempt} failed: {e:#}"));
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                if attempt == 10 {
+                    log(&format!("Could not get job {id}: [Get job] failed after [{attempt}] attempts - giving up: {e:#}"));
+                } else {
+                    log(&format!(
+                        "[Get job] attempt [{attempt}] failed with [{e:#}] - retrying in 3s"
+                    ));
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
             }
         }
     }
-    let mut result = "failed";
-    let mut stopped = false;
-    if let Some(payload) = payload {
-        {
-            let mut s = lock_slot(&ctx.slot);
-            if s.state == "starting-job" {
-                s.state = "running-job".into();
-            }
-            stopped = s.stopping;
-        }
-        log(&format!("Running job {id}"));
-        event("job_started", serde_json::json!({ "job_id": id }));
-        let mut env = base_env();
-        for (k, v) in &ctx.cfg.env_vars {
-            env.push((k.into(), v.into()));
-        }
-        for e in &payload.env_vars {
-            let v = base64_decode(&e.value).unwrap_or_default();
-            env.push((
-                e.name.clone().into(),
-                String::from_utf8_lossy(&v).into_owned().into(),
-            ));
-        }
-        let tag = format!("job {}", id.get(..8).unwrap_or(&id));
-        let (sink_tx, pusher) = match payload.logger.clone() {
-            Some(logger) => {
-                let (tx, task) = start_log_pusher(ctx.api.http.clone(), logger);
-                (Some(tx), Some(task))
-            }
-            None => (None, None),
-        };
-        let sink = sink_tx.as_ref();
-        if !stopped {
-            if let Some(hook) = &ctx.cfg.pre_job_hook_path {
-                match run_step(&[hook.as_str()], &env, &tag, &stop, sink).await {
-                    None => stopped = true,
-                    Some(false) => log(&format!("pre-job hook {hook} failed (ignored)")),
-                    Some(true) => {}
-                }
-            }
-        }
-        result = "passed";
-        for c in &payload.commands {
-            if stopped || lock_slot(&ctx.slot).stopping {
-                stopped = true;
-                break;
-            }
-            match run_step(&["-c", c.directive.as_str()], &env, &tag, &stop, sink).await {
-                None => {
-                    stopped = true;
-                    break;
-                }
-                Some(false) => {
-                    result = "failed";
-                    break;
-                }
-                Some(true) => {}
-            }
-        }
-        if let Some(hook) = &ctx.cfg.post_job_hook_path {
-            if !stopped {
-                if let Some(false) = run_step(&[hook.as_str()], &env, &tag, &stop, sink).await {
-                    log(&format!("post-job hook {hook} failed (ignored)"));
-                }
-            }
-        }
-        // The output is at the hub before the job is reported finished (bounded: a
-        // process the job left behind may hold its pipes open).
-        // Once the readers' clones are gone too (EOF), the pusher ends.
-        drop(sink_tx);
-        if let Some(mut task) = pusher {
-            if tokio::time::timeout(Duration::from_secs(3), &mut task)
-                .await
-                .is_err()
-            {
-                task.abort();
-            }
-        }
-    } else {
-        log(&format!("Could not get job {id}"));
-    }
-    let mut s = lock_slot(&ctx.slot);
-    if stopped || s.stopping {
-        result = "stopped";
-    }
+    let result = match payload {
+        Some(p) => run_payload(&ctx, &id, p, &stop).await,
+        None => "failed".to_string(),
+    };
+    let mut s = lock(&ctx.slot);
     s.state = "finished-job".into();
-    s.result = result.into();
+    s.result = result.clone();
     drop(s);
-    log(&format!("Job {id} finished: {result}"));
     event(
         "job_finished",
         serde_json::json!({ "job_id": id, "result": result }),
     );
+    ctx.force_sync.notify_one();
+}
+
+/// Runs a job payload; returns its result (`passed`, `failed`, `stopped`).
+async fn run_payload(ctx: &JobCtx, id: &str, payload: JobPayload, stop: &Notify) -> String {
+    {
+        let mut s = lock(&ctx.slot);
+        if s.state == "starting-job" {
+            s.state = "running-job".into();
+        }
+    }
+    log(&format!("Running job {id}"));
+    event("job_started", serde_json::json!({ "job_id": id }));
+    let jlog = JobLog::start(
+        ctx.api.clone(),
+        payload.logger.clone(),
+        ctx.knobs.log_cadence,
+    );
+    jlog.job_started();
+    let session = match Session::start() {
+        Ok(s) => Some(s),
+        Err(e) => {
+            log(&format!("Failed to start executor: {e}"));
+            None
+        }
+    };
+    let mut result = "failed".to_string();
+    let mut epilogues_run = false;
+    let mut stopped = lock(&ctx.slot).stopping;
+    if let Some(session) = session {
+        let mut ex = Executor {
+            session,
+            log: &jlog,
+            stop,
+            stopped,
+            skip_epilogues: false,
+        };
+        result = regular_commands(ctx, &payload, &mut ex).await;
+        if !ex.stopped && !ex.skip_epilogues {
+            // Epilogues: failures do not change the result.
+            ex.export_env(&[("SEMAPHORE_JOB_RESULT".to_string(), result.clone())])
+                .await;
+            log("Starting epilogue always commands");
+            ex.until_first_failure(&payload.epilogue_always_commands)
+                .await;
+            if !ex.stopped {
+                if result == "passed" {
+                    log("Starting epilogue on pass commands");
+                    ex.until_first_failure(&payload.epilogue_on_pass_commands)
+                        .await;
+                } else {
+                    log("Starting epilogue on fail commands");
+                    ex.until_first_failure(&payload.epilogue_on_fail_commands)
+                        .await;
+                }
+            }
+            epilogues_run = true;
+        }
+        match &ctx.cfg.post_job_hook_path {
+            None => log("No post-job hook configured."),
+            Some(hook) if !ex.stopped => {
+                log(&format!("Executing post-job hook at {hook}"));
+                let cmd = format!("bash {hook}");
+                let code = ex
+                    .command(
+                        "Running the post-job hook configured in the agent",
+                        &cmd,
+                        &[format!("Running: {cmd}\n")],
+                    )
+                    .await;
+                if code == 0 {
+                    log("Post-job hook executed successfully.");
+                } else {
+                    log(&format!(
+                        "Error executing post-job hook - hook return exit code {code}"
+                    ));
+                }
+            }
+            Some(_) => {}
+        }
+        stopped = ex.stopped;
+        if stopped {
+            ex.session.kill_hard().await;
+        }
+        ex.session.close().await;
+    }
+    if stopped || (epilogues_run && lock(&ctx.slot).stopping) {
+        result = "stopped".to_string();
+    }
+    // As the real agent: job_finished logged, the log flushed, then reported.
+    jlog.job_finished(&result);
+    jlog.close().await;
+    log("Job teardown finished");
+    result
+}
+
+/// Env vars, files, pre-job hook, commands: the result before the epilogues.
+async fn regular_commands(ctx: &JobCtx, payload: &JobPayload, ex: &mut Executor<'_>) -> String {
+    let mut vars = Vec::new();
+    for e in &payload.env_vars {
+        let v = base64_decode(&e.value).unwrap_or_default();
+        vars.push((e.name.clone(), String::from_utf8_lossy(&v).into_owned()));
+    }
+    vars.extend(ctx.cfg.env_vars.iter().cloned());
+    if ex.export_env(&vars).await != 0 {
+        log("Failed to export env vars");
+        return "failed".into();
+    }
+    let started = unix_now();
+    ex.log.cmd_started("Injecting Files");
+    ex.log.cmd_finished("Injecting Files", 0, started);
+    match &ctx.cfg.pre_job_hook_path {
+        None => log("No pre-job hook configured."),
+        Some(hook) => {
+            log(&format!("Executing pre-job hook at {hook}"));
+            let cmd = if ctx.cfg.source_pre_job_hook {
+                format!("source {hook}")
+            } else {
+                format!("bash {hook}")
+            };
+            let warning = if ctx.cfg.fail_on_pre_job_hook_error {
+                "The agent is configured to fail the job if the pre-job hook fails."
+            } else {
+                "The agent is configured to proceed with the job even if the pre-job hook fails."
+            };
+            let code = ex
+                .command(
+                    "Running the pre-job hook configured in the agent",
+                    &cmd,
+                    &[format!("Running: {cmd}\n"), format!("Warning: {warning}\n")],
+                )
+                .await;
+            if code == 0 {
+                log("Pre-job hook executed successfully.");
+            } else if ctx.cfg.fail_on_pre_job_hook_error {
+                log("Error executing pre-job hook - failing job");
+                return "failed".into();
+            } else {
+                log("Error executing pre-job hook - proceeding");
+            }
+        }
+    }
+    let code = if payload.commands.is_empty() {
+        0
+    } else {
+        ex.until_first_failure(&payload.commands).await
+    };
+    if ex.stopped || lock(&ctx.slot).stopping {
+        ex.stopped = true;
+        log("Regular commands were stopped");
+        return "stopped".into();
+    }
+    if code == 130 {
+        // Stopped by the job itself: SEMAPHORE_JOB_RESULT says how.
+        ex.skip_epilogues = true;
+        let started = unix_now();
+        ex.log.cmd_started("Checking job result");
+        let (_, out) = ex.silent("echo $SEMAPHORE_JOB_RESULT").await;
+        let status = out.trim_matches('\n').to_string();
+        let (line, result) = match status.as_str() {
+            "passed" => (
+                "SEMAPHORE_JOB_RESULT=passed - stopping job and marking it as passed".to_string(),
+                "passed",
+            ),
+            "failed" => (
+                "SEMAPHORE_JOB_RESULT=failed - stopping job and marking it as failed".to_string(),
+                "failed",
+            ),
+            other => (
+                format!(
+                    "SEMAPHORE_JOB_RESULT is set to '{other}' - stopping job and marking it as stopped"
+                ),
+                "stopped",
+            ),
+        };
+        ex.log.cmd_output(&line);
+        ex.log.cmd_finished("Checking job result", 0, started);
+        return result.into();
+    }
+    if code == 0 {
+        log("Regular commands finished successfully");
+        "passed".into()
+    } else {
+        log("Regular commands finished with failure");
+        "failed".into()
+    }
 }
 
 // ---------------------------------------------------------------- agent
@@ -888,32 +1926,37 @@ fn reason_from_wire(r: &str) -> &'static str {
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
-        .unwrap_or(0)
+/// The real agent's interval after a failed sync, or a sync answer without one.
+fn default_sync_interval() -> Duration {
+    Duration::from_millis(fastrand::u64(3000..6000))
 }
 
 /// Registers, syncs, runs jobs, shuts down. Returns the exit code.
-/// `interrupts` delivers SIGTERM/SIGINT seen after `registered` was set.
+/// `registered` is notified once registration succeeded; `interrupts` delivers the
+/// SIGTERM/SIGINTs seen after that.
 async fn run_agent(
     cfg: Config,
     knobs: Knobs,
-    registered: Arc<AtomicBool>,
+    registered: Arc<Notify>,
     mut interrupts: mpsc::UnboundedReceiver<()>,
 ) -> i32 {
+    banner();
     set_log_name(&cfg.name);
+    for w in &cfg.warnings {
+        log(&format!("config: {w}"));
+    }
     log("Starting Agent");
+    log("Registering Agent");
     let api = match Api::new(&cfg, &knobs) {
         Ok(a) => Arc::new(a),
         Err(e) => {
-            log(&format!("failed to register agent: {e:#}"));
+            log(&format!(
+                "Could not start agent: failed to register agent: {e:#}"
+            ));
             return 1;
         }
     };
 
-    log("Registering Agent");
     let mut last_err = String::new();
     let mut reg = None;
     for attempt in 1..=knobs.register_tries {
@@ -924,20 +1967,29 @@ async fn run_agent(
             }
             Err(e) => {
                 last_err = format!("{e:#}");
-                log(&format!("[Register] attempt {attempt} failed: {last_err}"));
                 if attempt < knobs.register_tries {
+                    log(&format!(
+                        "[Register] attempt [{attempt}] failed with [{last_err}] - retrying in {}",
+                        go_duration(knobs.register_interval)
+                    ));
                     tokio::time::sleep(knobs.register_interval).await;
+                } else {
+                    last_err = format!(
+                        "[Register] failed after [{attempt}] attempts - giving up: {last_err}"
+                    );
                 }
             }
         }
     }
     let Some(reg) = reg else {
-        log(&format!("failed to register agent: {last_err}"));
+        log(&format!(
+            "Could not start agent: failed to register agent: {last_err}"
+        ));
         event("register_failed", serde_json::json!({ "error": last_err }));
         return 1;
     };
     set_log_name(&reg.name);
-    registered.store(true, Ordering::SeqCst);
+    registered.notify_one();
     event("registered", serde_json::json!({}));
     log("Starting to poll for jobs");
 
@@ -945,19 +1997,21 @@ async fn run_agent(
         state: "waiting-for-jobs".into(),
         ..Slot::default()
     }));
+    let force_sync = Arc::new(Notify::new());
     let ctx = Arc::new(JobCtx {
         api: api.clone(),
         cfg: cfg.clone(),
+        knobs: knobs.clone(),
         slot: slot.clone(),
+        force_sync: force_sync.clone(),
     });
     let mut interrupted_at: i64 = 0;
     let mut last_good = Instant::now();
-    let mut interval = Duration::from_millis(fastrand::u64(3000..6000));
     let mut interrupts_open = true;
 
     let (reason, code) = loop {
         let req = {
-            let s = lock_slot(&slot);
+            let s = lock(&slot);
             SyncRequest {
                 state: s.state.clone(),
                 job_id: s.job_id.clone(),
@@ -969,22 +2023,13 @@ async fn run_agent(
                 interrupted_at,
             }
         };
-        match api.sync(&req).await {
+        let interval = match api.sync(&req).await {
             Ok(resp) => {
                 last_good = Instant::now();
-                interval = if resp.next_sync_after > 0 {
-                    Duration::from_millis(resp.next_sync_after)
-                } else {
-                    Duration::from_millis(fastrand::u64(3000..6000))
-                };
                 match resp.action.as_str() {
                     "run-job" => {
-                        let mut s = lock_slot(&slot);
+                        let mut s = lock(&slot);
                         if s.state == "waiting-for-jobs" && !resp.job_id.is_empty() {
-                            log(&format!(
-                                "SYNC response (action: run-job, job: {})",
-                                resp.job_id
-                            ));
                             s.state = "starting-job".into();
                             s.job_id = resp.job_id.clone();
                             s.result.clear();
@@ -996,15 +2041,10 @@ async fn run_agent(
                         }
                     }
                     "stop-job" => {
-                        let mut s = lock_slot(&slot);
-                        if !s.stopping
-                            && matches!(s.state.as_str(), "starting-job" | "running-job")
-                            && (resp.job_id.is_empty() || resp.job_id == s.job_id)
+                        let mut s = lock(&slot);
+                        if !s.stopping && matches!(s.state.as_str(), "starting-job" | "running-job")
                         {
-                            log(&format!(
-                                "SYNC response (action: stop-job, job: {})",
-                                s.job_id
-                            ));
+                            log("Stopping job");
                             s.stopping = true;
                             s.state = "stopping-job".into();
                             if let Some(stop) = &s.stop {
@@ -1013,7 +2053,7 @@ async fn run_agent(
                         }
                     }
                     "wait-for-jobs" => {
-                        let mut s = lock_slot(&slot);
+                        let mut s = lock(&slot);
                         if s.state == "finished-job" || s.state == "waiting-for-jobs" {
                             s.state = "waiting-for-jobs".into();
                             s.job_id.clear();
@@ -1031,28 +2071,42 @@ async fn run_agent(
                     }
                     _ => {}
                 }
+                if resp.next_sync_after > 0 {
+                    Duration::from_millis(resp.next_sync_after)
+                } else {
+                    default_sync_interval()
+                }
             }
             Err(e) => {
                 log(&format!("[SYNC ERR] Failed to sync with API: {e:#}"));
                 if last_good.elapsed() > knobs.sync_timeout {
-                    log(&format!(
-                        "Unable to sync with Semaphore for over {:?}.",
-                        knobs.sync_timeout
-                    ));
+                    let over = if knobs.sync_timeout == Duration::from_secs(600) {
+                        "10 minutes".to_string()
+                    } else {
+                        go_duration(knobs.sync_timeout)
+                    };
+                    log(&format!("Unable to sync with Semaphore for over {over}."));
                     break ("UNABLE_TO_SYNC", 1);
                 }
+                default_sync_interval()
             }
-        }
+        };
+        log(&format!(
+            "Waiting {} for next sync...",
+            go_duration(interval)
+        ));
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
+            () = force_sync.notified() => {}
             got = interrupts.recv(), if interrupts_open => {
                 match got {
                     Some(()) if interrupted_at == 0 => {
+                        log("Termination signal received");
                         interrupted_at = unix_now();
-                        log("Received interrupt signal: reporting interrupted_at and syncing now");
                         event("interrupted", serde_json::json!({ "interrupted_at": interrupted_at }));
                     }
-                    Some(()) => log("Ignoring repeated interrupt signal"),
+                    // Later signals are ignored, as by the real agent.
+                    Some(()) => {}
                     None => interrupts_open = false,
                 }
             }
@@ -1074,8 +2128,11 @@ async fn shutdown(api: &Api, cfg: &Config, knobs: &Knobs, reason: &str) {
                 break;
             }
             Err(e) => {
-                log(&format!("[Disconnect] attempt {attempt} failed: {e:#}"));
                 if attempt < knobs.disconnect_tries {
+                    log(&format!(
+                        "[Disconnect] attempt [{attempt}] failed with [{e:#}] - retrying in {}",
+                        go_duration(knobs.disconnect_interval)
+                    ));
                     tokio::time::sleep(knobs.disconnect_interval).await;
                 }
             }
@@ -1128,10 +2185,10 @@ async fn shutdown(api: &Api, cfg: &Config, knobs: &Knobs, reason: &str) {
                     String::from_utf8_lossy(&o.stdout),
                     String::from_utf8_lossy(&o.stderr)
                 );
-                if !o.status.success() {
+                if o.status.success() {
+                    log(&format!("Output: {text}"));
+                } else {
                     log(&format!("Error executing shutdown hook: {}", o.status));
-                }
-                if !text.trim().is_empty() {
                     log(&format!("Output: {text}"));
                 }
                 event("hook_done", serde_json::json!({ "code": o.status.code() }));
@@ -1145,44 +2202,9 @@ async fn shutdown(api: &Api, cfg: &Config, knobs: &Knobs, reason: &str) {
     log(&format!("Agent shutting down due to: {reason}"));
 }
 
-/// The agent proper (child, or the wrapper after a signal death).
+/// The agent proper (the child, or the wrapper's re-run).
 async fn agent_main(args: &[String], role: &str) -> i32 {
     event("child_start", serde_json::json!({ "role": role }));
-    let registered = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::unbounded_channel();
-    // Handle SIGTERM/SIGINT from the start: ignored until registration completes.
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            let registered = registered.clone();
-            tokio::spawn(async move {
-                let mut first = true;
-                loop {
-                    let name = tokio::select! {
-                        s = term.recv() => { if s.is_none() { break; } "SIGTERM" }
-                        s = int.recv() => { if s.is_none() { break; } "SIGINT" }
-                    };
-                    if !registered.load(Ordering::SeqCst) {
-                        log(&format!("Ignoring {name}: agent not registered yet"));
-                    } else if first {
-                        first = false;
-                        if tx.send(()).is_err() {
-                            break;
-                        }
-                    } else {
-                        log(&format!("Ignoring {name}: already interrupted"));
-                    }
-                }
-            });
-        }
-        _ => {
-            eprintln!("error: could not install signal handlers");
-            return 1;
-        }
-    }
-
     let path = match parse_args(args) {
         Ok(p) => p,
         Err(e) => {
@@ -1193,22 +2215,49 @@ async fn agent_main(args: &[String], role: &str) -> i32 {
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("error: could not read config file {path}: {e}");
+            log(&format!("Couldn't find config file {path}: {e}"));
             return 1;
         }
     };
     let cfg = match parse_config(&text, &|k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: config file {path}: {e:#}");
+            log(&format!("{e:#}"));
             return 1;
         }
     };
-    set_log_name(&cfg.name);
+    // SIGTERM/SIGINT are handled only once registered (before that they kill the
+    // process, and the wrapper runs the agent again), as in the real agent.
+    let registered = Arc::new(Notify::new());
+    let (tx, rx) = mpsc::unbounded_channel();
+    {
+        let registered = registered.clone();
+        tokio::spawn(async move {
+            registered.notified().await;
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                log("error: could not install signal handlers");
+                return;
+            };
+            loop {
+                tokio::select! {
+                    s = term.recv() => if s.is_none() { break; },
+                    s = int.recv() => if s.is_none() { break; },
+                }
+                if tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     run_agent(cfg, Knobs::from_env(), registered, rx).await
 }
 
-/// The wrapper: re-executes itself as the child and forwards signals.
+/// The wrapper: re-executes itself as the child and forwards signals. When the child
+/// dies from a signal, it becomes the agent itself (an `exec` with
+/// `FAKE_AGENT_CHILD=rerun`).
 async fn wrapper_main(args: Vec<String>) -> i32 {
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -1282,6 +2331,7 @@ async fn wrapper_main(args: Vec<String>) -> i32 {
     }
     match status {
         Ok(st) => {
+            use std::os::unix::process::CommandExt;
             use std::os::unix::process::ExitStatusExt;
             if let Some(code) = st.code() {
                 return code;
@@ -1289,7 +2339,13 @@ async fn wrapper_main(args: Vec<String>) -> i32 {
             let sig = st.signal().unwrap_or(0);
             eprintln!("agent: agent process died from signal {sig}; running the agent again");
             event("rerun", serde_json::json!({ "signal": sig }));
-            agent_main(&args, "inprocess").await
+            // exec: same pid, caught signals back to their defaults.
+            let err = std::process::Command::new(&exe)
+                .args(&args)
+                .env(CHILD_ENV, "rerun")
+                .exec();
+            eprintln!("error: could not run the agent again: {err}");
+            1
         }
         Err(e) => {
             eprintln!("error: waiting for the agent process: {e}");
@@ -1306,17 +2362,17 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() {
-    let is_child = std::env::var_os(CHILD_ENV).is_some_and(|v| v == "1");
-    if !is_child {
+    let role = std::env::var(CHILD_ENV).unwrap_or_default();
+    if role.is_empty() {
         event("start", serde_json::json!({ "role": "wrapper" }));
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match runtime() {
         Ok(rt) => {
-            let code = if is_child {
-                rt.block_on(agent_main(&args, "child"))
-            } else {
-                rt.block_on(wrapper_main(args))
+            let code = match role.as_str() {
+                "1" => rt.block_on(agent_main(&args, "child")),
+                "rerun" => rt.block_on(agent_main(&args, "inprocess")),
+                _ => rt.block_on(wrapper_main(args)),
             };
             // Don't wait for detached job output readers or a job left behind.
             rt.shutdown_timeout(Duration::from_millis(100));
@@ -1328,7 +2384,7 @@ fn main() {
         }
     };
     let reason = last_reason();
-    if is_child {
+    if role == "1" {
         event(
             "child_exit",
             serde_json::json!({ "code": code, "reason": reason }),
@@ -1345,7 +2401,7 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_fleet_tests::hub::{Hub, HubOptions, JobSpec, JobState};
+    use agent_fleet_tests::hub::{Epilogues, Hub, HubOptions, JobSpec, JobState};
     use std::path::PathBuf;
 
     fn no_env(_: &str) -> Option<String> {
@@ -1373,9 +2429,14 @@ mod tests {
         assert!(!c.no_https && !c.disconnect_after_job && !c.fail_on_missing_files);
         assert_eq!((c.idle_timeout, c.interruption_grace_period), (0, 0));
         assert_eq!(c.name.len(), 20, "random name");
-        assert!(valid_agent_name(&c.name));
+        assert!(valid_config_name(&c.name));
+        assert!(
+            agent_fleet_tests::hub::valid_agent_name(&c.name),
+            "the hub takes it"
+        );
         assert_eq!(c.upload_job_logs, "never");
         assert_eq!(c.shutdown_hook_path, None);
+        assert!(c.warnings.is_empty());
     }
 
     #[test]
@@ -1386,11 +2447,16 @@ mod tests {
              interruption-grace-period: 60\nshutdown-hook-path: /opt/hook.sh\n\
              pre-job-hook-path: /opt/pre.sh\npost-job-hook-path: ''\n\
              env-vars: [SEMAPHORE_CACHE_BACKEND=s3, EMPTY=]\nfiles: ['/a:/b']\n\
-             fail-on-missing-files: true\nupload-job-logs: when-trimmed\n",
+             fail-on-missing-files: true\nupload-job-logs: when-trimmed\n\
+             fail-on-pre-job-hook-error: true\nsource-pre-job-hook: true\njob-id: j1\n\
+             kubernetes-executor: false\nkubernetes-labels: [a=b]\n\
+             kubernetes-pod-start-timeout: 10\nname-from-env: X\nconfig-file: /c\n",
         )
         .expect("valid");
         assert!(c.no_https && c.disconnect_after_job && c.fail_on_missing_files);
+        assert!(c.fail_on_pre_job_hook_error && c.source_pre_job_hook);
         assert_eq!(c.name, "i-0123456789abcdef0");
+        assert_eq!(c.job_id, "j1");
         assert_eq!((c.idle_timeout, c.interruption_grace_period), (300, 60));
         assert_eq!(c.shutdown_hook_path.as_deref(), Some("/opt/hook.sh"));
         assert_eq!(c.pre_job_hook_path.as_deref(), Some("/opt/pre.sh"));
@@ -1404,47 +2470,125 @@ mod tests {
         );
         assert_eq!(c.files, vec![("/a".to_string(), "/b".to_string())]);
         assert_eq!(c.upload_job_logs, "when-trimmed");
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     }
 
     #[test]
-    fn strict_keys_and_types() {
-        assert!(err(&format!("{MIN}log-level: debug\n")).contains("\"log-level\""));
+    fn values_are_read_leniently() {
+        let c = parse(&format!(
+            "{MIN}no-https: \"true\"\ndisconnect-after-job: yes\n\
+             disconnect-after-idle-timeout: \"300\"\ninterruption-grace-period: 1.9\n\
+             fail-on-missing-files: 1\nName: UPPER-case-key\nenv-vars: \"A=1 B=2\"\n"
+        ))
+        .expect("valid");
+        assert!(c.no_https && c.disconnect_after_job && c.fail_on_missing_files);
+        assert_eq!((c.idle_timeout, c.interruption_grace_period), (300, 1));
+        assert_eq!(c.name, "UPPER-case-key");
+        assert_eq!(
+            c.env_vars,
+            vec![("A".into(), "1".into()), ("B".into(), "2".into())]
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // Not what the key expects: false / 0 / "", with a warning.
+        let c = parse(&format!(
+            "{MIN}no-https: \"maybe\"\ninterruption-grace-period: soon\n\
+             disconnect-after-idle-timeout: 0x10\nname: [a, b]\n"
+        ))
+        .expect("valid");
+        assert!(!c.no_https);
+        assert_eq!((c.idle_timeout, c.interruption_grace_period), (16, 0));
+        assert_eq!(c.name.len(), 20, "random name");
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        // Negative grace periods go to the server as they are.
+        let c = parse(&format!("{MIN}interruption-grace-period: -5\n")).expect("valid");
+        assert_eq!(c.interruption_grace_period, -5);
+        // Names: only the length, or a URL.
+        let c = parse(&format!("{MIN}name: has spaces in it\n")).expect("valid");
+        assert_eq!(c.name, "has spaces in it");
+        let url = "https://sts.amazonaws.com/?Action=GetCallerIdentity";
+        assert_eq!(
+            parse(&format!("{MIN}name: '{url}'\n")).expect("url").name,
+            url
+        );
+        assert_eq!(parse(&format!("{MIN}name: /x\n")).expect("path").name, "/x");
+    }
+
+    #[test]
+    fn fatal_config_errors() {
+        assert!(
+            err(&format!("{MIN}log-level: debug\n")).contains("Unrecognized option 'log-level'")
+        );
         assert!(err(&format!("{MIN}disconnect_after_job: true\n")).contains("disconnect_after_job"));
-        assert!(err(&format!("{MIN}no-https: \"yes\"\n")).contains("no-https"));
-        assert!(err(&format!("{MIN}interruption-grace-period: -1\n"))
-            .contains("interruption-grace-period"));
-        assert!(err(&format!("{MIN}disconnect-after-idle-timeout: 1.5\n"))
-            .contains("disconnect-after-idle-timeout"));
-        assert!(err(&format!("{MIN}env-vars: A=b\n")).contains("env-vars"));
-        assert!(err("token: t\n").contains("endpoint"));
-        assert!(err("endpoint: 127.0.0.1:9\n").contains("token"));
+        assert!(err(&format!("{MIN}name:\n  first: x\n")).contains("'name.first'"));
+        assert!(err(&format!("{MIN}disconnect-after-idle-timeout: -1\n")).contains("negative"));
+        assert!(err(&format!("{MIN}kubernetes-pod-start-timeout: -1\n")).contains("negative"));
+        assert!(err("token: t\n").contains("endpoint was not specified"));
+        assert!(err("endpoint: 127.0.0.1:9\n").contains("token was not specified"));
+        assert!(err("endpoint: 127.0.0.1:9\ntoken: ''\n").contains("token"));
         assert!(err("- a\n- b\n").contains("mapping"));
         assert!(err("endpoint: https://x.example\ntoken: t\n").contains("scheme"));
         assert!(err(&format!("{MIN}env-vars: [A=b=c]\n")).contains("A=b=c"));
         assert!(err(&format!("{MIN}env-vars: [NOVALUE]\n")).contains("NOVALUE"));
-        assert!(err(&format!("{MIN}env-vars: [=x]\n")).contains("=x"));
+        assert!(err(&format!("{MIN}env-vars: [=x]\n")).contains("empty name"));
         assert!(err(&format!("{MIN}files: [nocolon]\n")).contains("nocolon"));
+        assert!(err(&format!("{MIN}kubernetes-labels: [nolabel]\n")).contains("nolabel"));
         assert!(err(&format!("{MIN}upload-job-logs: sometimes\n")).contains("upload-job-logs"));
+        assert!(err(&format!("{MIN}job-id: j\n")).contains("job-id"));
         assert!(err(&format!("{MIN}name: short\n")).contains("short"));
-        assert!(err(&format!("{MIN}name: has spaces in it\n")).contains("has spaces"));
+        assert!(err(&format!("{MIN}name: '{}'\n", "x".repeat(81))).contains("81"));
         assert!(parse("").is_err());
     }
 
     #[test]
-    fn env_overrides_file() {
+    fn env_overrides_every_key() {
         let env = |k: &str| match k {
             "SEMAPHORE_AGENT_NAME" => Some("from-env-name".to_string()),
             "SEMAPHORE_AGENT_NO_HTTPS" => Some("true".to_string()),
             "SEMAPHORE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT" => Some("42".to_string()),
+            "SEMAPHORE_AGENT_ENV_VARS" => Some("X=1 Y=2".to_string()),
+            "SEMAPHORE_AGENT_TOKEN" => Some(String::new()),
             _ => None,
         };
-        let c = parse_config(&format!("{MIN}name: from-file-name\n"), &env).expect("valid");
+        let c = parse_config(
+            &format!("{MIN}name: from-file-name\nenv-vars: [Z=3]\n"),
+            &env,
+        )
+        .expect("valid");
         assert_eq!(c.name, "from-env-name");
         assert!(c.no_https);
         assert_eq!(c.idle_timeout, 42);
-        let bad =
-            |k: &str| (k == "SEMAPHORE_AGENT_DISCONNECT_AFTER_JOB").then(|| "maybe".to_string());
-        assert!(parse_config(MIN, &bad).is_err());
+        assert_eq!(c.token, "t", "an empty variable does not override");
+        assert_eq!(
+            c.env_vars,
+            vec![("X".into(), "1".into()), ("Y".into(), "2".into())]
+        );
+        // `yes` is YAML's, not strconv's: from the environment it reads as false.
+        let env =
+            |k: &str| (k == "SEMAPHORE_AGENT_DISCONNECT_AFTER_JOB").then(|| "yes".to_string());
+        let c = parse_config(MIN, &env).expect("valid");
+        assert!(!c.disconnect_after_job);
+        assert_eq!(c.warnings.len(), 1);
+        // name-from-env
+        let env = |k: &str| (k == "MY_NAME").then(|| "named-by-env".to_string());
+        let c = parse_config(&format!("{MIN}name-from-env: MY_NAME\n"), &env).expect("valid");
+        assert_eq!(c.name, "named-by-env");
+    }
+
+    #[test]
+    fn go_formats() {
+        assert_eq!(go_duration(Duration::from_millis(200)), "200ms");
+        assert_eq!(go_duration(Duration::from_millis(4500)), "4.5s");
+        assert_eq!(go_duration(Duration::from_secs(1)), "1s");
+        assert_eq!(go_duration(Duration::from_secs(600)), "10m0s");
+        assert_eq!(go_parse_int("300"), Some(300));
+        assert_eq!(go_parse_int("300.00"), Some(300));
+        assert_eq!(go_parse_int("010"), Some(8));
+        assert_eq!(go_parse_int("-0x10"), Some(-16));
+        assert_eq!(go_parse_int("abc"), None);
+        assert_eq!(go_parse_int("1.5"), None);
+        assert_eq!(shell_quote("a b'c"), "'a b'\"'\"'c'");
+        assert_eq!(shell_quote("plain/path-1"), "plain/path-1");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]
@@ -1515,6 +2659,7 @@ mod tests {
             disconnect_interval: Duration::from_millis(10),
             hook_sleep: Duration::ZERO,
             hook_hang: Duration::ZERO,
+            log_cadence: LogCadence::FAST,
         }
     }
 
@@ -1559,7 +2704,7 @@ mod tests {
         let handle = tokio::spawn(run_agent(
             run.cfg.clone(),
             knobs,
-            Arc::new(AtomicBool::new(false)),
+            Arc::new(Notify::new()),
             rx,
         ));
         (tx, handle)
@@ -1691,7 +2836,8 @@ mod tests {
         let ids: Vec<String> = (0..3)
             .map(|i| {
                 run.hub.enqueue_job(JobSpec {
-                    commands: vec![format!("exit {}", i % 2)],
+                    // `exit` would end the job's shell session: a subshell's exit status.
+                    commands: vec![format!("(exit {})", i % 2)],
                     env: vec![],
                 })
             })
@@ -1786,6 +2932,151 @@ mod tests {
         }
         let pos = |l: &str| out.iter().position(|x| x == l);
         assert!(pos("three") < pos("four"), "in order: {out:?}");
+        let _ = std::fs::remove_dir_all(&run.dir);
+    }
+
+    #[tokio::test]
+    async fn one_shell_session_epilogues_and_the_log() {
+        let run = setup(
+            "session1",
+            "disconnect-after-job: true\nenv-vars: [CFG_V=c]\n",
+        )
+        .await;
+        let id = run.hub.enqueue_job_with_epilogues(
+            JobSpec {
+                commands: vec![
+                    "export FROM_FIRST=seen; cd /".into(),
+                    "echo \"first: $FROM_FIRST in $PWD\"".into(),
+                    "false".into(),
+                    "echo not reached".into(),
+                ],
+                env: vec![("JOB_V".into(), "j w".into())],
+            },
+            Epilogues {
+                epilogue_always_commands: vec!["echo \"always $SEMAPHORE_JOB_RESULT\"".into()],
+                epilogue_on_pass_commands: vec!["echo on-pass".into()],
+                epilogue_on_fail_commands: vec!["echo \"on-fail $FROM_FIRST\"".into()],
+            },
+        );
+        let (_tx, handle) = spawn_agent(&run, knobs());
+        assert_eq!(finish(handle).await, 0);
+        let job = run.hub.job(&id).expect("job");
+        assert_eq!(job.result.as_deref(), Some("failed"));
+        assert_eq!(job.logged_result().as_deref(), Some("failed"));
+        let out = &job.output;
+        for line in [
+            "Exporting CFG_V",
+            "Exporting JOB_V",
+            "Exporting SEMAPHORE_JOB_ID",
+            "first: seen in /",
+            "Exporting SEMAPHORE_JOB_RESULT",
+            "always failed",
+            "on-fail seen",
+        ] {
+            assert!(out.iter().any(|l| l == line), "{line} in {out:?}");
+        }
+        assert!(
+            !out.iter().any(|l| l == "not reached" || l == "on-pass"),
+            "{out:?}"
+        );
+        assert_eq!(
+            job.logged_directives(),
+            vec![
+                "Exporting environment variables",
+                "Injecting Files",
+                "export FROM_FIRST=seen; cd /",
+                "echo \"first: $FROM_FIRST in $PWD\"",
+                "false",
+                "Exporting environment variables",
+                "echo \"always $SEMAPHORE_JOB_RESULT\"",
+                "echo \"on-fail $FROM_FIRST\"",
+            ]
+        );
+        assert_eq!(
+            job.log_events.first().map(|e| e["event"].clone()),
+            Some("job_started".into())
+        );
+        assert!(
+            job.log_pushes.iter().all(|p| p.status == 200),
+            "{:?}",
+            job.log_pushes
+        );
+        let _ = std::fs::remove_dir_all(&run.dir);
+    }
+
+    #[tokio::test]
+    async fn exit_in_a_command_ends_the_shell() {
+        let run = setup("exit1", "disconnect-after-job: true\n").await;
+        let id = run.hub.enqueue_job_with_epilogues(
+            JobSpec {
+                commands: vec!["echo before; exit 0".into(), "echo after".into()],
+                env: vec![],
+            },
+            Epilogues {
+                epilogue_always_commands: vec!["echo epilogue".into()],
+                ..Epilogues::default()
+            },
+        );
+        let (_tx, handle) = spawn_agent(&run, knobs());
+        assert_eq!(finish(handle).await, 0);
+        let job = run.hub.job(&id).expect("job");
+        assert_eq!(
+            job.result.as_deref(),
+            Some("failed"),
+            "{:?}",
+            job.log_events
+        );
+        assert!(job.output.iter().any(|l| l == "before"), "{:?}", job.output);
+        assert!(!job.output.iter().any(|l| l == "after" || l == "epilogue"));
+        let _ = std::fs::remove_dir_all(&run.dir);
+    }
+
+    #[tokio::test]
+    async fn log_token_refresh_and_log_space() {
+        let run = setup("refresh1", "disconnect-after-job: true\n").await;
+        run.hub.set_max_log_events(12);
+        let id = run.hub.enqueue_job(JobSpec {
+            commands: vec![
+                "sleep 0.5; for i in $(seq 1 20); do echo line $i; done; sleep 0.5".into(),
+                "echo last".into(),
+            ],
+            env: vec![],
+        });
+        let (_tx, handle) = spawn_agent(&run, knobs());
+        assert!(
+            run.hub
+                .wait_until(Duration::from_secs(10), |h| h
+                    .job(&id)
+                    .is_some_and(|j| !j.log_events.is_empty()))
+                .await
+        );
+        run.hub.expire_log_tokens();
+        assert_eq!(finish(handle).await, 0);
+        let job = run.hub.job(&id).expect("job");
+        assert_eq!(job.result.as_deref(), Some("passed"));
+        assert_eq!(job.log_token_refreshes, 1, "{:?}", job.log_pushes);
+        assert!(job.log_trimmed);
+        assert!(job.log_events.len() >= 12, "{}", job.log_events.len());
+        assert!(
+            job.logged_result().is_none(),
+            "job_finished came after the 422"
+        );
+        let statuses: Vec<u16> = job.log_pushes.iter().map(|p| p.status).collect();
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 401).count(),
+            1,
+            "{statuses:?}"
+        );
+        assert_eq!(
+            statuses.last(),
+            Some(&422),
+            "no push after the 422: {statuses:?}"
+        );
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 422).count(),
+            1,
+            "{statuses:?}"
+        );
         let _ = std::fs::remove_dir_all(&run.dir);
     }
 }
