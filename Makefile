@@ -53,8 +53,9 @@ build:
 build-release:
 	$(CARGO) build --release --workspace --bins
 
+# `make demo DEMO_ARGS='--agent real'` runs it with the real Semaphore agent.
 demo: venv build
-	$(TARGET_DIR)/debug/fleet-demo
+	$(TARGET_DIR)/debug/fleet-demo $(DEMO_ARGS)
 
 lint: venv tools
 	$(CARGO) fmt --all --check
