@@ -1773,6 +1773,19 @@ mod tests {
             }
         }
 
+        /// `GET /jobs/{id}` with an access token.
+        async fn job(&self, token: &str, id: &str) -> JobPayload {
+            self.http
+                .get(format!("{}/jobs/{id}", self.base))
+                .header("Authorization", format!("Token {token}"))
+                .send()
+                .await
+                .expect("get job")
+                .json()
+                .await
+                .expect("job json")
+        }
+
         async fn register_raw(
             &self,
             token: Option<&str>,
@@ -1985,16 +1998,7 @@ mod tests {
             ("run-job", id.as_str())
         );
 
-        let payload: JobPayload = api
-            .http
-            .get(format!("{}/jobs/{id}", api.base))
-            .header("Authorization", format!("Token {}", r.token))
-            .send()
-            .await
-            .expect("get job")
-            .json()
-            .await
-            .expect("job json");
+        let payload = api.job(&r.token, &id).await;
         assert_eq!(payload.id, id);
         assert_eq!(payload.job_id, id);
         assert_eq!(payload.commands[0].directive, "echo hi");
@@ -2643,16 +2647,7 @@ mod tests {
                 .action,
             "run-job"
         );
-        let payload: JobPayload = api
-            .http
-            .get(format!("{}/jobs/{id}", api.base))
-            .header("Authorization", format!("Token {}", r.token))
-            .send()
-            .await
-            .expect("get job")
-            .json()
-            .await
-            .expect("job json");
+        let payload = api.job(&r.token, &id).await;
         (r.token, id, payload.logger.expect("a logger"))
     }
 
@@ -2886,16 +2881,7 @@ mod tests {
             },
         );
         api.sync(&r.token, "waiting-for-jobs", "", "", 0).await;
-        let payload: JobPayload = api
-            .http
-            .get(format!("{}/jobs/{id}", api.base))
-            .header("Authorization", format!("Token {}", r.token))
-            .send()
-            .await
-            .expect("get job")
-            .json()
-            .await
-            .expect("job json");
+        let payload = api.job(&r.token, &id).await;
         assert_eq!(payload.epilogue_always_commands[0].directive, "echo always");
         assert_eq!(
             payload.epilogue_on_fail_commands[0].directive,

@@ -17,7 +17,7 @@ use agent_fleet_tests::fleet::{real_agent, real_agent_skip_line, AgentKind, Flee
 use agent_fleet_tests::hub::{HubOptions, JobInfo, JobSpec, JobState};
 use agent_fleet_tests::probe::{field, terminate_calls};
 use agent_supervisor::agent::config_file::TOKEN_REMOVED;
-use agent_supervisor::config::LifecycleHookConfig;
+use agent_supervisor::config::{LifecycleHookConfig, RuntimeConfig};
 use nix::sys::signal::Signal;
 use std::sync::Arc;
 use std::time::Duration;
@@ -400,8 +400,9 @@ async fn bad_token_backs_off_without_churn(agent: AgentKind) -> R {
     Ok(())
 }
 
-/// A bed whose hub syncs every 5 s, one group, a 2 s interruption grace.
-async fn drain_bed(name: &str, agent: &AgentKind) -> anyhow::Result<(Bed, String)> {
+/// A bed whose hub syncs every 5 s, one group (min 0, max 2, desired 1), and the runtime
+/// config to put (a 2 s interruption grace).
+async fn drain_bed(name: &str, agent: &AgentKind) -> anyhow::Result<(Bed, String, RuntimeConfig)> {
     let bed = Bed::start_with(
         &stack(name, agent),
         HubOptions {
@@ -411,7 +412,10 @@ async fn drain_bed(name: &str, agent: &AgentKind) -> anyhow::Result<(Bed, String
     )
     .await?;
     let group = format!("{}-agents", bed.stack);
-    Ok((bed, group))
+    bed.moto.create_group(&group, 0, 2, 1).await?;
+    let mut cfg = bed.runtime_config(&group);
+    cfg.interruption_grace_secs = 2;
+    Ok((bed, group, cfg))
 }
 
 /// Enqueues a long job and waits until its output reaches the hub.
@@ -450,10 +454,7 @@ async fn assert_clean_drain(bed: &Bed, job: &str, output: impl Fn() -> String) -
 
 /// `systemctl stop`: SIGTERM to the supervisor mid-job.
 async fn drain_on_systemd_stop_reports_the_job_stopped(agent: AgentKind) -> R {
-    let (bed, group) = drain_bed("stopdrain", &agent).await?;
-    bed.moto.create_group(&group, 0, 2, 1).await?;
-    let mut cfg = bed.runtime_config(&group);
-    cfg.interruption_grace_secs = 2;
+    let (bed, group, cfg) = drain_bed("stopdrain", &agent).await?;
     bed.put_config(&cfg).await?;
     let id = bed.moto.group(&group).await?.in_service()[0].clone();
     let mut o = bed.instance(&id, &group);
@@ -476,10 +477,7 @@ async fn drain_on_systemd_stop_reports_the_job_stopped(agent: AgentKind) -> R {
 
 /// A spot interruption notice mid-job.
 async fn drain_on_spot_notice_reports_the_job_stopped(agent: AgentKind) -> R {
-    let (bed, group) = drain_bed("spotdrain", &agent).await?;
-    bed.moto.create_group(&group, 0, 2, 1).await?;
-    let mut cfg = bed.runtime_config(&group);
-    cfg.interruption_grace_secs = 2;
+    let (bed, group, cfg) = drain_bed("spotdrain", &agent).await?;
     bed.put_config(&cfg).await?;
     let fleet = fleet(&bed, &group, &agent, Some("spot"));
     let result = async {
@@ -512,13 +510,10 @@ async fn drain_on_spot_notice_reports_the_job_stopped(agent: AgentKind) -> R {
 /// timeout is 1 s (a 100 s hold: the drain starts 100 − 16 − 60 = 24 s in) while the
 /// emulated hook's is 30 s, so that heartbeats polled every 2 s keep it held meanwhile.
 async fn drain_at_the_lifecycle_hooks_limit_reports_the_job_stopped(agent: AgentKind) -> R {
-    let (bed, group) = drain_bed("hookdrain", &agent).await?;
-    bed.moto.create_group(&group, 0, 2, 1).await?;
+    let (bed, group, mut cfg) = drain_bed("hookdrain", &agent).await?;
     bed.moto
         .put_termination_hook(&group, "agent-fleet-drain", 30)
         .await?;
-    let mut cfg = bed.runtime_config(&group);
-    cfg.interruption_grace_secs = 2;
     cfg.lifecycle_hook = Some(LifecycleHookConfig {
         name: "agent-fleet-drain".into(),
         heartbeat_timeout_secs: 1,
