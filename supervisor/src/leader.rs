@@ -1,7 +1,8 @@
 //! Leader work on this instance: the election and, while leading, the scaler — started
 //! together, stopped in the order the lease's safety needs (scaler first, then release).
 //! The scaler's decisions flow into the election's lease record, where operators read
-//! them (`agent-fleet status`).
+//! them (`agent-fleet status`), and the group's in-service instances it reads at each
+//! poll flow into the election, which names standbys from them.
 
 use crate::aws::autoscaling::SdkAutoScaling;
 use crate::aws::cloudwatch::QueryCloudWatch;
@@ -21,7 +22,6 @@ pub struct LeaderWork {
     scaler_stop: CancellationToken,
     election: JoinHandle<Elector<SsmLeaseStore>>,
     scaler: Option<JoinHandle<()>>,
-    extra: Vec<JoinHandle<()>>,
     pub leadership: watch::Receiver<Leadership>,
 }
 
@@ -65,33 +65,23 @@ impl LeaderWork {
             stack_name.to_string(),
             settings.clone(),
             demand,
-            SdkAutoScaling::new(sdk),
+            SdkAutoScaling::for_leader(sdk, leadership.clone()),
             SsmTokenSource::new(SdkParameterStore::new(sdk), settings.clone()),
             sink,
         )
         .with_token(Token::new(token.to_string()))
-        .with_decisions(decision_tx);
+        .with_decisions(decision_tx)
+        .with_members(fleet_tx);
         let scaler = tokio::spawn(
             scaler
                 .run(leadership.clone(), scaler_stop.clone())
                 .in_current_span(),
-        );
-        let members = tokio::spawn(
-            feed_members(
-                aws_sdk_autoscaling::Client::new(sdk),
-                settings,
-                leadership.clone(),
-                fleet_tx,
-                scaler_stop.clone(),
-            )
-            .in_current_span(),
         );
         Ok(Some(Self {
             election_stop,
             scaler_stop,
             election,
             scaler: Some(scaler),
-            extra: vec![members],
             leadership,
         }))
     }
@@ -101,9 +91,6 @@ impl LeaderWork {
         self.scaler_stop.cancel();
         if let Some(s) = self.scaler.take() {
             let _ = s.await;
-        }
-        for t in self.extra.drain(..) {
-            t.abort();
         }
         self.election_stop.cancel();
         match (&mut self.election).await {
@@ -115,55 +102,6 @@ impl LeaderWork {
                 }
             },
             Err(e) => tracing::warn!(error = %e, "election task ended abnormally"),
-        }
-    }
-}
-
-/// While leading, tells the election which instances make up the fleet (it names
-/// standbys from them) every 30 s.
-async fn feed_members(
-    asg: aws_sdk_autoscaling::Client,
-    settings: watch::Receiver<Settings>,
-    mut leadership: watch::Receiver<Leadership>,
-    fleet: watch::Sender<Vec<String>>,
-    stop: CancellationToken,
-) {
-    loop {
-        let leading = matches!(*leadership.borrow(), Leadership::Leader { .. });
-        if leading {
-            let group = settings.borrow().agent_group.clone();
-            let out = asg
-                .describe_auto_scaling_groups()
-                .auto_scaling_group_names(&group)
-                .send()
-                .await;
-            match out {
-                Ok(out) => {
-                    let ids: Vec<String> = out
-                        .auto_scaling_groups()
-                        .iter()
-                        .flat_map(|g| g.instances())
-                        .filter(|i| {
-                            i.lifecycle_state()
-                                .is_some_and(|s| s.as_str() == "InService")
-                        })
-                        .filter_map(|i| i.instance_id().map(str::to_string))
-                        .collect();
-                    fleet.send_if_modified(|cur| {
-                        let changed = *cur != ids;
-                        *cur = ids;
-                        changed
-                    });
-                }
-                Err(e) => {
-                    tracing::debug!(error = %crate::aws::describe(&e), "could not list the fleet for standbys")
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = leadership.changed() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
         }
     }
 }

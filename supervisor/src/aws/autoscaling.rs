@@ -38,6 +38,9 @@ pub struct GroupSizes {
     pub min: i32,
     pub max: i32,
     pub desired: i32,
+    /// The instances in `InService`, as the same `DescribeAutoScalingGroups` lists them
+    /// (the leader names its standbys from them: no second call for the list).
+    pub in_service: Vec<String>,
 }
 
 pub trait AutoScaling: Send + Sync {
@@ -103,6 +106,70 @@ impl SdkAutoScaling {
     pub fn new(config: &aws_config::SdkConfig) -> Self {
         Self {
             client: aws_sdk_autoscaling::Client::new(config),
+        }
+    }
+
+    /// The client the leader's scaler calls through.
+    ///
+    /// Auto Scaling takes no fencing token, so a call a valid leader decided can still land
+    /// after its lease ended: the process may pause between its validity check and the
+    /// send (a SIGSTOP, a stalled VM), and the SDK's own retries re-send a call without
+    /// asking whether it still leads. This window cannot be closed, only narrowed: every
+    /// request is checked again against `leadership` just before it is transmitted (an
+    /// interceptor, [`LeaseFence`]) and dropped if the lease has lapsed, and the SDK does
+    /// not retry (a retry is a new decision: the next poll makes it after a fresh check).
+    /// What remains — a pause after the request left — is bounded in cost: the leader only
+    /// ever raises desired capacity, so a stale raise means instances that idle out.
+    pub fn for_leader(
+        config: &aws_config::SdkConfig,
+        leadership: tokio::sync::watch::Receiver<crate::leadership::Leadership>,
+    ) -> Self {
+        Self::fenced(
+            aws_sdk_autoscaling::config::Builder::from(config),
+            leadership,
+        )
+    }
+
+    fn fenced(
+        builder: aws_sdk_autoscaling::config::Builder,
+        leadership: tokio::sync::watch::Receiver<crate::leadership::Leadership>,
+    ) -> Self {
+        let config = builder
+            .retry_config(aws_sdk_autoscaling::config::retry::RetryConfig::disabled())
+            .interceptor(LeaseFence { leadership })
+            .build();
+        Self {
+            client: aws_sdk_autoscaling::Client::from_conf(config),
+        }
+    }
+}
+
+/// Drops a leader's request whose lease lapsed before it was transmitted (see
+/// [`SdkAutoScaling::for_leader`]).
+#[derive(Debug)]
+struct LeaseFence {
+    leadership: tokio::sync::watch::Receiver<crate::leadership::Leadership>,
+}
+
+impl aws_sdk_autoscaling::config::Intercept for LeaseFence {
+    fn name(&self) -> &'static str {
+        "LeaseFence"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _context: &aws_sdk_autoscaling::config::interceptors::BeforeTransmitInterceptorContextRef<
+            '_,
+        >,
+        _runtime_components: &aws_sdk_autoscaling::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_autoscaling::config::ConfigBag,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let now = tokio::time::Instant::now();
+        match self.leadership.borrow().valid_term(now) {
+            Some(_) => Ok(()),
+            None => Err(
+                "this process's leader lease lapsed before the request was sent; not sent".into(),
+            ),
         }
     }
 }
@@ -238,6 +305,15 @@ impl AutoScaling for SdkAutoScaling {
             min: g.min_size().unwrap_or_default(),
             max: g.max_size().unwrap_or_default(),
             desired: g.desired_capacity().unwrap_or_default(),
+            in_service: g
+                .instances()
+                .iter()
+                .filter(|i| {
+                    i.lifecycle_state()
+                        .is_some_and(|s| s.as_str() == "InService")
+                })
+                .filter_map(|i| i.instance_id().map(str::to_string))
+                .collect(),
         }))
     }
 
@@ -262,5 +338,99 @@ impl AutoScaling for SdkAutoScaling {
             .await
             .map(|_| ())
             .map_err(|e| err("SuspendProcesses", e))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used, clippy::unwrap_used)]
+mod fence_tests {
+    use super::*;
+    use crate::leadership::Leadership;
+    use aws_sdk_autoscaling::config::{
+        interceptors::BeforeSerializationInterceptorContextRef, BehaviorVersion, ConfigBag,
+        Credentials, Intercept, Region, RuntimeComponents,
+    };
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// A pause injected between the leader's validity check (already done by the caller)
+    /// and the send: the first hook of every request sleeps.
+    #[derive(Debug)]
+    struct Pause(Duration);
+
+    impl Intercept for Pause {
+        fn name(&self) -> &'static str {
+            "Pause"
+        }
+        fn read_before_serialization(
+            &self,
+            _: &BeforeSerializationInterceptorContextRef<'_>,
+            _: &RuntimeComponents,
+            _: &mut ConfigBag,
+        ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+            std::thread::sleep(self.0);
+            Ok(())
+        }
+    }
+
+    /// A loopback "emulator" that counts the requests reaching it (and answers none).
+    fn counting_endpoint() -> (String, Arc<AtomicUsize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut buf = [0u8; 4096];
+                if std::io::Read::read(&mut conn, &mut buf).unwrap_or(0) > 0 {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        (url, seen)
+    }
+
+    async fn raise_after_pause(valid_for: Duration, pause: Duration) -> usize {
+        let (url, seen) = counting_endpoint();
+        let (_tx, leadership) = tokio::sync::watch::channel(Leadership::Leader {
+            term: 7,
+            valid_until: tokio::time::Instant::now() + valid_for,
+        });
+        let builder = aws_sdk_autoscaling::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
+            .endpoint_url(url)
+            .timeout_config(
+                aws_sdk_autoscaling::config::timeout::TimeoutConfig::builder()
+                    .operation_attempt_timeout(Duration::from_millis(500))
+                    .build(),
+            )
+            .interceptor(Pause(pause));
+        let asg = SdkAutoScaling::fenced(builder, leadership);
+        let result = asg.set_desired_capacity("g", 26).await;
+        assert!(result.is_err(), "nothing answers: {result:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        seen.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_whose_lease_lapsed_during_a_pause_never_reaches_the_emulator() {
+        assert_eq!(
+            raise_after_pause(Duration::from_millis(100), Duration::from_millis(300)).await,
+            0,
+            "sent after the lease lapsed"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_valid_leaders_request_is_sent_once_and_never_retried_by_the_sdk() {
+        assert_eq!(
+            raise_after_pause(Duration::from_secs(30), Duration::from_millis(10)).await,
+            1,
+            "sent once: a failed leader call is not re-sent by the SDK"
+        );
     }
 }

@@ -127,6 +127,9 @@ pub struct Scaler<D, A, T, M> {
     quiet: Quiet,
     /// Where each poll's decision goes (the election's record), if anywhere.
     decisions: Option<watch::Sender<Option<Decision>>>,
+    /// Where the group's in-service instances go (the election names standbys from
+    /// them), if anywhere: learned from the poll's own `DescribeAutoScalingGroups`.
+    members: Option<watch::Sender<Vec<String>>>,
 }
 
 /// What one poll asks of the loop.
@@ -220,7 +223,17 @@ where
             failures: 0,
             quiet: Quiet::default(),
             decisions: None,
+            members: None,
         }
+    }
+
+    /// Publishes the agents' group's in-service instances on `tx` whenever a poll read
+    /// the group and the list changed (give the receiver to
+    /// [`crate::election::Elector::new`]). No call of its own: an earlier feed described
+    /// the group again on every renew of the lease, ≈ 15 calls a minute.
+    pub fn with_members(mut self, tx: watch::Sender<Vec<String>>) -> Self {
+        self.members = Some(tx);
+        self
     }
 
     /// Publishes each completed poll's [`Decision`] on `tx` (the latest replaces the
@@ -369,6 +382,15 @@ where
                     match self.asg.group(group).await {
                         Ok(Some(sizes)) => {
                             self.quiet.group.recovered("DescribeAutoScalingGroups");
+                            if let Some(tx) = &self.members {
+                                tx.send_if_modified(|cur| {
+                                    let changed = *cur != sizes.in_service;
+                                    if changed {
+                                        cur.clone_from(&sizes.in_service);
+                                    }
+                                    changed
+                                });
+                            }
                             if !self
                                 .scale(st, leadership, &settings, &m, &sizes, &mut report)
                                 .await

@@ -133,6 +133,7 @@ impl FakeAsg {
                 min,
                 max,
                 desired,
+                in_service: vec![],
             },
             stale: false,
             calls: vec![],
@@ -339,6 +340,8 @@ struct Bed {
     settings: watch::Sender<Settings>,
     /// The latest decision the scaler published.
     decision: watch::Receiver<Option<Decision>>,
+    /// The in-service instances it published for the election.
+    members: watch::Receiver<Vec<String>>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
     _guard: tracing::subscriber::DefaultGuard,
@@ -384,7 +387,8 @@ fn start(setup: Setup) -> Bed {
         scaler = scaler.with_token(Token::new(t));
     }
     let (decision_tx, decision) = watch::channel(None);
-    let scaler = scaler.with_decisions(decision_tx);
+    let (members_tx, members) = watch::channel(Vec::new());
+    let scaler = scaler.with_decisions(decision_tx).with_members(members_tx);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(scaler.run(leader_rx, shutdown.clone()));
     Bed {
@@ -396,6 +400,7 @@ fn start(setup: Setup) -> Bed {
         leader,
         settings: settings_tx,
         decision,
+        members,
         shutdown,
         task,
         _guard: guard,
@@ -1049,5 +1054,41 @@ async fn each_poll_publishes_its_decision() {
             .is_some_and(|r| r.contains("scaler.enabled")),
         "{d:?}"
     );
+    bed.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fleet_for_standbys_comes_from_each_polls_describe_without_a_call_of_its_own() {
+    let bed = start(Setup::default());
+    bed.asg.0.lock().expect("asg").sizes.in_service = vec!["i-1".into(), "i-2".into()];
+    sleep(Duration::from_secs(30)).await;
+    assert!(bed.members.borrow().is_empty(), "a follower reads nothing");
+    bed.lead(1, LONG);
+    sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        *bed.members.borrow(),
+        vec!["i-1".to_string(), "i-2".to_string()]
+    );
+    bed.asg.0.lock().expect("asg").sizes.in_service = vec!["i-2".into()];
+    sleep(POLL).await;
+    assert_eq!(*bed.members.borrow(), vec!["i-2".to_string()]);
+    // One describe per poll, whatever the renews do: leadership updates alone (a renew
+    // moves `valid_until`) cause no call.
+    let describes = || {
+        bed.asg
+            .0
+            .lock()
+            .expect("asg")
+            .calls
+            .iter()
+            .filter(|(_, c)| matches!(c, AsgCall::Describe))
+            .count()
+    };
+    let before = describes();
+    for _ in 0..10 {
+        bed.lead(1, LONG);
+        sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(describes(), before, "renews cost no Auto Scaling call");
     bed.stop().await;
 }
