@@ -3,7 +3,7 @@
 //! Each part that cannot be read says why and the rest is still shown.
 
 use crate::describe;
-use agent_supervisor::aws::ec2::{Ec2Instance, QueryEc2};
+use crate::ec2::{Ec2Instance, QueryEc2};
 use agent_supervisor::config::Settings;
 use agent_supervisor::election::Record;
 use agent_supervisor::scaler::{Demand, HttpDemand, Token};
@@ -20,10 +20,7 @@ pub async fn require_token(ssm: &aws_sdk_ssm::Client, name: &str) -> anyhow::Res
         Err(e) if e.code() == Some("ParameterNotFound") => anyhow::bail!(
             "the token parameter {name} (SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME) does not exist: store the agent type's registration token first with `agent-fleet token set`"
         ),
-        Err(e) => anyhow::bail!(
-            "cannot check the token parameter {name}: {}",
-            describe(&e)
-        ),
+        Err(e) => anyhow::bail!("cannot check the token parameter {name}: {}", describe(&e)),
     }
 }
 

@@ -207,7 +207,7 @@ pub async fn publish<M: MetricsSink>(sink: &M, data: Vec<Datum>) {
     if data.is_empty() {
         return;
     }
-    match sink.put(crate::scaler::NAMESPACE, &data).await {
+    match sink.put(crate::aws::cloudwatch::NAMESPACE, &data).await {
         Ok(()) => tracing::debug!(metrics = data.len(), "boot timing published"),
         Err(e) => tracing::warn!(error = %e, "could not publish the boot timing to CloudWatch"),
     }

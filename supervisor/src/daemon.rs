@@ -14,6 +14,7 @@ use crate::leader::LeaderWork;
 use crate::leadership::Leadership;
 use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
 use crate::notify::Notifier;
+use crate::retry::RetryPolicy;
 use crate::{boot, hook, Shutdown};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -116,18 +117,19 @@ pub async fn get_parameter<P: ParameterStore>(
     name: &str,
     first_backoff: Duration,
 ) -> Result<Parameter, SsmError> {
-    let mut delay = first_backoff;
-    for attempt in 1.. {
-        match ssm.get(name).await {
-            Err(e) if e.is_transient() && attempt < 6 => {
-                tracing::warn!(parameter = name, attempt, error = %e, "SSM call failed; retrying");
-                tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
-            }
-            other => return other,
-        }
-    }
-    unreachable!("the loop returns")
+    let policy = RetryPolicy {
+        attempts: 6,
+        first_delay: first_backoff,
+        max_delay: Duration::from_secs(10),
+    };
+    policy
+        .run(
+            || ssm.get(name),
+            SsmError::is_transient,
+            |attempt, e, _| tracing::warn!(parameter = name, attempt, error = %e, "SSM call failed; retrying"),
+        )
+        .await
+        .0
 }
 
 async fn read_token<P: ParameterStore>(
@@ -301,7 +303,9 @@ async fn run_in(
     .map_err(DaemonError::Runtime)?;
     if role == Role::Scaler {
         if leader.is_none() {
-            tracing::warn!("scaler-only role, but dynamic scaling is off in the runtime config: this instance has nothing to do");
+            tracing::warn!(
+                "scaler-only role, but dynamic scaling is off in the runtime config: this instance has nothing to do"
+            );
         }
         tracing::info!(
             group = %settings.agent_group,
@@ -1099,7 +1103,7 @@ impl Ending<'_> {
                     async move {
                         let sent = match QueryCloudWatch::new(&sdk) {
                             Ok(cw) => cw
-                                .put(crate::scaler::NAMESPACE, &[interrupt::spot_datum(&stack)])
+                                .put(crate::aws::cloudwatch::NAMESPACE, &[interrupt::spot_datum(&stack)])
                                 .await
                                 .map_err(|e| e.to_string()),
                             Err(e) => Err(e.to_string()),

@@ -332,30 +332,28 @@ impl Hook {
         asg: &A,
         first_backoff: Duration,
     ) -> Result<u32, AsgError> {
-        let mut delay = first_backoff;
-        for attempt in 1.. {
-            let r = asg
-                .complete_lifecycle_action(
-                    &self.group,
-                    &self.hook.name,
-                    &self.instance_id,
-                    "CONTINUE",
-                )
-                .await;
-            match r {
-                Ok(()) => return Ok(attempt),
-                Err(e)
-                    if attempt < COMPLETE_ATTEMPTS
-                        && (e.is_transient() || matches!(e, AsgError::Validation { .. })) =>
-                {
-                    tracing::debug!(attempt, error = %e, "CompleteLifecycleAction failed; retrying");
-                    tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        unreachable!("the loop returns")
+        let policy = crate::retry::RetryPolicy {
+            attempts: COMPLETE_ATTEMPTS,
+            first_delay: first_backoff,
+            max_delay: Duration::from_secs(5),
+        };
+        let (result, attempts) = policy
+            .run(
+                || {
+                    asg.complete_lifecycle_action(
+                        &self.group,
+                        &self.hook.name,
+                        &self.instance_id,
+                        "CONTINUE",
+                    )
+                },
+                |e: &AsgError| e.is_transient() || matches!(e, AsgError::Validation { .. }),
+                |attempt, e, _| {
+                    tracing::debug!(attempt, error = %e, "CompleteLifecycleAction failed; retrying")
+                },
+            )
+            .await;
+        result.map(|()| attempts)
     }
 
     /// One `RecordLifecycleActionHeartbeat`; false (logged) if it failed.

@@ -51,6 +51,7 @@ pub mod leader;
 pub mod leadership;
 pub mod lifecycle;
 pub mod notify;
+pub mod retry;
 pub mod scaler;
 pub mod telemetry;
 pub mod tls;

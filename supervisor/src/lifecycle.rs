@@ -16,6 +16,7 @@
 
 use crate::agent::{AgentExit, ShutdownReason};
 use crate::aws::autoscaling::{AsgError, AutoScaling};
+use crate::retry::RetryPolicy;
 use std::time::Duration;
 
 /// Crashes in a row (after registering) before the instance is replaced.
@@ -60,9 +61,8 @@ impl Backoff {
         self.failures += 1;
         let exp = self.failures.saturating_sub(1).min(16);
         let raw = self.base.saturating_mul(1u32 << exp).min(self.cap);
-        // ±20 % jitter so a fleet-wide fault does not make every instance retry in step.
-        let jitter = 0.8 + fastrand::f64() * 0.4;
-        raw.mul_f64(jitter).min(self.cap)
+        // Jitter so a fleet-wide fault does not make every instance retry in step.
+        crate::retry::jitter(raw).min(self.cap)
     }
 }
 
@@ -167,30 +167,35 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let mut delay = first_backoff;
-    for attempt in 1..=TERMINATE_ATTEMPTS {
-        match asg.terminate_instance(instance_id, decrement).await {
-            Ok(()) => {
-                tracing::info!(
-                    decrement,
-                    attempt,
-                    "termination requested from Auto Scaling"
-                );
-                return Termination::Requested;
-            }
-            Err(AsgError::Validation { detail, .. }) if decrement => {
-                tracing::info!(detail = %detail, "Auto Scaling refused to shrink the group (at its min size); keeping this instance");
-                return Termination::AtMinSize;
-            }
-            Err(e) if e.is_transient() && attempt < TERMINATE_ATTEMPTS => {
-                tracing::warn!(attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "terminate call failed; retrying");
-                tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
-                delay = (delay * 2).min(Duration::from_secs(20));
-            }
-            Err(e) => {
-                tracing::error!(attempt, error = %e, "terminate call failed; marking the instance unhealthy instead");
-                break;
-            }
+    let policy = RetryPolicy {
+        attempts: TERMINATE_ATTEMPTS,
+        first_delay: first_backoff,
+        max_delay: Duration::from_secs(20),
+    };
+    let (result, attempt) = policy
+        .run(
+            || asg.terminate_instance(instance_id, decrement),
+            AsgError::is_transient,
+            |attempt, e, delay| {
+                tracing::warn!(attempt, error = %e, retry_in_ms = delay.as_millis() as u64, "terminate call failed; retrying")
+            },
+        )
+        .await;
+    match result {
+        Ok(()) => {
+            tracing::info!(
+                decrement,
+                attempt,
+                "termination requested from Auto Scaling"
+            );
+            return Termination::Requested;
+        }
+        Err(AsgError::Validation { detail, .. }) if decrement => {
+            tracing::info!(detail = %detail, "Auto Scaling refused to shrink the group (at its min size); keeping this instance");
+            return Termination::AtMinSize;
+        }
+        Err(e) => {
+            tracing::error!(attempt, error = %e, "terminate call failed; marking the instance unhealthy instead");
         }
     }
     match asg.set_unhealthy(instance_id).await {

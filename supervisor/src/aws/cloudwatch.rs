@@ -15,6 +15,10 @@ use aws_config::SdkConfig;
 use std::future::Future;
 use std::time::Duration;
 
+/// The namespace of every metric the fleet publishes — the scaler's, the boot timing and
+/// spot interruptions — as the reference stack's (`Semaphore`, dimension `StackName`).
+pub const NAMESPACE: &str = "Semaphore";
+
 /// Env var naming a CloudWatch-only endpoint (the SDKs' service-specific override).
 pub const ENDPOINT_ENV: &str = "AWS_ENDPOINT_URL_CLOUDWATCH";
 

@@ -321,7 +321,7 @@ fn escape(s: &str) -> String {
 
 /// The first `<Code>` and `<Message>` of a Query-protocol error body, wherever they are
 /// nested; `Unknown` and the start of the body when absent.
-pub(crate) fn xml_error(body: &str) -> (String, String) {
+pub fn xml_error(body: &str) -> (String, String) {
     let mut code = None;
     let mut message = None;
     let mut doc = Document::new(body);

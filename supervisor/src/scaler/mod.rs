@@ -98,8 +98,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// CloudWatch namespace of every metric the scaler publishes.
-pub const NAMESPACE: &str = "Semaphore";
 /// Processes kept suspended on the agents' group.
 pub const SUSPENDED_PROCESSES: &[&str] = &["AZRebalance"];
 /// Longest pause between polls after failures (unless the poll interval or
@@ -364,7 +362,7 @@ where
         let exp = self.failures.saturating_sub(1).min(10);
         let cap = MAX_BACKOFF.max(poll);
         let raw = poll.saturating_mul(1u32 << exp).min(cap);
-        let jittered = raw.mul_f64(0.8 + fastrand::f64() * 0.4).min(cap);
+        let jittered = crate::retry::jitter(raw).min(cap);
         jittered.max(retry_after.unwrap_or_default())
     }
 
@@ -671,7 +669,11 @@ where
             valid_until_mono_ns = c.valid_until_mono_ns,
             "leader action"
         );
-        match self.sink.put(NAMESPACE, &data).await {
+        match self
+            .sink
+            .put(crate::aws::cloudwatch::NAMESPACE, &data)
+            .await
+        {
             Ok(()) => self.quiet.metrics.recovered("PutMetricData"),
             Err(e) => {
                 let key = match &e {

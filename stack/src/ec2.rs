@@ -4,14 +4,14 @@
 //!
 //! - Endpoint: `AWS_ENDPOINT_URL_EC2`, else the SDK config's endpoint
 //!   (`AWS_ENDPOINT_URL`), else `https://ec2.<region>.amazonaws.com`.
-//! - Region and credentials: from the [`SdkConfig`], cached (see [`super::query`]).
+//! - Region and credentials: from the [`SdkConfig`], cached (see [`agent_supervisor::aws::query`]).
 //! - Signing name `ec2`, API version `2016-11-15`.
 //!
 //! The answer is read with `aws-smithy-xml`, element by element within each scope, so the
 //! nested `item`s of other sets (groups, network interfaces, block devices, tags) are never
 //! mistaken for instances.
 
-use super::query::{QueryClient, QueryError, Service};
+use agent_supervisor::aws::query::{QueryClient, QueryError, Service};
 use aws_config::SdkConfig;
 use aws_smithy_types::date_time::{DateTime, Format};
 use aws_smithy_xml::decode::{try_data, Document, ScopedDecoder, XmlDecodeError};
@@ -270,7 +270,7 @@ fn child_text(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::query::xml_error;
+    use agent_supervisor::aws::query::xml_error;
 
     /// Shaped like a real answer: namespaces, a group set and network interfaces with
     /// their own `item`s and `placement`-like children, tags, a Spot instance.
@@ -495,8 +495,7 @@ mod tests {
     }
 
     fn config(endpoint: &str) -> SdkConfig {
-        use aws_credential_types::provider::SharedCredentialsProvider;
-        use aws_credential_types::Credentials;
+        use aws_sdk_ssm::config::{Credentials, SharedCredentialsProvider};
         SdkConfig::builder()
             .region(aws_config::Region::new("us-east-1"))
             .endpoint_url(endpoint)
@@ -620,12 +619,34 @@ mod tests {
         server.await.expect("server");
     }
 
+    /// Starts the test bed's moto (it exits when its stdin closes) and returns its endpoint.
+    fn start_test_moto() -> (std::process::Child, String) {
+        use std::io::{BufRead, BufReader};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut child = std::process::Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("tests/bed/moto_server.py"))
+            .args(["--port", "0", "--exit-on-stdin-eof"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start moto");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read LISTENING");
+        let port = line
+            .trim()
+            .strip_prefix("LISTENING ")
+            .expect("LISTENING line");
+        (child, format!("http://127.0.0.1:{port}"))
+    }
+
     /// Against the test bed's moto (`make venv` first):
-    /// `cargo test -p agent-supervisor ec2 -- --ignored`.
+    /// `cargo test -p agent-fleet ec2 -- --ignored`.
     #[tokio::test]
     #[ignore = "needs the test bed's moto venv"]
     async fn moto_describes_instances() {
-        let (mut child, endpoint) = crate::aws::start_test_moto();
+        let (mut child, endpoint) = start_test_moto();
         let config = config(&endpoint);
         let raw = QueryClient::new(SERVICE, &config).expect("client");
         let ec2 = QueryEc2::new(&config).expect("client");
