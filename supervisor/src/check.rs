@@ -3,7 +3,7 @@
 
 use crate::aws::autoscaling::{AutoScaling, SdkAutoScaling};
 use crate::aws::ssm::{ParameterStore, SdkParameterStore, SsmError};
-use crate::daemon::{prepare, RunOptions};
+use crate::startup::{prepare, RunOptions};
 
 struct Report {
     failed: bool,

@@ -6,161 +6,23 @@ use crate::agent::config_file::{write_private, AgentConfig};
 use crate::agent::{progress_changed, Launch, Progress, RunAs, RunningAgent, ShutdownReason};
 use crate::aws::autoscaling::SdkAutoScaling;
 use crate::aws::cloudwatch::{MetricsSink, QueryCloudWatch};
-use crate::aws::imds::{instance_info, launch_time, Metadata, SdkImds};
-use crate::aws::ssm::{Parameter, ParameterStore, SdkParameterStore, SsmError};
-use crate::config::{Role, Settings, StackIdentity};
+use crate::aws::imds::{launch_time, Metadata, SdkImds};
+use crate::aws::ssm::{ParameterStore, SdkParameterStore};
+use crate::config::{Role, Settings};
 use crate::interrupt::{self, Interruption, Notice};
 use crate::leader::LeaderWork;
 use crate::leadership::Leadership;
 use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
 use crate::notify::Notifier;
-use crate::retry::RetryPolicy;
 use crate::{boot, hook, Shutdown};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-/// Knobs of the daemon itself (the AMI's systemd unit sets them), as opposed to the
-/// runtime config the stack writes to SSM.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Overrides the role the user data gives (`AGENT_FLEET_ROLE`).
-    pub role: Option<Role>,
-    pub agent_binary: PathBuf,
-    pub agent_user: String,
-    pub work_dir: PathBuf,
-    pub agent_env: Vec<(String, String)>,
-    pub pass_env: Vec<String>,
-    pub poweroff_command: Vec<String>,
-    pub terminate_timeout: Duration,
-    pub restart_backoff: Duration,
-    pub restart_backoff_cap: Duration,
-    pub drain_margin: Duration,
-    pub imds_attempts: u32,
-    pub aws_retry_backoff: Duration,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
-    /// Bad or missing input: config, token, user data, IMDS. Exit code 2.
-    #[error("{0}")]
-    Input(String),
-    /// Something failed at run time. Exit code 1.
-    #[error("{0}")]
-    Runtime(String),
-    /// A second stop signal cut the drain short. Exit code 130.
-    #[error("aborted by a second stop signal; the agent's process group was killed")]
-    Aborted,
-}
-
-impl DaemonError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Self::Input(_) => 2,
-            Self::Runtime(_) => 1,
-            Self::Aborted => 130,
-        }
-    }
-}
-
-/// What was learned before the agent could start.
-pub struct Prepared {
-    pub instance_id: String,
-    pub identity: StackIdentity,
-    pub settings: Settings,
-    pub sdk: aws_config::SdkConfig,
-}
-
-/// Reads IMDS, the user data and the runtime config. Shared with `check`.
-pub async fn prepare(opts: &RunOptions) -> Result<Prepared, DaemonError> {
-    let imds = SdkImds::new();
-    let info = instance_info(&imds, opts.imds_attempts, Duration::from_millis(200))
-        .await
-        .map_err(|e| {
-            DaemonError::Input(format!(
-                "cannot read instance metadata after {} attempts: {e}; fix: on EC2 the launch template must enable IMDSv2 (HttpEndpoint enabled, hop limit ≥ 1); elsewhere set AWS_EC2_METADATA_SERVICE_ENDPOINT",
-                opts.imds_attempts
-            ))
-        })?;
-    let identity = StackIdentity::from_user_data(&info.user_data)
-        .map_err(|e| DaemonError::Input(format!("instance {}: {e}", info.instance_id)))?;
-    let sdk = crate::aws::sdk_config(&info.region).await;
-    let ssm = SdkParameterStore::new(&sdk);
-    let raw = get_parameter(&ssm, &identity.config_parameter, opts.aws_retry_backoff)
-        .await
-        .map_err(|e| match e {
-            SsmError::NotFound { name } => DaemonError::Input(format!(
-                "runtime config parameter {name} does not exist; fix: deploy the stack ({}) with agent-fleet deploy, or correct {} in the user data",
-                identity.stack_name,
-                crate::config::USER_DATA_CONFIG_KEY
-            )),
-            e => DaemonError::Input(format!("cannot read the runtime config: {e}")),
-        })?;
-    let settings = Settings::parse(&identity.config_parameter, &raw.value)
-        .map_err(|e| DaemonError::Input(e.to_string()))?;
-    warn_ignored_keys(&settings);
-    Ok(Prepared {
-        instance_id: info.instance_id,
-        identity,
-        settings,
-        sdk,
-    })
-}
-
-/// GetParameter, retried with backoff on throttling and 5xx (the fleet shares one SSM
-/// quota; a thundering herd at scale-up must not fail the boot).
-pub async fn get_parameter<P: ParameterStore>(
-    ssm: &P,
-    name: &str,
-    first_backoff: Duration,
-) -> Result<Parameter, SsmError> {
-    let policy = RetryPolicy {
-        attempts: 6,
-        first_delay: first_backoff,
-        max_delay: Duration::from_secs(10),
-    };
-    policy
-        .run(
-            || ssm.get(name),
-            SsmError::is_transient,
-            |attempt, e, _| tracing::warn!(parameter = name, attempt, error = %e, "SSM call failed; retrying"),
-        )
-        .await
-        .0
-}
-
-async fn read_token<P: ParameterStore>(
-    ssm: &P,
-    settings: &Settings,
-    backoff: Duration,
-) -> Result<String, DaemonError> {
-    let p = get_parameter(ssm, &settings.token_parameter, backoff)
-        .await
-        .map_err(|e| match e {
-            SsmError::NotFound { name } => DaemonError::Input(format!(
-                "registration token parameter {name} does not exist; fix: store the agent type's token with `agent-fleet token set` (a SecureString), or correct token_parameter in {}",
-                settings.config_parameter
-            )),
-            e => DaemonError::Input(format!(
-                "cannot read the registration token parameter {}: {e}",
-                settings.token_parameter
-            )),
-        })?;
-    if !p.secure {
-        tracing::warn!(parameter = %settings.token_parameter, "the registration token parameter is not a SecureString; store it encrypted (agent-fleet token set)");
-    }
-    let token = p.value.trim().to_string();
-    if token.is_empty() {
-        return Err(DaemonError::Input(format!(
-            "registration token parameter {} is empty; fix: agent-fleet token set",
-            settings.token_parameter
-        )));
-    }
-    Ok(token)
-}
+use crate::startup::{get_parameter, prepare, read_token, Prepared};
+pub use crate::startup::{DaemonError, RunOptions};
 
 fn agent_env(opts: &RunOptions, run_as: Option<&RunAs>) -> Vec<(String, String)> {
     let (user, home) = match run_as {
@@ -1496,7 +1358,7 @@ async fn reload_once<P: ParameterStore>(
                     let changed = *cur != s;
                     if changed {
                         if s.ignored_keys != cur.ignored_keys {
-                            warn_ignored_keys(&s);
+                            crate::startup::warn_ignored_keys(&s);
                         }
                         tracing::info!(parameter = %parameter, "runtime config changed: scaler knobs apply now, agent knobs at the next agent start");
                         *cur = s;
@@ -1542,18 +1404,6 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// Keys of the runtime config this supervisor does not know: a newer stack template than
-/// the AMI, or a typo in a hand edit.
-fn warn_ignored_keys(settings: &Settings) {
-    if !settings.ignored_keys.is_empty() {
-        tracing::warn!(
-            parameter = %settings.config_parameter,
-            keys = %settings.ignored_keys.join(", "),
-            "runtime config keys this agent-supervisor does not know are ignored; fix: rebuild the AMI (agent-fleet ami build) if the stack template is newer, or correct the key"
-        );
     }
 }
 

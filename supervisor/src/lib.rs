@@ -53,6 +53,7 @@ pub mod lifecycle;
 pub mod notify;
 pub mod retry;
 pub mod scaler;
+pub mod startup;
 pub mod telemetry;
 pub mod tls;
 
