@@ -21,7 +21,11 @@
 //!   (the real server's pace), ≥ 10 runs: the share whose job reached the hub as
 //!   `stopped` with the agent never killed by the supervisor. Target 1.0.
 //!
-//! `--only boot,idle,rss,scale,failover,ssm,real` picks sections; `--runs`, `--rss-secs`,
+//! - `leader_aws_calls_per_idle_min`: every AWS call (SSM, Auto Scaling, CloudWatch) one
+//!   leader (scaler role, default timings) makes in `--calls-mins` (5) minutes with no
+//!   jobs, per minute, after its first term's set-up; each kind of call is printed too.
+//!
+//! `--only boot,idle,rss,scale,failover,ssm,real,calls` picks sections; `--runs`, `--rss-secs`,
 //! `--kills`, `--trials`, `--drains` change the counts; `--rss-no-leader` measures RSS
 //! without leader work. The `real` section needs the real agent (`make real-agent`, or
 //! `AGENT_FLEET_REAL_AGENT=PATH`); without it, it says so and is skipped.
@@ -49,7 +53,7 @@ fn arg_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--rss-no-leader]";
+const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real,calls] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--calls-mins N] [--rss-no-leader]";
 
 /// Refuses what it does not know (a mistyped flag must not start a 15-minute run).
 fn check_args() -> Result<(), String> {
@@ -57,7 +61,8 @@ fn check_args() -> Result<(), String> {
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
-            "--only" | "--runs" | "--rss-secs" | "--kills" | "--trials" | "--drains" => {
+            "--only" | "--runs" | "--rss-secs" | "--kills" | "--trials" | "--drains"
+            | "--calls-mins" => {
                 if args.get(i + 1).is_none() {
                     return Err(format!("{} needs a value", args[i]));
                 }
@@ -107,6 +112,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if want("failover") {
         failover(&bed, arg_usize("--kills", 10)).await?;
+    }
+    if want("calls") {
+        leader_calls(arg_usize("--calls-mins", 5).max(1) as u64).await?;
     }
     if want("real") {
         match real_agent()? {
@@ -574,5 +582,42 @@ fn ssm_simulation() -> anyhow::Result<()> {
             report.ssm_calls_per_sec
         );
     }
+    Ok(())
+}
+
+/// The AWS calls of one idle leader, per minute, by kind.
+async fn leader_calls(mins: u64) -> anyhow::Result<()> {
+    let bed = Bed::start("calls").await?;
+    let group = "calls-agents";
+    bed.moto.create_group(group, 0, 5, 0).await?;
+    bed.put_config(&bed.runtime_config(group)).await?; // default poll 5 s, default election
+    let inst = Instance::start(
+        scaler_instance(&bed, group, "i-0000000000calls01", "calls"),
+        None,
+    )
+    .await?;
+    inst.wait_for_line(" leading term=", Duration::from_secs(60))
+        .await?;
+    // Past the term's set-up (AZRebalance suspended, first metrics).
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let since = bed.moto.last_seq().await?;
+    println!("leader AWS calls: counting {mins} min with no jobs …");
+    tokio::time::sleep(Duration::from_secs(60 * mins)).await;
+    let calls = bed.moto.calls(since).await?;
+    let mut kinds = std::collections::BTreeMap::<(String, String), usize>::new();
+    for c in &calls {
+        *kinds
+            .entry((c.service.clone(), c.action.clone()))
+            .or_default() += 1;
+    }
+    for ((service, action), n) in &kinds {
+        println!(
+            "  {service:<12} {action:<34} {:>6.1} / min",
+            *n as f64 / mins as f64
+        );
+    }
+    let per_min = calls.len() as f64 / mins as f64;
+    println!("BENCH leader_aws_calls_per_idle_min {per_min:.1} calls");
+    inst.kill_all();
     Ok(())
 }
