@@ -110,7 +110,7 @@ pub const VARS: &[Var] = &[
         "**required**; SSM SecureString holding the agent type's registration token (`agent-fleet token set` stores it)"),
     var("SEMAPHORE_ORGANIZATION", Param("Organization"), None, Shape(valid_organization, "letters, digits and dashes"),
         "endpoint becomes `<org>.semaphoreci.com`; this or `SEMAPHORE_ENDPOINT` is required"),
-    var("SEMAPHORE_ENDPOINT", Param("Endpoint"), None, Shape(valid_endpoint, "a host name with an optional :port, without https:// or a path"),
+    var("SEMAPHORE_ENDPOINT", Param("Endpoint"), None, Shape(valid_endpoint, "a host name with an optional :port (1-65535), without https://, user@, a path, ?query or #fragment"),
         "Semaphore host[:port]; wins over the organization"),
     var("SEMAPHORE_AGENT_INSTANCE_TYPE", Param("InstanceType"), Some("t2.micro"), Shape(valid_instance_type, "an EC2 instance type such as t3.medium"),
         "agents' instance type (an arm64 type with `SEMAPHORE_AGENT_ARCH=arm64`)"),
@@ -343,16 +343,11 @@ fn valid_organization(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
+/// The supervisor's rule ([`agent_supervisor::config::check_endpoint`]: host\[:port\] and
+/// nothing else, so a value like `org.semaphoreci.com@evil.example` never reaches a
+/// stack), without the bracketed IPv6 form the template's pattern does not take.
 fn valid_endpoint(s: &str) -> bool {
-    let (host, port) = match s.rsplit_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (s, None),
-    };
-    host.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
-        && port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    !s.starts_with('[') && agent_supervisor::config::valid_endpoint(s)
 }
 
 pub fn valid_instance_type(s: &str) -> bool {

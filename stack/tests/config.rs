@@ -61,7 +61,18 @@ const RULES: &[Rule] = &[
     (&[("SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME", "")], &["SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME: is required", "agent-fleet token set"]),
     (&[("SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME", "ci/token")], &["SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME: \"ci/token\" must be an SSM parameter name"]),
     (&[("SEMAPHORE_ORGANIZATION", "")], &["SEMAPHORE_ORGANIZATION: neither it nor SEMAPHORE_ENDPOINT is set"]),
-    (&[("SEMAPHORE_ENDPOINT", "https://x.semaphoreci.com/")], &["SEMAPHORE_ENDPOINT: \"https://x.semaphoreci.com/\" must be a host name with an optional :port, without https://"]),
+    (&[("SEMAPHORE_ENDPOINT", "https://x.semaphoreci.com/")], &["SEMAPHORE_ENDPOINT: \"https://x.semaphoreci.com/\" must be a host name with an optional :port (1-65535), without https://, user@, a path, ?query or #fragment"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg.semaphoreci.com@evil.example")], &["SEMAPHORE_ENDPOINT: \"myorg.semaphoreci.com@evil.example\" must be a host name", "without https://, user@"]),
+    (&[("SEMAPHORE_ENDPOINT", "user:pw@myorg.semaphoreci.com")], &["SEMAPHORE_ENDPOINT: \"user:pw@myorg.semaphoreci.com\" must be a host name"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg.semaphoreci.com/api")], &["SEMAPHORE_ENDPOINT: \"myorg.semaphoreci.com/api\" must be a host name"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg.semaphoreci.com?x=evil.example")], &["SEMAPHORE_ENDPOINT: \"myorg.semaphoreci.com?x=evil.example\" must be a host name"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg.semaphoreci.com#x")], &["SEMAPHORE_ENDPOINT: \"myorg.semaphoreci.com#x\" must be a host name"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg.semaphoreci.com:0")], &["SEMAPHORE_ENDPOINT: \"myorg.semaphoreci.com:0\" must be a host name with an optional :port (1-65535)"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg.semaphoreci.com:65536")], &["SEMAPHORE_ENDPOINT: \"myorg.semaphoreci.com:65536\" must be a host name with an optional :port (1-65535)"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg.semaphoreci.com:443:1")], &["SEMAPHORE_ENDPOINT: \"myorg.semaphoreci.com:443:1\" must be a host name"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg..semaphoreci.com")], &["SEMAPHORE_ENDPOINT: \"myorg..semaphoreci.com\" must be a host name"]),
+    (&[("SEMAPHORE_ENDPOINT", "myorg-.semaphoreci.com")], &["SEMAPHORE_ENDPOINT: \"myorg-.semaphoreci.com\" must be a host name"]),
+    (&[("SEMAPHORE_ENDPOINT", "[::1]:8080")], &["SEMAPHORE_ENDPOINT: \"[::1]:8080\" must be a host name"]),
     (&[("SEMAPHORE_AGENT_ASG_MIN_SIZE", "-1")], &["SEMAPHORE_AGENT_ASG_MIN_SIZE: \"-1\" must be a whole number, 0-9999"]),
     (&[("SEMAPHORE_AGENT_ASG_MAX_SIZE", "0")], &["SEMAPHORE_AGENT_ASG_MAX_SIZE: \"0\" must be between 1 and 9999"]),
     (&[("SEMAPHORE_AGENT_ASG_MIN_SIZE", "3"), ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "2")], &["SEMAPHORE_AGENT_ASG_MIN_SIZE: \"3\" is above SEMAPHORE_AGENT_ASG_MAX_SIZE \"2\""]),
@@ -113,6 +124,34 @@ fn every_rule_refuses_with_a_message_naming_the_variable_and_the_fix() {
         for n in *needles {
             assert!(msg.contains(n), "for {pairs:?} expected {n:?} in:\n{msg}");
         }
+    }
+}
+
+/// The endpoint rule is the supervisor's: what the CLI lets through, every instance takes.
+#[test]
+fn endpoints_agree_with_the_supervisor() {
+    for ok in [
+        "myorg.semaphoreci.com",
+        "myorg.semaphoreci.com:8443",
+        "127.0.0.1:3000",
+        "localhost",
+        "a",
+    ] {
+        let c = load(&[("SEMAPHORE_ENDPOINT", ok)]).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(c.param("Endpoint"), ok);
+        assert!(agent_supervisor::config::valid_endpoint(ok), "{ok}");
+    }
+    for bad in [
+        "myorg.semaphoreci.com@evil.example",
+        "https://myorg.semaphoreci.com",
+        "myorg.semaphoreci.com/",
+        "myorg.semaphoreci.com:",
+        "myorg.semaphoreci.com:99999",
+        "myorg semaphoreci.com",
+        ".myorg.semaphoreci.com",
+    ] {
+        assert!(load(&[("SEMAPHORE_ENDPOINT", bad)]).is_err(), "{bad}");
+        assert!(!agent_supervisor::config::valid_endpoint(bad), "{bad}");
     }
 }
 

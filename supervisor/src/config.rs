@@ -214,7 +214,22 @@ impl Default for ScalerConfig {
     }
 }
 
-/// Lease timings (client-go's semantics). Validated: `lease > renew_deadline > 1.2 × retry`.
+/// The longest `election.lease_ms`, `renew_deadline_ms` or `retry_ms` may be: 5 minutes.
+///
+/// Failover after a crash takes about lease + renew_deadline + retry, so at the cap the
+/// fleet goes up to 15 minutes without a leader (no scale-up) — anything longer is a typo,
+/// not tuning (the defaults are 20 s / 12 s / 4 s). The same bound caps the lease that a
+/// record read from SSM may make a candidate wait ([`Record::lease`]), and keeps every
+/// `Instant + timing` the election computes far from overflow.
+///
+/// [`Record::lease`]: crate::election::Record::lease
+pub const MAX_ELECTION_TIMING_MS: u64 = 300_000;
+
+/// [`MAX_ELECTION_TIMING_MS`] as a `Duration`.
+pub const MAX_ELECTION_TIMING: Duration = Duration::from_millis(MAX_ELECTION_TIMING_MS);
+
+/// Lease timings (client-go's semantics). Validated: `lease > renew_deadline > 1.2 × retry`,
+/// each at most [`MAX_ELECTION_TIMING_MS`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ElectionConfig {
@@ -262,7 +277,8 @@ pub struct LifecycleHook {
     pub heartbeat_timeout: Duration,
 }
 
-/// Validated election timings.
+/// Validated election timings: each at most [`MAX_ELECTION_TIMING`]. The elector clamps
+/// longer ones (a hand-built value) to that cap rather than overflow an `Instant`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ElectionSettings {
     pub lease: Duration,
@@ -418,13 +434,20 @@ impl Settings {
                 "is empty; set it to your Semaphore host, e.g. myorg.semaphoreci.com",
             ));
         }
-        if endpoint.contains("://")
-            || endpoint.contains('/')
-            || endpoint.contains(char::is_whitespace)
-        {
-            return Err(invalid(
+        let host = check_endpoint(endpoint).map_err(|why| {
+            invalid(
                 "endpoint",
-                "must be host[:port] with no scheme or path, e.g. myorg.semaphoreci.com",
+                &format!(
+                    "{endpoint:?} {why}; set it to host[:port] only, e.g. myorg.semaphoreci.com"
+                ),
+            )
+        })?;
+        if raw.no_https && !host.is_loopback() {
+            return Err(invalid(
+                "no_https",
+                &format!(
+                    "is true but endpoint {endpoint:?} is not on this machine (127.0.0.0/8, [::1] or localhost): the registration token would cross the network in plain text; set no_https to false"
+                ),
             ));
         }
         if !valid_parameter_name(&raw.token_parameter) {
@@ -544,9 +567,24 @@ fn validate_election(
     config_parameter: &str,
 ) -> Result<ElectionSettings, (&'static str, String)> {
     let (lease, deadline, retry) = (c.lease_ms, c.renew_deadline_ms, c.retry_ms);
+    for (key, ms) in [
+        ("election.lease_ms", lease),
+        ("election.renew_deadline_ms", deadline),
+        ("election.retry_ms", retry),
+    ] {
+        if ms > MAX_ELECTION_TIMING_MS {
+            return Err((
+                key,
+                format!(
+                    "({ms}) is over {MAX_ELECTION_TIMING_MS} (5 minutes): failover takes about lease + renew_deadline + retry; lower it (defaults 20000 / 12000 / 4000)"
+                ),
+            ));
+        }
+    }
     if retry < 100 {
         return Err(("election.retry_ms", "must be at least 100".into()));
     }
+    // Each is at most MAX_ELECTION_TIMING_MS: neither product can overflow.
     if deadline * 10 <= retry * 12 {
         return Err((
             "election.renew_deadline_ms",
@@ -590,6 +628,111 @@ pub fn valid_parameter_name(s: &str) -> bool {
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-' | '/'))
         && s.matches('/').count() <= 15
+}
+
+/// The host part of a valid endpoint (see [`check_endpoint`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndpointHost<'a> {
+    /// A DNS name (`myorg.semaphoreci.com`, `localhost`), or an IPv4 address.
+    Name(&'a str),
+    /// A bracketed IPv6 address (`[::1]`).
+    V6(std::net::Ipv6Addr),
+}
+
+impl EndpointHost<'_> {
+    /// `localhost`, 127.0.0.0/8 or ::1: traffic that never leaves the machine, the only
+    /// place plain HTTP (`no_https`) may go.
+    pub fn is_loopback(self) -> bool {
+        match self {
+            Self::Name(n) => {
+                n.eq_ignore_ascii_case("localhost")
+                    || n.parse::<std::net::Ipv4Addr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            Self::V6(ip) => ip.is_loopback(),
+        }
+    }
+}
+
+/// The Semaphore endpoint rule, shared by the supervisor and the stack CLI: `host[:port]`
+/// and nothing else. The supervisor builds `https://<endpoint>/…` URLs and sends the
+/// registration token there, so anything a URL parser would read as more than a host —
+/// a scheme, `user@` (`org.semaphoreci.com@evil.example` is a request to evil.example),
+/// a path, `?query` or `#fragment` — is refused, as is a port outside 1-65535.
+///
+/// The host is a DNS name (labels of 1-63 of `A-Za-z0-9-`, not starting or ending with
+/// `-`, at most 253 characters; an IPv4 address is one) or a bracketed IPv6 address. The
+/// error says what is wrong, for a message that goes on "set it to host\[:port\] only".
+pub fn check_endpoint(s: &str) -> Result<EndpointHost<'_>, &'static str> {
+    if s.contains("://") {
+        return Err("has a scheme");
+    }
+    if s.contains('@') {
+        return Err("has user info (`user@`), which makes the part after `@` the host");
+    }
+    if s.contains('/') {
+        return Err("has a path");
+    }
+    if s.contains('?') {
+        return Err("has a query");
+    }
+    if s.contains('#') {
+        return Err("has a fragment");
+    }
+    let (host, port) = match s.strip_prefix('[') {
+        Some(rest) => {
+            let Some((v6, after)) = rest.split_once(']') else {
+                return Err("has an unclosed `[`");
+            };
+            let Ok(ip) = v6.parse::<std::net::Ipv6Addr>() else {
+                return Err("has an invalid IPv6 address in brackets");
+            };
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or("has text after the IPv6 address")?,
+                ),
+            };
+            (EndpointHost::V6(ip), port)
+        }
+        None => {
+            let (host, port) = match s.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            };
+            if !valid_dns_name(host) {
+                return Err("is not a host name (labels of letters, digits and inner dashes, separated by dots; an IPv6 address goes in brackets)");
+            }
+            (EndpointHost::Name(host), port)
+        }
+    };
+    if let Some(p) = port {
+        let digits = !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+        if !digits || p.parse::<u16>().map_or(true, |n| n == 0) {
+            return Err("has a port outside 1-65535");
+        }
+    }
+    Ok(host)
+}
+
+/// Whether `s` passes [`check_endpoint`].
+pub fn valid_endpoint(s: &str) -> bool {
+    check_endpoint(s).is_ok()
+}
+
+/// RFC 1123 host name: 1-253 characters; labels of 1-63 of `A-Za-z0-9-`, no leading or
+/// trailing dash.
+fn valid_dns_name(s: &str) -> bool {
+    (1..=253).contains(&s.len())
+        && s.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn valid_bucket_name(s: &str) -> bool {
@@ -790,6 +933,157 @@ mod tests {
         };
         let mut doc = serde_json::to_value(&full).expect("serialize");
         assert_eq!(drop_unknown_keys(&mut doc), Vec::<String>::new());
+    }
+
+    fn with(patch: &str) -> Result<Settings, String> {
+        let json = GOOD.replace('}', &format!(",{patch}}}"));
+        Settings::parse("/p", &json).map_err(|e| e.to_string())
+    }
+
+    fn with_endpoint(endpoint: &str, no_https: bool) -> Result<Settings, String> {
+        let json = serde_json::json!({
+            "endpoint": endpoint, "token_parameter": "/s/token", "agent_group": "g",
+            "no_https": no_https,
+        });
+        Settings::parse("/p", &json.to_string()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_endpoint_is_a_host_and_port_only() {
+        for ok in [
+            "org.semaphoreci.com",
+            "org.semaphoreci.com:443",
+            "ORG.SemaphoreCI.com",
+            "a",
+            "127.0.0.1:8080",
+            "[::1]:8080",
+            "[2001:db8::1]",
+            "localhost",
+            "x-1.example:65535",
+        ] {
+            let s = with_endpoint(ok, false).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(s.endpoint, ok);
+        }
+        for (bad, why) in [
+            ("org.semaphoreci.com@evil.example", "user info"),
+            ("user:pw@org.semaphoreci.com", "user info"),
+            ("@evil.example", "user info"),
+            ("https://org.semaphoreci.com", "scheme"),
+            ("org.semaphoreci.com/api", "path"),
+            ("org.semaphoreci.com?x=evil.example", "query"),
+            ("org.semaphoreci.com#evil", "fragment"),
+            ("org.semaphoreci.com:0", "port"),
+            ("org.semaphoreci.com:65536", "port"),
+            ("org.semaphoreci.com:", "port"),
+            ("org.semaphoreci.com:443:1", "port"),
+            ("org.semaphoreci.com:+80", "port"),
+            ("org.semaphoreci.com:99999999999999999999", "port"),
+            ("org semaphoreci.com", "host name"),
+            ("org.semaphoreci.com\u{0}", "host name"),
+            ("-org.semaphoreci.com", "host name"),
+            ("org..semaphoreci.com", "host name"),
+            ("org.semaphoreci.com.", "host name"),
+            ("ex\u{e4}mple.com", "host name"),
+            ("::1", "host name"),
+            ("[::1", "unclosed"),
+            ("[::1]x", "after the IPv6"),
+            ("[evil.example]", "IPv6"),
+        ] {
+            let m = with_endpoint(bad, false).expect_err(bad);
+            assert!(
+                m.contains("key `endpoint`") && m.contains(why) && m.contains("host[:port] only"),
+                "{bad}: {m}"
+            );
+        }
+        let long = format!("{}.com", "a.".repeat(130));
+        assert!(with_endpoint(&long, false).is_err());
+        let label = format!("{}.com", "a".repeat(64));
+        assert!(with_endpoint(&label, false).is_err());
+    }
+
+    #[test]
+    fn no_https_only_to_loopback() {
+        for ok in [
+            "127.0.0.1:3000",
+            "127.8.9.10",
+            "[::1]:1",
+            "localhost:80",
+            "LOCALHOST",
+        ] {
+            let s = with_endpoint(ok, true).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert!(s.no_https);
+        }
+        for bad in [
+            "org.semaphoreci.com",
+            "10.0.0.1:80",
+            "128.0.0.1",
+            "0.0.0.0",
+            "[::2]",
+            "[::ffff:127.0.0.1]",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+        ] {
+            let m = with_endpoint(bad, true).expect_err(bad);
+            assert!(
+                m.contains("key `no_https`") && m.contains("set no_https to false"),
+                "{bad}: {m}"
+            );
+            assert!(with_endpoint(bad, false).is_ok(), "{bad} with https");
+        }
+    }
+
+    #[test]
+    fn election_timings_are_capped_without_overflow() {
+        let at_cap = format!(
+            r#""election":{{"lease_ms":{MAX_ELECTION_TIMING_MS},"renew_deadline_ms":{},"retry_ms":{}}}"#,
+            MAX_ELECTION_TIMING_MS - 1,
+            (MAX_ELECTION_TIMING_MS - 1) * 10 / 12 - 1,
+        );
+        let s = with(&at_cap).expect("at the cap");
+        assert_eq!(s.election.lease, MAX_ELECTION_TIMING);
+        for (key, value) in [
+            ("lease_ms", MAX_ELECTION_TIMING_MS + 1),
+            ("lease_ms", u64::MAX),
+            ("renew_deadline_ms", MAX_ELECTION_TIMING_MS + 1),
+            ("renew_deadline_ms", u64::MAX),
+            ("retry_ms", MAX_ELECTION_TIMING_MS + 1),
+            ("retry_ms", u64::MAX),
+            ("retry_ms", u64::MAX / 10 + 1),
+        ] {
+            let m = with(&format!(r#""election":{{"{key}":{value}}}"#)).expect_err(key);
+            assert!(
+                m.contains(&format!("`election.{key}` ({value}) is over 300000"))
+                    && m.contains("lower it"),
+                "{key}={value}: {m}"
+            );
+        }
+        // Every combination of edge values: an answer, never a panic.
+        let edges = [
+            0,
+            1,
+            99,
+            100,
+            4_000,
+            299_999,
+            300_000,
+            300_001,
+            u64::MAX / 12,
+            u64::MAX,
+        ];
+        for lease in edges {
+            for deadline in edges {
+                for retry in edges {
+                    let patch = format!(
+                        r#""election":{{"lease_ms":{lease},"renew_deadline_ms":{deadline},"retry_ms":{retry}}}"#
+                    );
+                    if let Ok(s) = with(&patch) {
+                        let e = s.election;
+                        assert!(e.lease <= MAX_ELECTION_TIMING && e.lease > e.renew_deadline);
+                        assert!(e.renew_deadline > e.retry.mul_f64(1.2));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

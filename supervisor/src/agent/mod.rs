@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -602,6 +602,63 @@ fn remove_token(path: &std::path::Path) {
     }
 }
 
+/// The longest agent output line forwarded, in bytes: 16 KiB.
+///
+/// The agent's lines are its own log lines (job output goes to Semaphore, not here): a
+/// few hundred bytes, an error quoting an API answer perhaps a few KiB, so 16 KiB keeps
+/// every real one whole. A runaway agent — or a stream that stops sending newlines —
+/// must not make the supervisor buffer without bound (its memory is the fleet's: an OOM
+/// kill ends the agent's job), so the rest of a longer line is dropped and the forwarded
+/// part says how many bytes.
+const MAX_LINE_BYTES: usize = 16 * 1024;
+
+/// Reads one line into `buf` (cleared first; the `\n` is consumed, not kept), keeping at
+/// most `max` bytes of it and consuming the rest unread. Returns `None` at the end of the
+/// stream with nothing read, else how many bytes of the line were dropped.
+///
+/// Unlike `read_until`, which grows its buffer to the whole line, this holds at most
+/// `max` bytes plus the reader's own buffer, however long the line.
+async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<usize>> {
+    buf.clear();
+    let mut dropped = 0usize;
+    let mut read_any = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            return Ok(read_any.then_some(dropped));
+        }
+        read_any = true;
+        let newline = available.iter().position(|b| *b == b'\n');
+        let chunk = &available[..newline.unwrap_or(available.len())];
+        let keep = chunk.len().min(max.saturating_sub(buf.len()));
+        buf.extend_from_slice(&chunk[..keep]);
+        dropped = dropped.saturating_add(chunk.len() - keep);
+        let used = newline.map_or(chunk.len(), |i| i + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            return Ok(Some(dropped));
+        }
+    }
+}
+
+/// Cuts from the end of a truncated line any start of `secret`: the cut may have split
+/// the secret, and its first part must not be logged either. Returns the bytes cut.
+fn cut_partial_secret(buf: &mut Vec<u8>, secret: &str) -> usize {
+    let secret = secret.as_bytes();
+    let longest = secret.len().saturating_sub(1).min(buf.len());
+    match (1..=longest).rev().find(|k| buf.ends_with(&secret[..*k])) {
+        Some(k) => {
+            buf.truncate(buf.len() - k);
+            k
+        }
+        None => 0,
+    }
+}
+
 async fn forward<R: AsyncRead + Unpin>(
     stream: R,
     stream_name: &'static str,
@@ -613,15 +670,20 @@ async fn forward<R: AsyncRead + Unpin>(
     let mut reader = BufReader::new(stream);
     let mut buf = Vec::with_capacity(256);
     loop {
-        buf.clear();
-        match reader.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+        let mut dropped = match read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES).await {
+            Ok(Some(dropped)) => dropped,
+            Ok(None) | Err(_) => break,
+        };
+        if dropped > 0 {
+            dropped += cut_partial_secret(&mut buf, &ctx.secret);
         }
         let raw = String::from_utf8_lossy(&buf);
         let mut line = message_of(raw.trim_end());
         if !ctx.secret.is_empty() && line.contains(ctx.secret.as_str()) {
             line = line.replace(ctx.secret.as_str(), "[redacted]");
+        }
+        if dropped > 0 {
+            line.push_str(&format!(" … [{dropped} more bytes dropped]"));
         }
         if line.trim().is_empty() {
             continue;
@@ -866,6 +928,99 @@ mod tests {
             "Error pushing logs: connection refused",
         ] {
             assert_eq!(agent_line_level(warn), LineLevel::Warn, "{warn}");
+        }
+    }
+
+    /// Every line of `input` as `read_line_bounded` gives it, through a reader buffer of
+    /// `capacity` bytes.
+    async fn lines_of(input: &[u8], capacity: usize, max: usize) -> Vec<(Vec<u8>, usize)> {
+        let mut reader = BufReader::with_capacity(capacity, input);
+        let mut buf = Vec::new();
+        let mut out = Vec::new();
+        while let Some(dropped) = read_line_bounded(&mut reader, &mut buf, max)
+            .await
+            .expect("in-memory read")
+        {
+            assert!(buf.len() <= max);
+            out.push((buf.clone(), dropped));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn lines_are_cut_at_the_bound_and_the_rest_skipped() {
+        let l = |s: &str, d: usize| (s.as_bytes().to_vec(), d);
+        assert_eq!(lines_of(b"", 4, 8).await, vec![]);
+        assert_eq!(
+            lines_of(b"a\n\nbb\r\nlast", 3, 8).await,
+            vec![l("a", 0), l("", 0), l("bb\r", 0), l("last", 0)]
+        );
+        let long = format!("{}\nnext\n{}", "x".repeat(108), "y".repeat(9));
+        assert_eq!(
+            lines_of(long.as_bytes(), 5, 8).await,
+            vec![l("xxxxxxxx", 100), l("next", 0), l("yyyyyyyy", 1)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_huge_line_is_never_buffered_whole() {
+        let mut input = vec![b'z'; 4 * 1024 * 1024];
+        input.extend_from_slice(b"\nafter\n");
+        let mut reader = BufReader::new(&input[..]);
+        let mut buf = Vec::new();
+        let dropped = read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES)
+            .await
+            .expect("read");
+        assert_eq!(buf.len(), MAX_LINE_BYTES);
+        assert_eq!(dropped, Some(4 * 1024 * 1024 - MAX_LINE_BYTES));
+        assert!(buf.capacity() <= 2 * MAX_LINE_BYTES, "{}", buf.capacity());
+        read_line_bounded(&mut reader, &mut buf, MAX_LINE_BYTES)
+            .await
+            .expect("read");
+        assert_eq!(buf, b"after");
+    }
+
+    #[test]
+    fn a_secret_split_by_the_cut_is_cut_too() {
+        let secret = "tok-SECRET";
+        for (kept, after, cut) in [
+            ("line tok-SE", "line ", 6),
+            ("line t", "line ", 1),
+            ("line tok-SECRE", "line ", 9),
+            ("line tok-SECRET", "line tok-SECRET", 0),
+            ("line x", "line x", 0),
+            ("tok", "", 3),
+        ] {
+            let mut buf = kept.as_bytes().to_vec();
+            assert_eq!(cut_partial_secret(&mut buf, secret), cut, "{kept}");
+            assert_eq!(buf, after.as_bytes(), "{kept}");
+        }
+        let mut buf = b"abc".to_vec();
+        assert_eq!(cut_partial_secret(&mut buf, ""), 0);
+    }
+
+    proptest::proptest! {
+        /// Any bytes, any reader buffer size, any bound: each line comes back as its
+        /// first `max` bytes, with the count of the rest.
+        #[test]
+        fn bounded_lines_match_a_plain_split(
+            input in proptest::collection::vec(
+                proptest::prop_oneof![proptest::prelude::Just(b'\n'), proptest::prelude::any::<u8>()],
+                0..600,
+            ),
+            capacity in 1usize..64,
+            max in 0usize..40,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let got = rt.block_on(lines_of(&input, capacity, max));
+            let mut want: Vec<(Vec<u8>, usize)> = input
+                .split(|b| *b == b'\n')
+                .map(|line| (line[..line.len().min(max)].to_vec(), line.len().saturating_sub(max)))
+                .collect();
+            if input.last().is_none_or(|b| *b == b'\n') {
+                want.pop();
+            }
+            proptest::prop_assert_eq!(got, want);
         }
     }
 

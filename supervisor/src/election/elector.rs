@@ -1,9 +1,9 @@
 //! The election loop: one candidate's view of the terms in the store.
 
 use super::record::{Decision, Record};
-use super::store::{term_name, Created, LeaseStore, StoreError};
+use super::store::{next_term, term_name, Created, LeaseStore, StoreError, MAX_TERM};
 use super::{mono_ns, STANDBYS};
-use crate::config::ElectionSettings;
+use crate::config::{ElectionSettings, MAX_ELECTION_TIMING};
 use crate::leadership::Leadership;
 use std::collections::HashSet;
 use std::future::Future;
@@ -49,7 +49,7 @@ pub struct Elector<S: LeaseStore> {
     state: State,
     /// The last (term, holder) announced in the log, so each change is logged once.
     announced: Option<(u64, Option<String>)>,
-    /// The last term whose unreadable record was logged.
+    /// The last term whose unreadable (or overlong-lease) record was logged.
     malformed_logged: Option<u64>,
 }
 
@@ -160,13 +160,22 @@ impl<S: LeaseStore> Elector<S> {
 
     fn build(
         store: S,
-        settings: ElectionSettings,
+        mut settings: ElectionSettings,
         instance_id: String,
         preferred: bool,
         fleet: watch::Receiver<Vec<String>>,
         mut rng: fastrand::Rng,
     ) -> Self {
         let holder = format!("{instance_id}#{:016x}", rng.u64(..));
+        // Validated settings are within the cap already; a hand-built one is clamped so
+        // that no `Instant + timing` below can overflow (a panic aborts the supervisor).
+        for d in [
+            &mut settings.lease,
+            &mut settings.renew_deadline,
+            &mut settings.retry,
+        ] {
+            *d = (*d).min(MAX_ELECTION_TIMING);
+        }
         Self {
             store,
             settings,
@@ -304,6 +313,13 @@ impl<S: LeaseStore> Elector<S> {
         };
         let latest = match listed {
             Ok(latest) => latest.unwrap_or(0),
+            Err(e @ StoreError::ListTooLong { .. }) => {
+                // Needs an operator; listing again soon would only cost every candidate
+                // MAX_LIST_PAGES calls per retry.
+                tracing::error!(prefix = %prefix, error = %e, "cannot find the latest lease term; retrying slowly");
+                let pause = self.jitter(UNKNOWN_FLEET_FOLLOWER_POLL.max(self.settings.retry));
+                return self.pause(pause, State::Start { floor }, shutdown).await;
+            }
             Err(e) => {
                 tracing::warn!(prefix = %prefix, error = %e, "cannot list the lease terms; retrying");
                 let pause = self.jitter(self.settings.retry);
@@ -466,8 +482,20 @@ impl<S: LeaseStore> Elector<S> {
         shutdown: &CancellationToken,
         tx: &watch::Sender<Leadership>,
     ) -> Next {
-        let new_term = term + 1;
         let prefix = self.settings.prefix.clone();
+        let Some(new_term) = next_term(term) else {
+            // Only a parameter written by hand gets here. Nobody can take over: say so
+            // loudly, and retry slowly in case the operator cleans up.
+            tracing::error!(
+                term,
+                prefix = %prefix,
+                "the lease is at the largest term ({MAX_TERM}) and no candidate can take over; fix: delete every parameter under {prefix} and restart the supervisors, or set election.prefix to a new path"
+            );
+            let pause = self.jitter(UNKNOWN_FLEET_FOLLOWER_POLL.max(self.settings.retry));
+            return self
+                .pause(pause, State::Start { floor: term }, shutdown)
+                .await;
+        };
         let name = term_name(&prefix, new_term);
         let (standbys, follower_poll) = self.plan(&[]);
         let mut lead = Lead {
@@ -667,14 +695,22 @@ impl<S: LeaseStore> Elector<S> {
         l.standbys = standbys;
         l.follower_poll = follower_poll;
         let name = term_name(&self.settings.prefix, l.term);
-        let next_name = term_name(&self.settings.prefix, l.term + 1);
+        // None at MAX_TERM: no newer term can exist, there is nothing to check.
+        let next = next_term(l.term).map(|t| (t, term_name(&self.settings.prefix, t)));
         let value = record_for(&self.holder, &self.settings, &l, &self.decision).to_json();
         let limit = self.call_timeout();
         let store = &self.store;
         let attempt = async {
             let version =
                 bounded(limit, "PutParameter", &name, store.overwrite(&name, &value)).await?;
-            let newer = bounded(limit, "GetParameter", &next_name, store.get(&next_name)).await?;
+            let newer = match &next {
+                Some((t, next_name)) => {
+                    bounded(limit, "GetParameter", next_name, store.get(next_name))
+                        .await?
+                        .map(|found| (*t, found))
+                }
+                None => None,
+            };
             Ok::<_, StoreError>((version, newer))
         };
         let out = tokio::select! {
@@ -705,8 +741,7 @@ impl<S: LeaseStore> Elector<S> {
                 );
                 Next::Go(State::Start { floor: l.term })
             }
-            Ok((_, Some((value, version)))) => {
-                let newer = l.term + 1;
+            Ok((_, Some((newer, (value, version))))) => {
                 self.log_step_down(&l, "a newer term exists");
                 let o = self.observe_new(newer, &value, version, false, "a newer term exists", tx);
                 self.schedule(o)
@@ -786,7 +821,8 @@ impl<S: LeaseStore> Elector<S> {
         }
         let others = members.len().saturating_sub(standbys.len());
         let retry = self.settings.retry;
-        let poll = Duration::from_secs_f64(others as f64 / FOLLOWER_READS_PER_SEC)
+        let poll = Duration::try_from_secs_f64(others as f64 / FOLLOWER_READS_PER_SEC)
+            .unwrap_or(MAX_FOLLOWER_POLL)
             .max(retry)
             .min(MAX_FOLLOWER_POLL.max(retry));
         (standbys, poll)
@@ -818,7 +854,18 @@ impl<S: LeaseStore> Elector<S> {
 
     fn parse(&mut self, term: u64, value: &str) -> Option<Record> {
         match Record::parse(value) {
-            Ok(r) => Some(r),
+            Ok(r) => {
+                if r.lease_over_cap() && self.malformed_logged != Some(term) {
+                    self.malformed_logged = Some(term);
+                    tracing::warn!(
+                        term,
+                        lease_ms = r.lease_ms,
+                        "lease record advertises a lease over the longest valid one; waiting {:?} instead",
+                        MAX_ELECTION_TIMING
+                    );
+                }
+                Some(r)
+            }
             Err(error) => {
                 if self.malformed_logged != Some(term) {
                     self.malformed_logged = Some(term);

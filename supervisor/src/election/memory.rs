@@ -1,7 +1,7 @@
 //! An in-memory [`LeaseStore`] with SSM's semantics, call counters and fault hooks, for
 //! unit tests and the simulation.
 
-use super::store::{term_of, Created, LeaseStore, StoreError};
+use super::store::{term_of, Created, LeaseStore, StoreError, MAX_LIST_PAGES};
 use crate::aws::Retry;
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
@@ -282,18 +282,30 @@ impl LeaseStore for MemoryStore {
         let (pages, latest) = self
             .call(Op::List, prefix, move |s| {
                 let params = s.params();
-                let under: Vec<u64> = params.keys().filter_map(|k| term_of(&p, k)).collect();
-                (
-                    under.len().div_ceil(PAGE_SIZE).max(1),
-                    under.into_iter().max(),
-                )
+                // Every parameter one level down fills pages, terms or not.
+                let children = params
+                    .keys()
+                    .filter(|k| {
+                        k.strip_prefix(p.as_str())
+                            .and_then(|rest| rest.strip_prefix('/'))
+                            .is_some_and(|last| !last.is_empty() && !last.contains('/'))
+                    })
+                    .count();
+                let latest = params.keys().filter_map(|k| term_of(&p, k)).max();
+                (children.div_ceil(PAGE_SIZE).max(1), latest)
             })
             .await?;
-        // The first page was counted by `call`; count the rest as the SDK would pay them.
+        // The first page was counted by `call`; count the rest as the SDK would pay them,
+        // up to the bound at which the listing gives up.
         self.shared
             .calls
             .list
-            .fetch_add(pages as u64 - 1, Ordering::Relaxed);
+            .fetch_add(pages.min(MAX_LIST_PAGES) as u64 - 1, Ordering::Relaxed);
+        if pages > MAX_LIST_PAGES {
+            return Err(StoreError::ListTooLong {
+                path: prefix.to_string(),
+            });
+        }
         Ok(latest)
     }
 }
@@ -343,6 +355,24 @@ mod tests {
         }
         assert_eq!(s.latest_term("/p").await.expect("ok"), Some(25));
         assert_eq!(s.calls().list, 3);
+    }
+
+    #[tokio::test]
+    async fn listing_gives_up_past_the_page_bound() {
+        let s = MemoryStore::new();
+        let full = MAX_LIST_PAGES * PAGE_SIZE;
+        for t in 1..=full {
+            s.raw_put(&format!("/p/{t:010}"), "v");
+        }
+        s.raw_put("/p/0000000009/deeper", "not listed");
+        assert_eq!(s.latest_term("/p").await.expect("ok"), Some(full as u64));
+        assert_eq!(s.calls().list, MAX_LIST_PAGES as u64);
+        // One more parameter, a term or not, is one page too many.
+        s.raw_put("/p/junk", "v");
+        let e = s.latest_term("/p").await.expect_err("too long");
+        assert!(matches!(e, StoreError::ListTooLong { .. }) && !e.is_transient());
+        assert!(e.to_string().contains("election.prefix"), "{e}");
+        assert_eq!(s.calls().list, 2 * MAX_LIST_PAGES as u64);
     }
 
     #[tokio::test(start_paused = true)]

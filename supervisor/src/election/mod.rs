@@ -28,6 +28,11 @@
 //!   (≤ 1.5 up to ≈ 2,700). Each start-up adds two calls (list + read).
 //! - **Failover** after a crash: ≈ lease + renew_deadline + retry (one more retry when no
 //!   preferred candidate is alive); after a release: ≈ retry + renew_deadline.
+//! - **Bounds** on what is read from SSM, so a bad parameter cannot stall or crash the
+//!   fleet: a term is 1-10 digits, at most [`MAX_TERM`], and term arithmetic is checked
+//!   ([`next_term`]); an advertised lease is waited at most
+//!   [`MAX_ELECTION_TIMING`](crate::config::MAX_ELECTION_TIMING), the longest a holder can
+//!   be configured with; the start-up listing reads at most [`MAX_LIST_PAGES`] pages.
 //!
 //! ## Use
 //!
@@ -63,7 +68,9 @@ pub use memory::{Calls, Freeze, MemoryStore};
 pub use record::{Decision, Record};
 pub use sim::{simulate, SimReport};
 pub use ssm::SsmLeaseStore;
-pub use store::{term_name, term_of, Created, LeaseStore, StoreError};
+pub use store::{
+    next_term, term_name, term_of, Created, LeaseStore, StoreError, MAX_LIST_PAGES, MAX_TERM,
+};
 
 /// How many standbys the leader names in its record.
 pub const STANDBYS: usize = 3;

@@ -16,12 +16,10 @@
 //! `/agent-fleet/<stack>/leader`), keep the names [`term_of`](super::term_of) accepts,
 //! read the largest term's parameter and [`Record::parse`] it.
 
+use super::elector::MAX_FOLLOWER_POLL;
+use crate::config::MAX_ELECTION_TIMING;
 use serde::{Deserialize, Deserializer, Serialize};
 use std::time::Duration;
-
-/// Longest lease or poll interval a record may advertise; anything longer is a bug or
-/// garbage, and would overflow instants.
-const MAX_ADVERTISED_MS: u64 = 24 * 3600 * 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Record {
@@ -30,14 +28,16 @@ pub struct Record {
     /// Grows by one on every write of the holder; the version is the heartbeat, this only
     /// makes every write differ.
     pub seq: u64,
-    /// How long the holder's version may stay unchanged before others take over.
+    /// How long the holder's version may stay unchanged before others take over, as
+    /// written; a reader waits at most [`MAX_ELECTION_TIMING`] ([`Record::lease`]).
     pub lease_ms: u64,
     pub renew_deadline_ms: u64,
     /// The holder stopped leading and gave the term up: take over at once.
     pub released: bool,
     /// Instance ids that should poll every retry (a few; the rest poll slowly).
     pub standbys: Vec<String>,
-    /// How often everyone else polls, chosen by the holder from the fleet size.
+    /// How often everyone else polls, chosen by the holder from the fleet size; a reader
+    /// polls at least every [`MAX_FOLLOWER_POLL`] ([`Record::follower_poll`]).
     pub follower_poll_ms: u64,
     /// The holder's scaler's latest decision, if it has made one (informational).
     #[serde(default, deserialize_with = "lenient")]
@@ -126,6 +126,10 @@ fn lenient<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decision>, D::Error
 
 impl Record {
     /// Strict parse; the error is a short description for a log line.
+    ///
+    /// Durations must be positive but may be any `u64`: the accessors cap them, so an
+    /// overlong one (a bug, an older version, a hand-written record) costs a bounded wait
+    /// and keeps the rest of the record (`released`, `standbys`) usable.
     pub fn parse(value: &str) -> Result<Self, String> {
         let r: Record = serde_json::from_str(value).map_err(|e| e.to_string())?;
         if r.holder.is_empty() {
@@ -136,8 +140,8 @@ impl Record {
             ("renew_deadline_ms", r.renew_deadline_ms),
             ("follower_poll_ms", r.follower_poll_ms),
         ] {
-            if ms == 0 || ms > MAX_ADVERTISED_MS {
-                return Err(format!("{key} {ms} outside 1..={MAX_ADVERTISED_MS}"));
+            if ms == 0 {
+                return Err(format!("{key} is 0"));
             }
         }
         Ok(r)
@@ -161,12 +165,22 @@ impl Record {
         v.to_string()
     }
 
+    /// The advertised lease, at most [`MAX_ELECTION_TIMING`]: no holder may configure a
+    /// longer one, so a record that says more is wrong, and one bad record must not stall
+    /// failover for longer than the longest valid lease.
     pub fn lease(&self) -> Duration {
-        Duration::from_millis(self.lease_ms)
+        Duration::from_millis(self.lease_ms).min(MAX_ELECTION_TIMING)
     }
 
+    /// `lease_ms` is beyond what [`Record::lease`] waits.
+    pub fn lease_over_cap(&self) -> bool {
+        Duration::from_millis(self.lease_ms) > MAX_ELECTION_TIMING
+    }
+
+    /// The advertised follower poll, at most [`MAX_FOLLOWER_POLL`] (what a holder ever
+    /// computes).
     pub fn follower_poll(&self) -> Duration {
-        Duration::from_millis(self.follower_poll_ms)
+        Duration::from_millis(self.follower_poll_ms).min(MAX_FOLLOWER_POLL)
     }
 
     /// The instance id part of `holder`.
@@ -311,10 +325,43 @@ mod tests {
             v[key] = serde_json::json!({"x": 1});
             assert!(Record::parse(&v.to_string()).is_err(), "mistyped {key}");
         }
-        for (key, bad) in [("lease_ms", 0u64), ("follower_poll_ms", u64::MAX)] {
-            let mut v = good.clone();
-            v[key] = serde_json::json!(bad);
-            assert!(Record::parse(&v.to_string()).is_err(), "{key}={bad}");
+        for key in ["lease_ms", "renew_deadline_ms", "follower_poll_ms"] {
+            for bad in [
+                serde_json::json!(0),
+                serde_json::json!(-1),
+                serde_json::json!(1.5),
+            ] {
+                let mut v = good.clone();
+                v[key] = bad.clone();
+                assert!(Record::parse(&v.to_string()).is_err(), "{key}={bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_advertised_lease_is_capped_and_the_record_kept() {
+        let cap = crate::config::MAX_ELECTION_TIMING_MS;
+        for (lease_ms, waited_ms) in [
+            (1, 1),
+            (20_000, 20_000),
+            (cap, cap),
+            (cap + 1, cap),
+            (24 * 3600 * 1000, cap),
+            (u64::MAX, cap),
+        ] {
+            let r = Record {
+                lease_ms,
+                released: true,
+                follower_poll_ms: u64::MAX,
+                renew_deadline_ms: u64::MAX,
+                ..sample()
+            };
+            let back = Record::parse(&r.to_json()).expect("kept");
+            assert_eq!(back, r, "the raw value is what was written");
+            assert_eq!(back.lease(), Duration::from_millis(waited_ms));
+            assert_eq!(back.lease_over_cap(), lease_ms > cap);
+            assert_eq!(back.follower_poll(), MAX_FOLLOWER_POLL);
+            assert!(back.released);
         }
     }
 
@@ -355,6 +402,8 @@ mod tests {
             if let Ok(r) = Record::parse(input) {
                 accepted += 1;
                 assert!(r.lease_ms > 0 && !r.holder.is_empty());
+                assert!(r.lease() <= MAX_ELECTION_TIMING);
+                assert!(r.follower_poll() <= MAX_FOLLOWER_POLL);
             }
         }
         assert!(accepted < inputs.len() / 2);

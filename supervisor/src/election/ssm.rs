@@ -3,7 +3,7 @@
 //! IAM: `ssm:PutParameter`, `ssm:GetParameter`, `ssm:DeleteParameter` on
 //! `<prefix>/*` and `ssm:GetParametersByPath` on `<prefix>`.
 
-use super::store::{term_of, Created, LeaseStore, StoreError};
+use super::store::{term_of, Created, LeaseStore, StoreError, MAX_LIST_PAGES};
 use crate::aws::{classify, code, describe};
 use aws_sdk_ssm::types::{ParameterTier, ParameterType};
 
@@ -110,7 +110,7 @@ impl LeaseStore for SsmLeaseStore {
     async fn latest_term(&self, prefix: &str) -> Result<Option<u64>, StoreError> {
         let mut latest = None;
         let mut next: Option<String> = None;
-        loop {
+        for _ in 0..MAX_LIST_PAGES {
             let out = self
                 .client
                 .get_parameters_by_path()
@@ -135,5 +135,8 @@ impl LeaseStore for SsmLeaseStore {
                 _ => return Ok(latest),
             }
         }
+        Err(StoreError::ListTooLong {
+            path: prefix.to_string(),
+        })
     }
 }

@@ -516,7 +516,9 @@ async fn malformed_records_do_not_stop_the_election() {
         "{}",
         "{\"holder\":\"i-9#1\",\"seq\":1}",
         "{\"holder\":\"i-9#1\",\"seq\":1,\"lease_ms\":0,\"renew_deadline_ms\":1,\"released\":false,\"standbys\":[],\"follower_poll_ms\":1}",
-        "{\"holder\":\"i-9#1\",\"seq\":1,\"lease_ms\":18446744073709551615,\"renew_deadline_ms\":1,\"released\":false,\"standbys\":[],\"follower_poll_ms\":18446744073709551615}",
+        // One past u64::MAX: not a u64, so the record is unreadable (an overlong lease
+        // that parses is waited as the cap: see the test below).
+        "{\"holder\":\"i-9#1\",\"seq\":1,\"lease_ms\":18446744073709551616,\"renew_deadline_ms\":1,\"released\":false,\"standbys\":[],\"follower_poll_ms\":1}",
         "[[[[[[[[[[",
     ];
     for (seed, junk) in garbage.iter().enumerate() {
@@ -541,6 +543,125 @@ async fn malformed_records_do_not_stop_the_election() {
         assert_eq!(next.state.term(), Some(4), "junk {junk:?}");
         f.assert_windows_disjoint();
     }
+}
+
+/// A record written by someone other than a validated supervisor.
+fn record_json(lease_ms: u64, follower_poll_ms: u64) -> String {
+    serde_json::json!({
+        "holder": "i-9#1", "seq": 1, "lease_ms": lease_ms, "renew_deadline_ms": u64::MAX,
+        "released": false, "standbys": [], "follower_poll_ms": follower_poll_ms,
+    })
+    .to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_overlong_advertised_lease_is_waited_as_the_cap_not_a_day() {
+    use crate::config::MAX_ELECTION_TIMING;
+    for (seed, (lease_ms, poll_ms)) in [
+        (u64::MAX, u64::MAX),
+        (24 * 3600 * 1000, 1),
+        (MAX_ELECTION_TIMING.as_millis() as u64 + 1, u64::MAX),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut f = Fleet::new(3, seed as u64);
+        f.store.raw_put(&name(1), &record_json(lease_ms, poll_ms));
+        let t0 = Instant::now();
+        f.start(0, true);
+        f.start(1, false);
+        f.start(2, false);
+        let first = f
+            .wait_for_leader(MAX_ELECTION_TIMING + DEADLINE + RETRY * 2, 1)
+            .await
+            .unwrap_or_else(|| panic!("lease {lease_ms}: no takeover after the cap"));
+        assert_eq!(first.state.term(), Some(2));
+        let took = first.at - t0;
+        assert!(
+            took >= MAX_ELECTION_TIMING + DEADLINE,
+            "lease {lease_ms}: took over after {took:?}, before the cap"
+        );
+        assert_eq!(first.who, 0, "the preferred candidate");
+        f.assert_windows_disjoint();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn names_beyond_ten_digits_are_not_terms() {
+    let mut f = Fleet::new(3, 11);
+    let prefix = settings().prefix;
+    for junk in [
+        "99999999999",
+        "18446744073709551615",
+        "184467440737095516150",
+    ] {
+        f.store
+            .raw_put(&format!("{prefix}/{junk}"), &record_json(20_000, 60_000));
+    }
+    f.start(0, false);
+    f.start(1, false);
+    let first = f.wait_for_leader(LEASE + RETRY, 0).await.expect("a leader");
+    assert_eq!(first.state.term(), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_largest_term_is_led_and_then_nothing_wraps_or_panics() {
+    let mut f = Fleet::new(3, 12);
+    f.store
+        .raw_put(&name(MAX_TERM - 1), &record_json(20_000, 60_000));
+    let a = f.start(0, true);
+    f.start(1, false);
+    f.start(2, false);
+    let first = f
+        .wait_for_leader(LEASE + DEADLINE + RETRY * 2, MAX_TERM - 2)
+        .await
+        .expect("a leader");
+    assert_eq!((first.who, first.state.term()), (a, Some(MAX_TERM)));
+    // Renews go on without a term to check after it.
+    f.run_for(LEASE * 3).await;
+    assert_eq!(f.leaders(), vec![a]);
+    // Its successor has no term to create: nobody leads, nobody crashes, no name wraps.
+    f.kill(a);
+    assert!(f.wait_for_leader(LEASE * 10, 0).await.is_none());
+    assert!(f.members[1].task.as_ref().is_some_and(|t| !t.is_finished()));
+    assert!(f.members[2].task.as_ref().is_some_and(|t| !t.is_finished()));
+    assert_eq!(
+        f.store.names(),
+        vec![name(MAX_TERM - 1), name(MAX_TERM)],
+        "no eleven-digit term"
+    );
+    f.assert_windows_disjoint();
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_many_parameters_under_the_prefix_stop_the_listing_not_the_fleet() {
+    let mut f = Fleet::new(3, 13);
+    let prefix = settings().prefix;
+    for i in 0..MAX_LIST_PAGES * 10 {
+        f.store.raw_put(&format!("{prefix}/junk-{i}"), "x");
+    }
+    f.store.raw_put(&name(4), &record_json(20_000, 60_000));
+    let before = f.store.calls().list;
+    f.start(0, false);
+    // Nobody may guess the latest term from a partial list: no leader, slow retries.
+    assert!(f.wait_for_leader(LEASE * 3, 0).await.is_none());
+    let pages = f.store.calls().list - before;
+    let per_attempt = MAX_LIST_PAGES as u64;
+    assert!(
+        pages <= per_attempt * (1 + (LEASE * 3).as_secs() / 50),
+        "{pages} pages listed"
+    );
+    // Cleaned up: the candidate finds term 4 and takes over from it.
+    for name in f.store.names() {
+        if name.contains("junk-") {
+            f.store.delete(&name).await.expect("memory");
+        }
+    }
+    let next = f
+        .wait_for_leader(UNKNOWN_FLEET_FOLLOWER_POLL * 2 + LEASE * 2, 0)
+        .await
+        .expect("a leader once the prefix is clean");
+    assert_eq!(next.state.term(), Some(5));
 }
 
 #[tokio::test(start_paused = true)]
