@@ -33,6 +33,17 @@
 //!   ([`next_term`]); an advertised lease is waited at most
 //!   [`MAX_ELECTION_TIMING`](crate::config::MAX_ELECTION_TIMING), the longest a holder can
 //!   be configured with; the start-up listing reads at most [`MAX_LIST_PAGES`] pages.
+//! - **What validity cannot fence.** Auto Scaling takes no fencing token, so a leader's
+//!   call can land after its term ended: a process paused between its validity check and
+//!   the send, or a request re-sent by a retry. The window is narrowed, not closed: the
+//!   leader's Auto Scaling client checks validity again just before each request is
+//!   transmitted and drops it otherwise, and makes no SDK retries (a retry is a new
+//!   decision, taken by the next poll after a fresh check); see
+//!   [`SdkAutoScaling::for_leader`](crate::aws::autoscaling::SdkAutoScaling::for_leader).
+//!   What remains is a pause after the request left, or inside the SDK after that last
+//!   check: a raise computed before it may land after a successor acted. The leader never
+//!   lowers desired capacity, so the cost is instances that idle out and shrink the group
+//!   again; nothing running is ever stopped by it.
 //!
 //! ## Use
 //!
