@@ -116,7 +116,7 @@ impl SdkAutoScaling {
     /// send (a SIGSTOP, a stalled VM), and the SDK's own retries re-send a call without
     /// asking whether it still leads. This window cannot be closed, only narrowed: every
     /// request is checked again against `leadership` just before it is transmitted (an
-    /// interceptor, [`LeaseFence`]) and dropped if the lease has lapsed, and the SDK does
+    /// interceptor, `LeaseFence`) and dropped if the lease has lapsed, and the SDK does
     /// not retry (a retry is a new decision: the next poll makes it after a fresh check).
     /// What remains — a pause after the request left — is bounded in cost: the leader only
     /// ever raises desired capacity, so a stale raise means instances that idle out.

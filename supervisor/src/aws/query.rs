@@ -1,6 +1,6 @@
 //! A client for AWS's Query protocol (`POST /`, form-encoded `Action=…&Version=…&…`, XML
 //! answers), signed with SigV4. Shared by the adapters that stay off the heavy SDK crates:
-//! [`super::cloudwatch`] (`PutMetricData`) and [`super::ec2`] (`DescribeInstances`).
+//! [`super::cloudwatch`] (`PutMetricData`) and the operator CLI's EC2 `DescribeInstances`.
 //!
 //! - Endpoint: the service's own env var (e.g. `AWS_ENDPOINT_URL_EC2`), else the SDK
 //!   config's endpoint (`AWS_ENDPOINT_URL`), else `https://<host prefix>.<region>.amazonaws.com`
