@@ -1,7 +1,7 @@
 //! One test's world: moto, a fake hub, a stack's parameters, a scratch directory.
 
 use crate::fleet::{Fleet, FleetOptions, InstanceOptions};
-use crate::hub::{Hub, HubOptions};
+use crate::hub::{Hub, HubOptions, JobState};
 use crate::moto::Moto;
 use agent_supervisor::config::{ElectionConfig, RuntimeConfig, ScalerConfig};
 use anyhow::bail;
@@ -154,6 +154,24 @@ impl Bed {
                 agent: Default::default(),
             }
         }
+    }
+
+    /// Waits until every one of `jobs` (hub job ids) finished and passed.
+    pub async fn jobs_passed(&self, jobs: &[String], within: Duration) -> anyhow::Result<()> {
+        eventually(
+            &format!("all {} jobs finished and passed", jobs.len()),
+            within,
+            || async {
+                jobs.iter()
+                    .all(|j| {
+                        self.hub.job(j).is_some_and(|j| {
+                            j.state == JobState::Finished && j.result.as_deref() == Some("passed")
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await
     }
 
     /// Options for a launcher over groups a stack of `cfn/agent-fleet.yaml` made

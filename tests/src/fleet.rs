@@ -88,7 +88,7 @@ pub fn real_agent_skip_line(test: &str) -> String {
 /// scenario runs with both.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub enum AgentKind {
-    /// The test bed's fake (`tests/src/bin/agent.rs`): fast, and able to inject faults
+    /// The test bed's fake (`tests/src/bin/agent/`): fast, and able to inject faults
     /// (`FAKE_AGENT_*` knobs) the real one cannot.
     #[default]
     Fake,

@@ -3,8 +3,10 @@
 //! reaches AWS or Semaphore.
 
 pub mod bed;
+pub mod faults;
 pub mod fleet;
 pub mod hub;
 pub mod imds;
 pub mod moto;
 pub mod probe;
+pub mod semaphore_wire;

@@ -3,7 +3,7 @@
 
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::{Instance, InstanceOptions};
-use agent_fleet_tests::hub::{JobSpec, JobState};
+use agent_fleet_tests::hub::JobSpec;
 use agent_fleet_tests::probe::{actions, assert_no_overlap, leading_term, num};
 
 use nix::sys::signal::Signal;
@@ -228,16 +228,7 @@ async fn scales_up_from_zero_through_the_scaler_role_and_runs_the_jobs() -> R {
         "desired 0 → 3 {:?} after the jobs were queued",
         queued.elapsed()
     );
-    eventually("all jobs ran", Duration::from_secs(60), || async {
-        jobs.iter()
-            .all(|j| {
-                bed.hub.job(j).is_some_and(|j| {
-                    j.state == JobState::Finished && j.result.as_deref() == Some("passed")
-                })
-            })
-            .then_some(())
-    })
-    .await?;
+    bed.jobs_passed(&jobs, Duration::from_secs(60)).await?;
     assert!(fleet.launched().len() >= 3);
     // One call per change of the computed target; the leader never lowered desired.
     let calls = bed.moto.calls(0).await?;

@@ -1,5 +1,5 @@
 //! Conformance of the fakes: the REAL Semaphore agent (`shared/real-agent`, found with
-//! [`real_agent`]) and the fake agent (`tests/src/bin/agent.rs`) run directly — no
+//! [`real_agent`]) and the fake agent (`tests/src/bin/agent/`) run directly — no
 //! supervisor — against the fake hub, through the same checks. What the real agent
 //! does here is what the fake hub must accept and the fake agent must do:
 //! registration, a job's commands in one shell session (an `export` seen by the next

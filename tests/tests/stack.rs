@@ -5,7 +5,7 @@
 
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::{bin_dir, Fleet};
-use agent_fleet_tests::hub::{JobSpec, JobState};
+use agent_fleet_tests::hub::JobSpec;
 use agent_supervisor::config::Settings;
 use std::process::Output;
 use std::sync::Arc;
@@ -662,16 +662,7 @@ async fn a_deployed_fleet_scales_up_from_zero_and_back() -> R {
         assert!(out.contains("running") && out.contains(" age "), "{out}");
         println!("{out}");
 
-        eventually("all jobs ran", Duration::from_secs(60), || async {
-            jobs.iter()
-                .all(|j| {
-                    bed.hub.job(j).is_some_and(|j| {
-                        j.state == JobState::Finished && j.result.as_deref() == Some("passed")
-                    })
-                })
-                .then_some(())
-        })
-        .await?;
+        bed.jobs_passed(&jobs, Duration::from_secs(60)).await?;
         eventually("idle scale-in to 0", Duration::from_secs(60), || async {
             (bed.moto.group(&agents).await.ok()?.desired == 0).then_some(())
         })

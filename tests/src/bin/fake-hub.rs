@@ -2,7 +2,7 @@
 //! use. Prints `LISTENING 127.0.0.1:PORT` on stdout once ready; hub events go
 //! to stderr as JSON lines (`--quiet` turns that off). Drive it with the
 //! control API (`POST /control/jobs`, `GET /control/state`, `POST /control/logs`, …;
-//! see `hub.rs`). `--real-sync` answers the real server's random 4–6 s sync interval.
+//! see `hub/mod.rs`). `--real-sync` answers the real server's random 4–6 s sync interval.
 
 use agent_fleet_tests::hub::{Hub, HubEvent, HubOptions, REAL_SYNC_MS};
 use clap::Parser;
