@@ -520,10 +520,17 @@ async fn a_sigterm_before_registration_makes_the_wrapper_run_the_agent_again() -
         )
         .await?;
         agent.signal_group(Signal::SIGTERM);
+        // Started again and registering from attempt 1: its first attempt fails too, as
+        // the outage lasts until that is seen (lifting it earlier races that attempt).
         eventually(
-            "the agent started again",
+            "the agent started again from attempt 1",
             Duration::from_secs(20),
-            || async { (agent.output().matches("Registering Agent").count() >= 2).then_some(()) },
+            || async {
+                let out = agent.output();
+                (out.matches("Registering Agent").count() >= 2
+                    && out.matches("[Register] attempt [1] failed").count() >= 2)
+                    .then_some(())
+            },
         )
         .await?;
         hub.set_api_outage(false);
