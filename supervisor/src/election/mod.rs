@@ -66,8 +66,12 @@
 //! validity on CLOCK_MONOTONIC (see [`mono_ns`]).
 
 mod elector;
+// The in-memory store and the whole-fleet simulation are for tests and benchmarks, not
+// the daemon: built for this crate's tests and with the `sim` feature (the test crate's).
+#[cfg(any(test, feature = "sim"))]
 mod memory;
 mod record;
+#[cfg(any(test, feature = "sim"))]
 mod sim;
 mod ssm;
 mod store;
@@ -75,8 +79,10 @@ mod store;
 pub use elector::{
     Elector, FOLLOWER_READS_PER_SEC, MAX_FOLLOWER_POLL, UNKNOWN_FLEET_FOLLOWER_POLL,
 };
+#[cfg(any(test, feature = "sim"))]
 pub use memory::{Calls, Freeze, MemoryStore};
 pub use record::{Decision, Record};
+#[cfg(any(test, feature = "sim"))]
 pub use sim::{simulate, SimReport};
 pub use ssm::SsmLeaseStore;
 pub use store::{
