@@ -290,7 +290,7 @@ pub async fn print(
     Ok(())
 }
 
-fn render_decision(d: &agent_supervisor::election::Decision) -> String {
+fn render_decision(d: &agent_supervisor::scaler::Decision) -> String {
     let when = std::time::UNIX_EPOCH + Duration::from_millis(d.at_unix_ms);
     let n = |v: Option<String>| v.unwrap_or_else(|| "?".into());
     let mut s = format!("{} ({} ago): {}", utc(when), since(when), d.action);

@@ -80,7 +80,7 @@ pub async fn run(opts: &RunOptions) -> i32 {
         Ok(_) => r.ok("agent user", &opts.agent_user),
         Err(e) => r.fail("agent user", e),
     }
-    match crate::hook::socket_path(&opts.work_dir) {
+    match crate::shutdown_hook::socket_path(&opts.work_dir) {
         Ok(socket) => r.ok(
             "work dir",
             format!(

@@ -9,12 +9,12 @@ use crate::aws::cloudwatch::{MetricsSink, QueryCloudWatch};
 use crate::aws::imds::{launch_time, Metadata, SdkImds};
 use crate::aws::ssm::{ParameterStore, SdkParameterStore};
 use crate::config::{Role, Settings};
+use crate::election::LeaderWork;
+use crate::election::Leadership;
 use crate::interrupt::{self, Interruption, Notice};
-use crate::leader::LeaderWork;
-use crate::leadership::Leadership;
 use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
 use crate::notify::Notifier;
-use crate::{boot, hook, Shutdown};
+use crate::{boot, shutdown_hook, Shutdown};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
@@ -146,7 +146,7 @@ async fn run_in(
     if role == Role::Agent {
         // Before anything runs: a socket path that cannot be bound would stop the agent's
         // start much later.
-        hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
+        shutdown_hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
     }
 
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
@@ -204,22 +204,22 @@ async fn run_in(
             opts.work_dir.display()
         ))
     })?;
-    let socket = hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
+    let socket = shutdown_hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
     let hook_path = opts.work_dir.join("shutdown-hook.sh");
     let config_path = opts.work_dir.join("config.yaml");
     let exe = std::env::current_exe()
         .map_err(|e| DaemonError::Runtime(format!("cannot find own executable: {e}")))?;
-    let script = hook::script(&exe, &socket).map_err(DaemonError::Input)?;
+    let script = shutdown_hook::script(&exe, &socket).map_err(DaemonError::Input)?;
     write_private(&hook_path, script.as_bytes(), 0o755, None).map_err(|e| {
         DaemonError::Input(format!(
             "cannot write {}: {e}; fix: make --work-dir writable by root",
             hook_path.display()
         ))
     })?;
-    let (listener, _server) = hook::HookServer::bind(&socket, owner)
+    let (listener, _server) = shutdown_hook::HookServer::bind(&socket, owner)
         .map_err(|e| DaemonError::Input(format!("cannot listen on {}: {e}", socket.display())))?;
     let (reason_tx, mut reasons) = mpsc::unbounded_channel();
-    let hook_task = tokio::spawn(hook::serve(listener, reason_tx).in_current_span());
+    let hook_task = tokio::spawn(shutdown_hook::serve(listener, reason_tx).in_current_span());
     let _hook_guard = AbortOnDrop(hook_task);
 
     tracing::info!(
@@ -393,7 +393,7 @@ async fn run_in(
             }
             _ => far,
         };
-        let hook = end.hook(&settings);
+        let hook = end.lifecycle_wait(&settings);
         let mut beat_at = far;
         let mut force_at = far;
         let mut progress = agent.progress_watch();
@@ -530,7 +530,7 @@ async fn run_in(
                     );
                 }
                 let drained = drain(&mut agent, &agent_name, kill_after, &shutdown, &mut reasons);
-                let hook = end.terminating.and(end.hook(&settings));
+                let hook = end.terminating.and(end.lifecycle_wait(&settings));
                 let reason = notify
                     .during(
                         "the drain",
@@ -933,12 +933,15 @@ impl Ending<'_> {
     }
 
     /// The group's lifecycle hook, from the runtime config.
-    fn hook(&self, settings: &Settings) -> Option<interrupt::Hook> {
-        settings.lifecycle_hook.clone().map(|hook| interrupt::Hook {
-            group: settings.agent_group.clone(),
-            hook,
-            instance_id: self.instance_id.to_string(),
-        })
+    fn lifecycle_wait(&self, settings: &Settings) -> Option<interrupt::LifecycleWait> {
+        settings
+            .lifecycle_hook
+            .clone()
+            .map(|hook| interrupt::LifecycleWait {
+                group: settings.agent_group.clone(),
+                hook,
+                instance_id: self.instance_id.to_string(),
+            })
     }
 
     /// Records a notice, logs what it means, and says whether to stop the agent now.
@@ -1016,7 +1019,7 @@ impl Ending<'_> {
             }
             Notice::Terminating => {
                 self.terminating = Some(tokio::time::Instant::now());
-                let hook = self.hook(settings);
+                let hook = self.lifecycle_wait(settings);
                 let hold = busy && hook.is_some();
                 tracing::info!(
                     interruption = "lifecycle",
@@ -1040,7 +1043,7 @@ impl Ending<'_> {
     /// One lifecycle heartbeat, feeding the watchdog meanwhile and given up after
     /// [`HEARTBEAT_BOUND`] (the next one is a third of the heartbeat timeout away, so one
     /// lost call is survived) so a slow Auto Scaling endpoint cannot stall the main loop.
-    async fn heartbeat(&mut self, notify: &mut Notifier, hook: &interrupt::Hook) {
+    async fn heartbeat(&mut self, notify: &mut Notifier, hook: &interrupt::LifecycleWait) {
         let beat = tokio::time::timeout(HEARTBEAT_BOUND, hook.heartbeat(self.asg));
         match notify
             .during("a lifecycle heartbeat", HEARTBEAT_BOUND * 2, beat)
@@ -1066,7 +1069,7 @@ impl Ending<'_> {
             .terminating
             .map(|t| t.elapsed().as_millis() as u64)
             .unwrap_or_default();
-        let Some(hook) = self.hook(settings) else {
+        let Some(hook) = self.lifecycle_wait(settings) else {
             tracing::info!(
                 waited_ms,
                 "Auto Scaling is terminating this instance; the runtime config names no lifecycle hook, so there is nothing to complete"
@@ -1264,7 +1267,7 @@ fn waits_for_job(agent: &RunningAgent, settings: &Settings) -> bool {
 /// Runs `step` while heartbeating `hook` (if any) so Auto Scaling keeps waiting.
 async fn with_heartbeats<F: std::future::Future>(
     step: F,
-    hook: Option<&interrupt::Hook>,
+    hook: Option<&interrupt::LifecycleWait>,
     asg: &SdkAutoScaling,
     beats: &mut u32,
 ) -> F::Output {

@@ -312,9 +312,11 @@ pub fn spot_datum(stack: &str) -> Datum {
     }
 }
 
-/// The lifecycle hook of this instance's group.
+/// This instance's termination held by its group's lifecycle hook (Auto Scaling's
+/// `Terminating:Wait`): what heartbeats and completes it. Not the agent's shutdown hook
+/// ([`crate::shutdown_hook`]).
 #[derive(Debug, Clone)]
-pub struct Hook {
+pub struct LifecycleWait {
     pub group: String,
     pub hook: LifecycleHook,
     pub instance_id: String,
@@ -324,7 +326,7 @@ pub struct Hook {
 /// may say `Terminated` a moment before the lifecycle action exists.
 pub const COMPLETE_ATTEMPTS: u32 = 6;
 
-impl Hook {
+impl LifecycleWait {
     /// `CompleteLifecycleAction(CONTINUE)`, retried on throttling, 5xx and (briefly) on
     /// "no active lifecycle action". Returns the attempts it took.
     pub async fn complete<A: LifecycleActions>(
@@ -526,8 +528,8 @@ mod tests {
         }
     }
 
-    fn hook() -> Hook {
-        Hook {
+    fn hook() -> LifecycleWait {
+        LifecycleWait {
             group: "g".into(),
             hook: LifecycleHook {
                 name: "drain".into(),

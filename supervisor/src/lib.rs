@@ -11,7 +11,7 @@
 //! - `agent-supervisor run` — the daemon. Exit 0 after a drain; 1 on a runtime failure;
 //!   2 on bad input (config, token, user data, IMDS), before any agent starts; 130 when a
 //!   second stop signal aborted the drain.
-//! - `agent-supervisor hook` — the agent's shutdown hook (see [`hook`]).
+//! - `agent-supervisor hook` — the agent's shutdown hook (see [`shutdown_hook`]).
 //! - `agent-supervisor check` — preflight for a person on the instance (see [`check`]).
 //!
 //! Signals: the first SIGTERM/SIGINT drains (SIGTERM to the agent's group, the
@@ -45,14 +45,12 @@ pub mod check;
 pub mod config;
 pub mod daemon;
 pub mod election;
-pub mod hook;
 pub mod interrupt;
-pub mod leader;
-pub mod leadership;
 pub mod lifecycle;
 pub mod notify;
 pub mod retry;
 pub mod scaler;
+pub mod shutdown_hook;
 pub mod startup;
 pub mod telemetry;
 pub mod tls;

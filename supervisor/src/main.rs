@@ -2,7 +2,7 @@
 
 use agent_supervisor::daemon::{self, RunOptions};
 use agent_supervisor::notify::Notifier;
-use agent_supervisor::{boot, check, hook, telemetry, Shutdown};
+use agent_supervisor::{boot, check, shutdown_hook, telemetry, Shutdown};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -150,7 +150,7 @@ fn main() {
     agent_supervisor::tls::install_crypto_provider();
     let code = match cli.command {
         // The hook must return at once and never touch the runtime or the journal.
-        Command::Hook { socket } => hook::client(&socket),
+        Command::Hook { socket } => shutdown_hook::client(&socket),
         Command::Run(args) => {
             // Still single-threaded: the one safe moment to take systemd's variables
             // out of the environment (see `notify`).

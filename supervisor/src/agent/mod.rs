@@ -522,7 +522,7 @@ impl RunningAgent {
                 "PATH",
                 "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             )
-            .env(crate::hook::REASON_ENV, reason.as_str())
+            .env(crate::shutdown_hook::REASON_ENV, reason.as_str())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

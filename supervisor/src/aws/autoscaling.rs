@@ -122,7 +122,7 @@ impl SdkAutoScaling {
     /// ever raises desired capacity, so a stale raise means instances that idle out.
     pub fn for_leader(
         config: &aws_config::SdkConfig,
-        leadership: tokio::sync::watch::Receiver<crate::leadership::Leadership>,
+        leadership: tokio::sync::watch::Receiver<crate::election::Leadership>,
     ) -> Self {
         Self::fenced(
             aws_sdk_autoscaling::config::Builder::from(config),
@@ -132,7 +132,7 @@ impl SdkAutoScaling {
 
     fn fenced(
         builder: aws_sdk_autoscaling::config::Builder,
-        leadership: tokio::sync::watch::Receiver<crate::leadership::Leadership>,
+        leadership: tokio::sync::watch::Receiver<crate::election::Leadership>,
     ) -> Self {
         let config = builder
             .retry_config(aws_sdk_autoscaling::config::retry::RetryConfig::disabled())
@@ -148,7 +148,7 @@ impl SdkAutoScaling {
 /// [`SdkAutoScaling::for_leader`]).
 #[derive(Debug)]
 struct LeaseFence {
-    leadership: tokio::sync::watch::Receiver<crate::leadership::Leadership>,
+    leadership: tokio::sync::watch::Receiver<crate::election::Leadership>,
 }
 
 impl aws_sdk_autoscaling::config::Intercept for LeaseFence {
@@ -345,7 +345,7 @@ impl AutoScaling for SdkAutoScaling {
 #[allow(clippy::expect_used, clippy::unwrap_used)]
 mod fence_tests {
     use super::*;
-    use crate::leadership::Leadership;
+    use crate::election::Leadership;
     use aws_sdk_autoscaling::config::{
         interceptors::BeforeSerializationInterceptorContextRef, BehaviorVersion, ConfigBag,
         Credentials, Intercept, Region, RuntimeComponents,

@@ -1,10 +1,11 @@
 //! The election loop: one candidate's view of the terms in the store.
 
-use super::record::{Decision, Record};
+use super::record::Record;
 use super::store::{next_term, term_name, Created, LeaseStore, StoreError, MAX_TERM};
 use super::{mono_ns, STANDBYS};
 use crate::config::{ElectionSettings, MAX_ELECTION_TIMING};
-use crate::leadership::Leadership;
+use crate::election::Leadership;
+use crate::scaler::Decision;
 use std::collections::HashSet;
 use std::future::Future;
 use std::time::Duration;

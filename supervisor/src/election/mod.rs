@@ -66,6 +66,7 @@
 //! validity on CLOCK_MONOTONIC (see [`mono_ns`]).
 
 mod elector;
+mod leadership;
 // The in-memory store and the whole-fleet simulation are for tests and benchmarks, not
 // the daemon: built for this crate's tests and with the `sim` feature (the test crate's).
 #[cfg(any(test, feature = "sim"))]
@@ -75,19 +76,22 @@ mod record;
 mod sim;
 mod ssm;
 mod store;
+mod work;
 
 pub use elector::{
     Elector, FOLLOWER_READS_PER_SEC, MAX_FOLLOWER_POLL, UNKNOWN_FLEET_FOLLOWER_POLL,
 };
+pub use leadership::Leadership;
 #[cfg(any(test, feature = "sim"))]
 pub use memory::{Calls, Freeze, MemoryStore};
-pub use record::{Decision, Record};
+pub use record::Record;
 #[cfg(any(test, feature = "sim"))]
 pub use sim::{simulate, SimReport};
 pub use ssm::SsmLeaseStore;
 pub use store::{
     next_term, term_name, term_of, Created, LeaseStore, StoreError, MAX_LIST_PAGES, MAX_TERM,
 };
+pub use work::LeaderWork;
 
 /// How many standbys the leader names in its record.
 pub const STANDBYS: usize = 3;

@@ -3,7 +3,7 @@
 
 use super::{Calls, Elector, MemoryStore};
 use crate::config::ElectionSettings;
-use crate::leadership::Leadership;
+use crate::election::Leadership;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;

@@ -3,7 +3,8 @@
 
 use super::*;
 use crate::config::ElectionSettings;
-use crate::leadership::Leadership;
+use crate::election::Leadership;
+use crate::scaler::Decision;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};

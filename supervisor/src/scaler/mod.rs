@@ -77,6 +77,7 @@
 //! rustls crypto provider themselves ([`crate::tls::install_crypto_provider`]): reqwest
 //! is built without one and would panic.
 
+pub mod decision;
 pub mod semaphore;
 pub mod target;
 pub mod token;
@@ -84,6 +85,7 @@ pub mod token;
 #[cfg(test)]
 mod tests;
 
+pub use decision::Decision;
 pub use semaphore::{Demand, DemandError, DemandMetrics, HttpDemand, Token};
 pub use target::determine_target;
 pub use token::{SsmTokenSource, TokenError, TokenSource};
@@ -91,8 +93,7 @@ pub use token::{SsmTokenSource, TokenError, TokenSource};
 use crate::aws::autoscaling::{AutoScaling, GroupSizes};
 use crate::aws::cloudwatch::{CloudWatchError, Datum, MetricsSink, Unit};
 use crate::config::Settings;
-use crate::election::Decision;
-use crate::leadership::Leadership;
+use crate::election::Leadership;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
