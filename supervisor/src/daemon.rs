@@ -952,7 +952,19 @@ impl Ending<'_> {
         busy: bool,
         settings: &Settings,
     ) -> Option<Interruption> {
-        match n {
+        let hook = self.lifecycle_wait(settings);
+        let capacity_rebalancing = match &n {
+            Notice::Rebalance { .. } => self.capacity_rebalancing(settings).await,
+            _ => false,
+        };
+        let facts = interrupt::Facts {
+            busy,
+            lifecycle_hook: hook.is_some(),
+            capacity_rebalancing,
+            replacement_pending: self.replace.is_some(),
+        };
+        let verdict = interrupt::judge(&n, facts);
+        match &n {
             Notice::Spot(a) => {
                 tracing::warn!(
                     interruption = "spot",
@@ -963,64 +975,22 @@ impl Ending<'_> {
                     a.action,
                     if a.time_text.is_empty() { "an unknown time" } else { a.time_text.as_str() }
                 );
-                let (sdk, stack) = (self.sdk.clone(), self.stack.to_string());
-                tokio::spawn(
-                    async move {
-                        let sent = match QueryCloudWatch::new(&sdk) {
-                            Ok(cw) => cw
-                                .put(crate::aws::cloudwatch::NAMESPACE, &[interrupt::spot_datum(&stack)])
-                                .await
-                                .map_err(|e| e.to_string()),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        match sent {
-                            Ok(()) => tracing::debug!(metric = interrupt::SPOT_METRIC, "published"),
-                            Err(e) => tracing::warn!(error = %e, "could not publish {}", interrupt::SPOT_METRIC),
-                        }
-                    }
-                    .in_current_span(),
-                );
-                Some(Interruption::Spot(a))
+                self.publish_spot_metric();
             }
-            Notice::Rebalance { notice_time } => {
-                let rebalancing = match tokio::time::timeout(
-                    Duration::from_secs(10),
-                    self.asg.capacity_rebalance(&settings.agent_group),
-                )
-                .await
-                {
-                    Ok(Ok(on)) => on.unwrap_or(false),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cannot tell whether the group has Capacity Rebalancing; replacing this instance ourselves");
-                        false
-                    }
-                    Err(_) => false,
-                };
-                if rebalancing {
-                    tracing::info!(
-                        interruption = "rebalance",
-                        notice_time = %notice_time,
-                        "spot rebalance recommendation: the group's Capacity Rebalancing replaces this instance (its termination comes through the lifecycle hook)"
-                    );
-                    return None;
-                }
-                tracing::info!(
-                    interruption = "rebalance",
-                    notice_time = %notice_time,
-                    busy,
-                    "spot rebalance recommendation: replacing this instance{}",
-                    if busy { " after its job" } else { " now" }
-                );
-                if self.replace.is_some() {
-                    return None;
-                }
-                self.replace = Some(Interruption::Rebalance);
-                (!busy).then_some(Interruption::Rebalance)
-            }
+            Notice::Rebalance { notice_time } if capacity_rebalancing => tracing::info!(
+                interruption = "rebalance",
+                notice_time = %notice_time,
+                "spot rebalance recommendation: the group's Capacity Rebalancing replaces this instance (its termination comes through the lifecycle hook)"
+            ),
+            Notice::Rebalance { notice_time } => tracing::info!(
+                interruption = "rebalance",
+                notice_time = %notice_time,
+                busy,
+                "spot rebalance recommendation: replacing this instance{}",
+                if busy { " after its job" } else { " now" }
+            ),
             Notice::Terminating => {
                 self.terminating = Some(tokio::time::Instant::now());
-                let hook = self.lifecycle_wait(settings);
-                let hold = busy && hook.is_some();
                 tracing::info!(
                     interruption = "lifecycle",
                     lifecycle_hook = hook
@@ -1029,15 +999,71 @@ impl Ending<'_> {
                         .unwrap_or("none"),
                     busy,
                     "Auto Scaling is terminating this instance: {}",
-                    if hold {
+                    if verdict == interrupt::Verdict::HoldForJob {
                         "letting the job finish (lifecycle heartbeats meanwhile)"
                     } else {
                         "draining the agent"
                     }
                 );
-                (!hold).then_some(Interruption::Lifecycle)
             }
         }
+        match verdict {
+            interrupt::Verdict::Drain(kind) => {
+                if kind == Interruption::Rebalance {
+                    self.replace = Some(Interruption::Rebalance);
+                }
+                Some(kind)
+            }
+            interrupt::Verdict::AfterJob(kind) => {
+                self.replace = Some(kind);
+                None
+            }
+            interrupt::Verdict::HoldForJob | interrupt::Verdict::Nothing => None,
+        }
+    }
+
+    /// Whether the group has Capacity Rebalancing on (bounded; unknown counts as off, so
+    /// the instance replaces itself).
+    async fn capacity_rebalancing(&self, settings: &Settings) -> bool {
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            self.asg.capacity_rebalance(&settings.agent_group),
+        )
+        .await
+        {
+            Ok(Ok(on)) => on.unwrap_or(false),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot tell whether the group has Capacity Rebalancing; replacing this instance ourselves");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Publishes one `SpotInterruptions` datum in the background (never delays the drain).
+    fn publish_spot_metric(&self) {
+        let (sdk, stack) = (self.sdk.clone(), self.stack.to_string());
+        tokio::spawn(
+            async move {
+                let sent = match QueryCloudWatch::new(&sdk) {
+                    Ok(cw) => cw
+                        .put(
+                            crate::aws::cloudwatch::NAMESPACE,
+                            &[interrupt::spot_datum(&stack)],
+                        )
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match sent {
+                    Ok(()) => tracing::debug!(metric = interrupt::SPOT_METRIC, "published"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not publish {}", interrupt::SPOT_METRIC)
+                    }
+                }
+            }
+            .in_current_span(),
+        );
     }
 
     /// One lifecycle heartbeat, feeding the watchdog meanwhile and given up after

@@ -373,6 +373,50 @@ impl LifecycleWait {
     }
 }
 
+/// What a notice means for this instance: the interruption table of the README, decided
+/// without I/O. The daemon gathers the facts (is the agent busy, does the group have a
+/// lifecycle hook and Capacity Rebalancing, is a replacement already pending), logs, and
+/// carries the verdict out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Drain the agent now, then end the instance without decrement.
+    Drain(Interruption),
+    /// Replace the instance once its job is done (an idle agent is drained at once).
+    AfterJob(Interruption),
+    /// Auto Scaling is terminating a busy instance and the lifecycle hook holds it: let
+    /// the job finish, heartbeating, then complete the lifecycle action.
+    HoldForJob,
+    /// Nothing to do: Capacity Rebalancing replaces the instance, and its termination
+    /// comes through the lifecycle hook; or a replacement is already pending.
+    Nothing,
+}
+
+/// The facts a notice is judged by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Facts {
+    /// A job was handed to the running agent.
+    pub busy: bool,
+    /// The runtime config names the group's termination lifecycle hook.
+    pub lifecycle_hook: bool,
+    /// The group has Capacity Rebalancing on.
+    pub capacity_rebalancing: bool,
+    /// A replacement after the job is already decided (rebalance, max uptime).
+    pub replacement_pending: bool,
+}
+
+/// Judges one notice (pure; see [`Verdict`]).
+pub fn judge(notice: &Notice, facts: Facts) -> Verdict {
+    match notice {
+        Notice::Spot(a) => Verdict::Drain(Interruption::Spot(a.clone())),
+        Notice::Rebalance { .. } if facts.capacity_rebalancing => Verdict::Nothing,
+        Notice::Rebalance { .. } if facts.replacement_pending => Verdict::Nothing,
+        Notice::Rebalance { .. } if facts.busy => Verdict::AfterJob(Interruption::Rebalance),
+        Notice::Rebalance { .. } => Verdict::Drain(Interruption::Rebalance),
+        Notice::Terminating if facts.busy && facts.lifecycle_hook => Verdict::HoldForJob,
+        Notice::Terminating => Verdict::Drain(Interruption::Lifecycle),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -590,5 +634,62 @@ mod tests {
         let kill_after = spot_kill_after(on_spot + DRAIN_MARGIN, Some(now + SPOT_NOTICE), now);
         assert_eq!(kill_after, on_spot + DRAIN_MARGIN);
         assert!(kill_after + SPOT_SLACK <= SPOT_NOTICE);
+    }
+
+    #[test]
+    fn every_row_of_the_interruption_table() {
+        let spot = SpotAction::parse(r#"{"action":"terminate","time":"2030-01-01T00:00:00Z"}"#);
+        let rebalance = Notice::Rebalance {
+            notice_time: "2030-01-01T00:00:00Z".into(),
+        };
+        let f = |busy, lifecycle_hook, capacity_rebalancing, replacement_pending| Facts {
+            busy,
+            lifecycle_hook,
+            capacity_rebalancing,
+            replacement_pending,
+        };
+        // Spot: drained at once, busy or not, hook or not.
+        for facts in [f(false, false, false, false), f(true, true, true, true)] {
+            assert_eq!(
+                judge(&Notice::Spot(spot.clone()), facts),
+                Verdict::Drain(Interruption::Spot(spot.clone()))
+            );
+        }
+        // Rebalance: idle → now; busy → after its job; Capacity Rebalancing → left to
+        // Auto Scaling; already pending → nothing new.
+        assert_eq!(
+            judge(&rebalance, f(false, false, false, false)),
+            Verdict::Drain(Interruption::Rebalance)
+        );
+        assert_eq!(
+            judge(&rebalance, f(true, false, false, false)),
+            Verdict::AfterJob(Interruption::Rebalance)
+        );
+        assert_eq!(
+            judge(&rebalance, f(true, true, true, false)),
+            Verdict::Nothing
+        );
+        assert_eq!(
+            judge(&rebalance, f(false, false, true, false)),
+            Verdict::Nothing
+        );
+        assert_eq!(
+            judge(&rebalance, f(false, false, false, true)),
+            Verdict::Nothing
+        );
+        // Auto Scaling terminating: busy with the hook → held for the job; idle, or no hook
+        // to hold it → drained.
+        assert_eq!(
+            judge(&Notice::Terminating, f(true, true, false, false)),
+            Verdict::HoldForJob
+        );
+        assert_eq!(
+            judge(&Notice::Terminating, f(false, true, false, false)),
+            Verdict::Drain(Interruption::Lifecycle)
+        );
+        assert_eq!(
+            judge(&Notice::Terminating, f(true, false, false, false)),
+            Verdict::Drain(Interruption::Lifecycle)
+        );
     }
 }
