@@ -382,6 +382,52 @@ async fn idle_rss(bed: &Bed, rss_secs: u64) -> anyhow::Result<()> {
         rss as f64 / 1024.0
     );
     println!("BENCH idle_rss_kib {rss} KiB");
+    // Where it goes: anonymous memory (heap, stacks) versus file-backed pages (the
+    // binary's text and data, shared libraries).
+    if let Ok(rollup) = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", inst.pid)) {
+        let field = |name: &str| {
+            rollup
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .unwrap_or("?")
+                .to_string()
+        };
+        println!(
+            "  smaps_rollup: Rss {} KiB = Anonymous {} KiB + file-backed (Pss_File {} KiB, Shared_Clean {} KiB, Private_Clean {} KiB)",
+            field("Rss:"),
+            field("Anonymous:"),
+            field("Pss_File:"),
+            field("Shared_Clean:"),
+            field("Private_Clean:")
+        );
+    }
+    if let Ok(maps) = std::fs::read_to_string(format!("/proc/{}/smaps", inst.pid)) {
+        // RSS per mapping name (the binary, libc, [heap], anonymous), largest first.
+        let mut by_name = std::collections::BTreeMap::<String, u64>::new();
+        let mut current = String::new();
+        for line in maps.lines() {
+            let mut f = line.split_whitespace();
+            match f.next() {
+                Some(k)
+                    if k.contains('-')
+                        && k.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) =>
+                {
+                    current = f.nth(4).unwrap_or("[anon]").to_string();
+                }
+                Some("Rss:") => {
+                    *by_name.entry(current.clone()).or_default() +=
+                        f.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+        let mut rows: Vec<_> = by_name.into_iter().filter(|(_, kib)| *kib >= 100).collect();
+        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        for (name, kib) in rows {
+            println!("  {kib:>6} KiB  {name}");
+        }
+    }
     inst.kill_all();
     Ok(())
 }
