@@ -423,7 +423,7 @@ async fn idle_rss(bed: &Bed, rss_secs: u64) -> anyhow::Result<()> {
             }
         }
         let mut rows: Vec<_> = by_name.into_iter().filter(|(_, kib)| *kib >= 100).collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1));
+        rows.sort_by_key(|r| std::cmp::Reverse(r.1));
         for (name, kib) in rows {
             println!("  {kib:>6} KiB  {name}");
         }
