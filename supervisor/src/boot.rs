@@ -213,6 +213,148 @@ pub async fn publish<M: MetricsSink>(sink: &M, data: Vec<Datum>) {
     }
 }
 
+/// The boot timing of this instance's first agent run, as the agent owner sees it
+/// progress (see [`crate::agent::owner`]).
+pub struct Report {
+    /// `None` once reported, given up, or reported by an earlier supervisor.
+    pending: Option<Pending>,
+}
+
+struct Pending {
+    start: Start,
+    config_read: Instant,
+    token_read: Instant,
+    timeline: Option<Timeline>,
+    /// The launch time from IMDS, fetched in the background.
+    launch: Option<crate::AbortOnDrop<Option<SystemTime>>>,
+    marker: std::path::PathBuf,
+    stack: String,
+    sdk: aws_config::SdkConfig,
+}
+
+impl Report {
+    /// Nothing to report: the marker says an earlier supervisor did (or, in tests, no
+    /// report is wanted).
+    pub fn none() -> Self {
+        Self { pending: None }
+    }
+
+    /// Reports unless `marker` exists (an earlier supervisor on this instance reported).
+    pub fn new<M: crate::aws::imds::Metadata + 'static>(
+        marker: std::path::PathBuf,
+        stack: &str,
+        sdk: &aws_config::SdkConfig,
+        imds: M,
+        (start, config_read, token_read): (Start, Instant, Instant),
+    ) -> Self {
+        if marker.exists() {
+            tracing::debug!("boot timing already reported on this instance");
+            return Self::none();
+        }
+        use tracing::Instrument;
+        // One attempt, quietly: IMDS answered a moment ago, and this is only for a metric.
+        let launch = tokio::spawn(
+            async move {
+                match crate::aws::imds::launch_time(&imds, 1, Duration::from_millis(200)).await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "launch time unknown: the boot timing leaves out the phases from the launch");
+                        None
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+        Self {
+            pending: Some(Pending {
+                start,
+                config_read,
+                token_read,
+                timeline: None,
+                launch: Some(crate::AbortOnDrop(launch)),
+                marker,
+                stack: stack.to_string(),
+                sdk: sdk.clone(),
+            }),
+        }
+    }
+
+    /// The first agent was spawned at `at`.
+    pub fn spawned(&mut self, at: Instant) {
+        if let Some(p) = self.pending.as_mut() {
+            p.timeline = Some(Timeline {
+                launched: None,
+                start: p.start,
+                config_read: p.config_read,
+                token_read: p.token_read,
+                spawned: at,
+                registered: None,
+                first_job: None,
+            });
+        }
+    }
+
+    /// Only the first agent run counts.
+    pub fn give_up(&mut self) {
+        self.pending = None;
+    }
+
+    /// Logs and publishes what the agent's progress completes. Never waits on the network.
+    pub async fn progress(&mut self, progress: &crate::agent::Progress) {
+        let Some(p) = self.pending.as_mut() else {
+            return;
+        };
+        let Some(t) = p.timeline.as_mut() else {
+            return;
+        };
+        let mut stages = vec![];
+        if t.registered.is_none() {
+            if let Some(at) = progress.registered_at {
+                t.registered = Some(at);
+                stages.push(Stage::Registered);
+            }
+        }
+        if t.registered.is_some() && t.first_job.is_none() {
+            if let Some(at) = progress.first_job_at {
+                t.first_job = Some(at);
+                stages.push(Stage::FirstJob);
+            }
+        }
+        if stages.is_empty() {
+            return;
+        }
+        if t.launched.is_none() {
+            // Long done by now (one local IMDS call); if not, do without it.
+            if let Some(mut task) = p.launch.take().filter(|task| task.0.is_finished()) {
+                t.launched = (&mut task.0).await.ok().flatten();
+            }
+        }
+        let mut data = vec![];
+        for stage in stages {
+            t.log(stage);
+            data.extend(t.data(stage, &p.stack));
+        }
+        if let Err(e) = std::fs::write(&p.marker, t.summary()) {
+            tracing::warn!(path = %p.marker.display(), error = %e, "cannot write the boot timing marker");
+        }
+        let finished = t.first_job.is_some();
+        let sdk = p.sdk.clone();
+        use tracing::Instrument;
+        tokio::spawn(
+            async move {
+                match crate::aws::cloudwatch::QueryCloudWatch::new(&sdk) {
+                    Ok(cw) => publish(&cw, data).await,
+                    Err(e) => tracing::warn!(error = %e, "could not publish the boot timing to CloudWatch"),
+                }
+            }
+            .in_current_span(),
+        );
+        if finished {
+            self.pending = None;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -545,6 +545,9 @@ mod tests {
     }
 
     impl LifecycleActions for Calls {
+        async fn capacity_rebalance(&self, _group: &str) -> Result<Option<bool>, AsgError> {
+            Ok(Some(false))
+        }
         async fn complete_lifecycle_action(
             &self,
             group: &str,

@@ -43,11 +43,13 @@ pub mod aws;
 pub mod boot;
 pub mod check;
 pub mod config;
+pub mod coordinator;
 pub mod daemon;
 pub mod election;
 pub mod interrupt;
 pub mod lifecycle;
 pub mod notify;
+pub mod reload;
 pub mod retry;
 pub mod scaler;
 pub mod shutdown_hook;
@@ -90,5 +92,14 @@ impl Shutdown {
             }
         });
         Ok(s)
+    }
+}
+
+/// A spawned task that is aborted when this is dropped.
+pub(crate) struct AbortOnDrop<T>(pub(crate) tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

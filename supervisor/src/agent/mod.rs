@@ -23,6 +23,7 @@
 //!   that reason says.
 
 pub mod config_file;
+pub mod owner;
 
 use crate::telemetry::AGENT_TARGET;
 use nix::sys::signal::{killpg, Signal};

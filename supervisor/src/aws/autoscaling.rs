@@ -76,9 +76,15 @@ pub trait AutoScaling: Send + Sync {
     ) -> impl Future<Output = Result<(), AsgError>> + Send;
 }
 
-/// The termination lifecycle hook's two calls, by instance id (no lifecycle action token:
-/// the instance learns of its termination from IMDS, not from a notification).
+/// How an instance's group ends it: whether Capacity Rebalancing replaces it, and the
+/// termination lifecycle hook's two calls, by instance id (no lifecycle action token: the
+/// instance learns of its termination from IMDS, not from a notification).
 pub trait LifecycleActions: Send + Sync {
+    /// Whether the group has Capacity Rebalancing on (`None`: no such group).
+    fn capacity_rebalance(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Option<bool>, AsgError>> + Send;
     /// `CompleteLifecycleAction` with `result` (`CONTINUE` or `ABANDON`; for a terminating
     /// instance both end in termination). ValidationError when no action is pending.
     fn complete_lifecycle_action(
@@ -199,9 +205,8 @@ where
     }
 }
 
-impl SdkAutoScaling {
-    /// Whether the group has Capacity Rebalancing on (`None`: no such group).
-    pub async fn capacity_rebalance(&self, group: &str) -> Result<Option<bool>, AsgError> {
+impl LifecycleActions for SdkAutoScaling {
+    async fn capacity_rebalance(&self, group: &str) -> Result<Option<bool>, AsgError> {
         let out = self
             .client
             .describe_auto_scaling_groups()
@@ -214,9 +219,7 @@ impl SdkAutoScaling {
             .first()
             .map(|g| g.capacity_rebalance().unwrap_or(false)))
     }
-}
 
-impl LifecycleActions for SdkAutoScaling {
     async fn complete_lifecycle_action(
         &self,
         group: &str,

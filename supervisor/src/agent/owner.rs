@@ -1,0 +1,431 @@
+//! The agent owner: the task that renders `config.yaml`, spawns and watches the agent,
+//! owns the channel its shutdown hook reports on, and tells the coordinator what happens
+//! ([`AgentEvent`]). It obeys [`AgentCommand`]s: start a run, drain within a deadline,
+//! kill. One run at a time; the coordinator decides whether there is a next.
+//!
+//! The registration token lives here and in the rendered `config.yaml` only while an
+//! agent starts (the agent removes the file once it has read it).
+
+use super::config_file::{write_private, AgentConfig};
+use super::{progress_changed, AgentExit, Launch, Progress, RunAs, RunningAgent, ShutdownReason};
+use crate::aws::imds::Metadata;
+use crate::aws::ssm::ParameterStore;
+use crate::config::Settings;
+use crate::lifecycle::describe_status;
+use crate::startup::{DaemonError, RunOptions};
+use crate::{boot, interrupt, shutdown_hook, AbortOnDrop};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
+
+/// What the coordinator asks of the agent owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentCommand {
+    /// Start the next run (re-reading config and token first, from the second run on).
+    Start,
+    /// Stop the running agent: SIGTERM to its group (once registered), SIGKILL after
+    /// `within`.
+    Drain { within: Duration },
+    /// SIGKILL to the agent's group at once.
+    Kill,
+}
+
+/// What the agent owner tells the coordinator.
+#[derive(Debug)]
+pub enum AgentEvent {
+    Started(Box<Started>),
+    /// The agent said something that changes its progress (registered, a job).
+    Progress(Progress),
+    /// The agent exited (on its own, or drained or killed), with the reason its shutdown
+    /// hook gave, if it ran.
+    Exited {
+        exit: AgentExit,
+        reason: Option<ShutdownReason>,
+    },
+    /// The agent could not be started (fatal).
+    Failed(DaemonError),
+}
+
+/// A run that started.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub name: String,
+    pub pid: u32,
+    /// 1 for the first run of this supervisor.
+    pub run: u64,
+    /// The interruption grace the agent registered with (cut on spot).
+    pub grace: Duration,
+    /// The runtime config this run started with.
+    pub settings: Settings,
+}
+
+/// The agent owner (see the module doc).
+pub struct AgentOwner<P, M> {
+    opts: RunOptions,
+    instance_id: String,
+    ssm: P,
+    imds: M,
+    settings: Arc<watch::Sender<Settings>>,
+    token: String,
+    run_as: Option<RunAs>,
+    hook_path: PathBuf,
+    config_path: PathBuf,
+    reasons: mpsc::UnboundedReceiver<ShutdownReason>,
+    _hook_server: (shutdown_hook::HookServer, AbortOnDrop<()>),
+    boot: boot::Report,
+    runs: u64,
+    /// The current (or last) run's agent name.
+    name: String,
+    spot: Option<bool>,
+}
+
+impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
+    /// Prepares the work dir: the agent's user, the shutdown hook script and its socket.
+    /// Every problem here is an input problem, found before any agent starts.
+    pub fn new(
+        opts: &RunOptions,
+        instance_id: &str,
+        (ssm, imds): (P, M),
+        settings: Arc<watch::Sender<Settings>>,
+        token: String,
+        boot: boot::Report,
+    ) -> Result<Self, DaemonError> {
+        let run_as = RunAs::lookup(&opts.agent_user).map_err(DaemonError::Input)?;
+        let owner = run_as.as_ref().map(|r| (r.uid.as_raw(), r.gid.as_raw()));
+        std::fs::create_dir_all(&opts.work_dir).map_err(|e| {
+            DaemonError::Input(format!(
+                "cannot create work dir {}: {e}; fix: --work-dir",
+                opts.work_dir.display()
+            ))
+        })?;
+        let socket = shutdown_hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
+        let hook_path = opts.work_dir.join("shutdown-hook.sh");
+        let exe = std::env::current_exe()
+            .map_err(|e| DaemonError::Runtime(format!("cannot find own executable: {e}")))?;
+        let script = shutdown_hook::script(&exe, &socket).map_err(DaemonError::Input)?;
+        write_private(&hook_path, script.as_bytes(), 0o755, None).map_err(|e| {
+            DaemonError::Input(format!(
+                "cannot write {}: {e}; fix: make --work-dir writable by root",
+                hook_path.display()
+            ))
+        })?;
+        let (listener, server) = shutdown_hook::HookServer::bind(&socket, owner).map_err(|e| {
+            DaemonError::Input(format!("cannot listen on {}: {e}", socket.display()))
+        })?;
+        let (reason_tx, reasons) = mpsc::unbounded_channel();
+        let serving = AbortOnDrop(tokio::spawn(
+            shutdown_hook::serve(listener, reason_tx).in_current_span(),
+        ));
+        Ok(Self {
+            opts: opts.clone(),
+            instance_id: instance_id.to_string(),
+            ssm,
+            imds,
+            settings,
+            token,
+            run_as,
+            hook_path,
+            config_path: opts.work_dir.join("config.yaml"),
+            reasons,
+            _hook_server: (server, serving),
+            boot,
+            runs: 0,
+            name: String::new(),
+            spot: None,
+        })
+    }
+
+    /// Serves the coordinator's commands until it hangs up (a running agent's group is
+    /// killed then).
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<AgentCommand>,
+        events: mpsc::UnboundedSender<AgentEvent>,
+    ) {
+        while let Some(command) = commands.recv().await {
+            if command != AgentCommand::Start {
+                continue; // nothing runs: nothing to stop
+            }
+            let agent = match self.start().await {
+                Ok((agent, started)) => {
+                    let _ = events.send(AgentEvent::Started(Box::new(started)));
+                    agent
+                }
+                Err(e) => {
+                    let _ = events.send(AgentEvent::Failed(e));
+                    return;
+                }
+            };
+            match self.watch(agent, &mut commands, &events).await {
+                Some(exited) => {
+                    let _ = events.send(exited);
+                }
+                None => return,
+            }
+        }
+    }
+
+    async fn start(&mut self) -> Result<(RunningAgent, Started), DaemonError> {
+        self.runs += 1;
+        if self.runs > 1 {
+            self.boot.give_up();
+            // Bounded: a wedged SSM must not keep the instance from its next agent.
+            let refresh = crate::reload::refresh(
+                &self.ssm,
+                &self.settings,
+                &mut self.token,
+                self.opts.aws_retry_backoff,
+            );
+            if tokio::time::timeout(STEP_BOUND, refresh).await.is_err() {
+                tracing::warn!(
+                    bound_secs = STEP_BOUND.as_secs(),
+                    "re-reading config and token took too long; starting with the previous ones"
+                );
+            }
+        }
+        let settings = self.settings.borrow().clone();
+        let name = format!("{}__{}", self.instance_id, random_hex(6));
+        let on_spot = self.on_spot().await;
+        let grace = interrupt::registered_grace(
+            settings.interruption_grace,
+            on_spot,
+            self.opts.drain_margin,
+        );
+        if grace < settings.interruption_grace && self.runs == 1 {
+            tracing::warn!(
+                interruption_grace_secs = settings.interruption_grace.as_secs(),
+                registered_grace_secs = grace.as_secs(),
+                "spot instance: the agent's interruption grace is cut so that a drain after a two-minute spot notice ends before the reclaim"
+            );
+        }
+        let env_vars = cache_env(&settings);
+        let rendered = AgentConfig {
+            endpoint: &settings.endpoint,
+            token: &self.token,
+            no_https: settings.no_https,
+            name: &name,
+            disconnect_after_job: settings.disconnect_after_job,
+            idle_timeout: settings.idle_timeout,
+            interruption_grace: grace,
+            shutdown_hook_path: &self.hook_path,
+            env_vars: &env_vars,
+        }
+        .render();
+        let owner = self
+            .run_as
+            .as_ref()
+            .map(|r| (r.uid.as_raw(), r.gid.as_raw()));
+        write_private(&self.config_path, rendered.as_bytes(), 0o600, owner).map_err(|e| {
+            DaemonError::Runtime(format!(
+                "cannot write the agent config {}: {e}",
+                self.config_path.display()
+            ))
+        })?;
+        drop(rendered);
+        while self.reasons.try_recv().is_ok() {}
+        let launch = Launch {
+            binary: self.opts.agent_binary.clone(),
+            config_path: self.config_path.clone(),
+            run_as: self.run_as.clone(),
+            env: agent_env(&self.opts, self.run_as.as_ref()),
+            agent_name: name.clone(),
+            instance_id: self.instance_id.clone(),
+            secret: self.token.clone(),
+            shutdown_hook: Some(self.hook_path.clone()),
+        };
+        let agent = RunningAgent::spawn(&launch).map_err(|e| {
+            DaemonError::Input(format!(
+                "cannot start the agent {}: {e}; fix: install it there or pass --agent-binary",
+                self.opts.agent_binary.display()
+            ))
+        })?;
+        if self.runs == 1 {
+            self.boot.spawned(Instant::now());
+        }
+        self.name = name.clone();
+        tracing::info!(agent_name = %name, pid = agent.pid, run = self.runs, "agent started");
+        let started = Started {
+            name,
+            pid: agent.pid,
+            run: self.runs,
+            grace,
+            settings,
+        };
+        Ok((agent, started))
+    }
+
+    /// Watches one run to its end; obeys drain and kill. `None`: the coordinator hung up.
+    async fn watch(
+        &mut self,
+        mut agent: RunningAgent,
+        commands: &mut mpsc::UnboundedReceiver<AgentCommand>,
+        events: &mpsc::UnboundedSender<AgentEvent>,
+    ) -> Option<AgentEvent> {
+        let mut progress = agent.progress_watch();
+        let mut drained = false;
+        let exit = loop {
+            tokio::select! {
+                s = agent.exited() => {
+                    let exit = match s {
+                        Ok(s) => agent.finish(s).await,
+                        Err(e) => return Some(AgentEvent::Failed(DaemonError::Runtime(format!("waiting for the agent: {e}")))),
+                    };
+                    break exit;
+                }
+                p = progress_changed(&mut progress) => {
+                    if self.runs == 1 {
+                        self.boot.progress(&p).await;
+                    }
+                    let _ = events.send(AgentEvent::Progress(p));
+                }
+                c = commands.recv() => match c {
+                    Some(AgentCommand::Drain { within }) => match self.drain(&mut agent, within, commands).await {
+                        Ok(exit) => {
+                            drained = true;
+                            break exit;
+                        }
+                        Err(e) => return Some(AgentEvent::Failed(e)),
+                    },
+                    Some(AgentCommand::Kill) => match agent.kill().await {
+                        Ok(exit) => break exit,
+                        Err(e) => return Some(AgentEvent::Failed(DaemonError::Runtime(format!("killing the agent: {e}")))),
+                    },
+                    Some(AgentCommand::Start) => {}
+                    None => return None,
+                },
+            }
+        };
+        let mut reason = None;
+        while let Ok(r) = self.reasons.try_recv() {
+            reason = Some(r);
+        }
+        if drained {
+            tracing::info!(
+                agent_name = %self.name,
+                exit_reason = reason.map(ShutdownReason::as_str).unwrap_or("none"),
+                status = %describe_status(&exit.status),
+                "drained"
+            );
+        }
+        Some(AgentEvent::Exited { exit, reason })
+    }
+
+    /// SIGTERM to the group, SIGKILL after `within`; a `Kill` meanwhile kills at once.
+    async fn drain(
+        &mut self,
+        agent: &mut RunningAgent,
+        within: Duration,
+        commands: &mut mpsc::UnboundedReceiver<AgentCommand>,
+    ) -> Result<AgentExit, DaemonError> {
+        tracing::info!(
+            agent_name = %self.name,
+            grace_secs = within.as_secs(),
+            registered = agent.is_registered(),
+            "draining: asking the agent to stop (a second signal aborts)"
+        );
+        let jobs_before = agent.progress().jobs;
+        let killed = async {
+            loop {
+                match commands.recv().await {
+                    Some(AgentCommand::Kill) | None => return,
+                    Some(_) => {}
+                }
+            }
+        };
+        let stopped = tokio::select! {
+            biased;
+            _ = killed => None,
+            r = agent.stop(within) => Some(r),
+        };
+        let exit = match stopped {
+            Some(r) => r.map_err(|e| DaemonError::Runtime(format!("stopping the agent: {e}")))?,
+            None => {
+                tracing::warn!("killing the agent's process group now");
+                agent
+                    .kill()
+                    .await
+                    .map_err(|e| DaemonError::Runtime(format!("killing the agent: {e}")))?
+            }
+        };
+        let p = agent.progress();
+        if p.jobs > jobs_before {
+            tracing::warn!(
+                agent_name = %self.name,
+                job = p.last_job.as_deref().unwrap_or("unknown"),
+                "a job reached the agent while it was being stopped: it had the interruption grace"
+            );
+        }
+        Ok(exit)
+    }
+
+    /// Whether this is a spot instance (IMDS `instance-life-cycle`), read once; unknown
+    /// (IMDS does not answer) counts as on-demand.
+    async fn on_spot(&mut self) -> bool {
+        if let Some(s) = self.spot {
+            return s;
+        }
+        let read = self.imds.get(interrupt::LIFE_CYCLE_PATH);
+        let s = match tokio::time::timeout(Duration::from_secs(5), read).await {
+            Ok(Ok(v)) => v.trim() == "spot",
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "instance-life-cycle unknown: on-demand assumed");
+                false
+            }
+            Err(_) => false,
+        };
+        self.spot = Some(s);
+        s
+    }
+}
+
+/// Longest re-reading config and token before a restart may take.
+const STEP_BOUND: Duration = Duration::from_secs(300);
+
+fn agent_env(opts: &RunOptions, run_as: Option<&RunAs>) -> Vec<(String, String)> {
+    let (user, home) = match run_as {
+        Some(r) => (r.name.clone(), r.home.to_string_lossy().into_owned()),
+        None => (
+            std::env::var("USER").unwrap_or_else(|_| opts.agent_user.clone()),
+            std::env::var("HOME").unwrap_or_else(|_| "/".into()),
+        ),
+    };
+    let mut env = vec![
+        (
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        ("HOME".into(), home),
+        ("USER".into(), user.clone()),
+        ("LOGNAME".into(), user),
+        ("LANG".into(), "C.UTF-8".into()),
+        // The agent logs to stdout (forwarded to the journal) and, by default, appends the
+        // same lines to /tmp/agent_log for ever: no log file outside the journal.
+        ("SEMAPHORE_AGENT_LOG_FILE_PATH".into(), "/dev/null".into()),
+    ];
+    for name in &opts.pass_env {
+        if let Ok(v) = std::env::var(name) {
+            env.push((name.clone(), v));
+        }
+    }
+    env.extend(opts.agent_env.iter().cloned());
+    env
+}
+
+fn cache_env(settings: &Settings) -> Vec<String> {
+    match &settings.cache_bucket {
+        Some(b) => vec![
+            "SEMAPHORE_CACHE_BACKEND=s3".into(),
+            format!("SEMAPHORE_CACHE_S3_BUCKET={b}"),
+            "SEMAPHORE_CACHE_USE_EC2_INSTANCE_PROFILE=true".into(),
+        ],
+        None => vec![],
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", fastrand::u8(..)))
+        .collect()
+}

@@ -1,0 +1,1012 @@
+//! The coordinator: the one place that decides how this instance lives and ends.
+//!
+//! The long-running parts are tasks that report events: the agent owner
+//! ([`crate::agent::owner`]: started, progress, exited with its shutdown reason), the
+//! interruption watcher ([`crate::interrupt::watch`]: IMDS notices), leader work
+//! ([`Leader`]), the config reloader ([`crate::reload`]) and the stop signals. The
+//! coordinator selects over them, asks the pure policies what an event means —
+//! [`crate::lifecycle::decide`] for an agent's exit (the README's exit table),
+//! [`crate::interrupt::judge`] for a notice (its interruption table) — and carries the
+//! answer out. Every end of the instance goes through one path ([`Coordinator::end`]):
+//! leadership handed on, the agent drained, then `TerminateInstanceInAutoScalingGroup` —
+//! or, when Auto Scaling is already terminating the instance, `CompleteLifecycleAction` —
+//! and the wait for Auto Scaling's SIGTERM. It alone feeds the systemd watchdog.
+//!
+//! Its effects go through traits (Auto Scaling: [`AutoScaling`] + [`LifecycleActions`];
+//! IMDS: [`Metadata`]; [`Leader`]) and channels, so it is tested with fakes and paused
+//! time (`coordinator/tests.rs`).
+
+mod leader;
+#[cfg(test)]
+mod tests;
+
+pub use leader::{leading_term, scaler_status, Leader};
+
+use crate::agent::owner::{AgentCommand, AgentEvent, Started};
+use crate::agent::{AgentExit, Progress, ShutdownReason};
+use crate::aws::autoscaling::{AutoScaling, LifecycleActions};
+use crate::aws::imds::{launch_time, Metadata};
+use crate::config::Settings;
+use crate::interrupt::{self, Interruption, LifecycleWait, Notice, Verdict};
+use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
+use crate::notify::Notifier;
+use crate::startup::{DaemonError, RunOptions};
+use crate::Shutdown;
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// Longest a step that talks to AWS may take before the systemd watchdog is left to fire
+/// (see [`Notifier::during`]): the SDK's 30 s operation timeout times the retries.
+const AWS_STEP_BOUND: Duration = Duration::from_secs(600);
+/// Longest one lifecycle heartbeat may hold the coordinator.
+const HEARTBEAT_BOUND: Duration = Duration::from_secs(10);
+/// Longest stopping the election and scaler and releasing the lease may take.
+const LEADER_STOP_BOUND: Duration = Duration::from_secs(120);
+/// How long past its kill deadline a drain may go unreported before the watchdog is left
+/// to fire (the agent owner is wedged).
+const DRAIN_SLACK: Duration = Duration::from_secs(30);
+/// How long a second stop signal waits for the killed agent to be reaped.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// The tasks' ends of the channels the coordinator listens and talks on.
+pub struct Channels {
+    pub agent: mpsc::UnboundedSender<AgentCommand>,
+    pub events: mpsc::UnboundedReceiver<AgentEvent>,
+    pub notices: mpsc::UnboundedReceiver<Notice>,
+    pub settings: watch::Receiver<Settings>,
+}
+
+/// What the coordinator acts through.
+pub struct Ports<A, M, L> {
+    pub asg: A,
+    pub imds: M,
+    pub leader: L,
+    /// Publishes one `SpotInterruptions` datum (in the background: never delays a drain).
+    pub spot_metric: Box<dyn Fn() + Send>,
+}
+
+/// What ends this instance, kept across agent runs.
+#[derive(Debug, Default)]
+struct EndState {
+    /// When IMDS said `Terminated`: Auto Scaling is terminating this instance (with our
+    /// lifecycle hook, it waits in `Terminating:Wait` until we complete the action).
+    terminating: Option<Instant>,
+    /// The lifecycle action was completed (or found not to exist).
+    completed: bool,
+    /// `RecordLifecycleActionHeartbeat` calls that succeeded.
+    heartbeats: u32,
+    /// Replace this instance as soon as its agent is idle (rebalance, max uptime, or a
+    /// notice that came with no agent running).
+    replace: Option<Interruption>,
+}
+
+impl EndState {
+    /// The interruption that ends the instance before any new agent starts.
+    fn pending(&self) -> Option<Interruption> {
+        if self.terminating.is_some() {
+            Some(Interruption::Lifecycle)
+        } else {
+            self.replace.clone()
+        }
+    }
+}
+
+/// Where the instance is.
+enum Phase {
+    /// No agent runs; the next starts at `at`, unless the instance ends first.
+    Idle {
+        at: Instant,
+    },
+    Running(Box<Run>),
+    /// The instance is ending: waiting for Auto Scaling's SIGTERM (or to power off).
+    Ending {
+        power_off_at: Option<Instant>,
+    },
+}
+
+/// One agent run, from the start command to its exit.
+#[derive(Default)]
+struct Run {
+    started: Option<Box<Started>>,
+    progress: Progress,
+    status: String,
+    /// When the instance reaches `max_uptime_secs`.
+    uptime_at: Option<Instant>,
+    /// While Auto Scaling's lifecycle hook holds the instance for the agent: the next
+    /// heartbeat, and when the job must be drained to beat the hook's global timeout.
+    beat_at: Option<Instant>,
+    force_at: Option<Instant>,
+    drain: Option<Drain>,
+}
+
+/// A drain the coordinator asked for.
+struct Drain {
+    /// `None`: a stop signal; otherwise the interruption.
+    kind: Option<Interruption>,
+    /// When an unreported drain counts as wedged.
+    overdue_at: Option<Instant>,
+}
+
+impl Run {
+    fn name(&self) -> &str {
+        self.started
+            .as_ref()
+            .map(|s| s.name.as_str())
+            .unwrap_or("starting")
+    }
+
+    /// How long a drain waits before the agent's group is killed: the registered grace,
+    /// then what the agent needs to hear the stop, report and shut down.
+    fn drain_budget(&self, settings: &Settings, margin: Duration) -> Duration {
+        let grace = self
+            .started
+            .as_ref()
+            .map(|s| s.grace)
+            .unwrap_or(settings.interruption_grace);
+        grace + margin
+    }
+
+    /// Whether an interruption that spares a busy agent waits for its job (see
+    /// [`crate::interrupt`]): only a one-job agent that was handed a job. An agent that
+    /// takes several jobs would keep taking them, so it is drained at once.
+    fn waits_for_job(&self, settings: &Settings) -> bool {
+        let one_job = self
+            .started
+            .as_ref()
+            .map(|s| s.settings.disconnect_after_job)
+            .unwrap_or(settings.disconnect_after_job);
+        one_job && self.progress.jobs > 0
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    Start,
+    Uptime,
+    Beat,
+    Force,
+    DrainOverdue,
+    PowerOff,
+}
+
+enum Event {
+    Stop,
+    Abort,
+    Agent(Option<AgentEvent>),
+    Notice(Notice),
+    Timer(Timer),
+    Leadership(crate::election::Leadership),
+    Watchdog,
+}
+
+impl Phase {
+    /// The earliest timer of this phase.
+    fn next_timer(&self) -> Option<(Instant, Timer)> {
+        match self {
+            Phase::Idle { at } => Some((*at, Timer::Start)),
+            Phase::Ending { power_off_at } => power_off_at.map(|at| (at, Timer::PowerOff)),
+            Phase::Running(run) => {
+                let draining = run.drain.is_some();
+                [
+                    run.uptime_at
+                        .filter(|_| !draining)
+                        .map(|at| (at, Timer::Uptime)),
+                    run.beat_at.map(|at| (at, Timer::Beat)),
+                    run.force_at
+                        .filter(|_| !draining)
+                        .map(|at| (at, Timer::Force)),
+                    run.drain
+                        .as_ref()
+                        .and_then(|d| d.overdue_at)
+                        .map(|at| (at, Timer::DrainOverdue)),
+                ]
+                .into_iter()
+                .flatten()
+                .min_by_key(|(at, _)| *at)
+            }
+        }
+    }
+}
+
+type Flow = Result<Option<Phase>, DaemonError>;
+
+pub struct Coordinator<A, M, L> {
+    opts: RunOptions,
+    instance_id: String,
+    /// When the supervisor started (the instance's age if IMDS does not say).
+    started_wall: SystemTime,
+    ports: Ports<A, M, L>,
+    ch: Channels,
+    shutdown: Shutdown,
+    notify: Notifier,
+    notices_open: bool,
+    end: EndState,
+    launched: Option<SystemTime>,
+    backoff: Backoff,
+    lead_term: Option<u64>,
+    /// The first stop signal was seen.
+    stopping: bool,
+    /// False once a step overran its bound: systemd's watchdog then restarts us.
+    feeding: bool,
+}
+
+impl<A, M, L> Coordinator<A, M, L>
+where
+    A: AutoScaling + LifecycleActions,
+    M: Metadata,
+    L: Leader,
+{
+    pub fn new(
+        opts: RunOptions,
+        instance_id: &str,
+        started_wall: SystemTime,
+        ports: Ports<A, M, L>,
+        ch: Channels,
+        (shutdown, notify): (Shutdown, Notifier),
+    ) -> Self {
+        let lead_term = ports.leader.current().as_ref().and_then(leading_term);
+        Self {
+            backoff: Backoff::new(opts.restart_backoff, opts.restart_backoff_cap),
+            opts,
+            instance_id: instance_id.to_string(),
+            started_wall,
+            ports,
+            ch,
+            shutdown,
+            notify,
+            notices_open: true,
+            end: EndState::default(),
+            launched: None,
+            lead_term,
+            stopping: false,
+            feeding: true,
+        }
+    }
+
+    /// Runs until the instance ends (Ok), a second signal aborts, or a fatal error.
+    pub async fn run(mut self) -> Result<(), DaemonError> {
+        let mut phase = Phase::Idle { at: Instant::now() };
+        loop {
+            let event = self.next_event(&phase).await;
+            phase = match self.on(event, phase).await? {
+                Some(next) => next,
+                None => return Ok(()),
+            };
+        }
+    }
+
+    async fn next_event(&mut self, phase: &Phase) -> Event {
+        let timer = phase.next_timer();
+        let (at, kind) = timer.unwrap_or((Instant::now(), Timer::Start));
+        let running = matches!(phase, Phase::Running(_));
+        tokio::select! {
+            biased;
+            _ = self.shutdown.abort.cancelled(), if self.stopping && running => Event::Abort,
+            _ = self.shutdown.drain.cancelled(), if !self.stopping => Event::Stop,
+            e = self.ch.events.recv() => Event::Agent(e),
+            n = next_notice(&mut self.ch.notices, &mut self.notices_open) => Event::Notice(n),
+            _ = tokio::time::sleep_until(at), if timer.is_some() => Event::Timer(kind),
+            l = self.ports.leader.changed() => Event::Leadership(l),
+            _ = self.notify.watchdog_due(), if self.feeding => Event::Watchdog,
+        }
+    }
+
+    async fn on(&mut self, event: Event, phase: Phase) -> Flow {
+        match (phase, event) {
+            (phase, Event::Watchdog) => {
+                self.notify.ping();
+                Ok(Some(phase))
+            }
+            (phase, Event::Leadership(l)) => {
+                let term = leading_term(&l);
+                if term != self.lead_term {
+                    self.lead_term = term;
+                    if let Phase::Running(run) = &phase {
+                        self.show(&run.status);
+                    }
+                }
+                Ok(Some(phase))
+            }
+            (Phase::Running(run), event) => self.on_running(*run, event).await,
+            (Phase::Idle { .. }, Event::Timer(Timer::Start)) => self.start_or_end().await,
+            (Phase::Idle { .. }, Event::Stop) => {
+                self.stopping = true;
+                self.notify.stopping("stopping: no agent running");
+                self.complete_if_held().await;
+                Ok(None)
+            }
+            (Phase::Idle { at }, Event::Notice(n)) => {
+                let Some(kind) = self.take_notice(n, false).await else {
+                    return Ok(Some(Phase::Idle { at }));
+                };
+                if self.end.replace.is_none() && kind != Interruption::Lifecycle {
+                    self.end.replace = Some(kind);
+                }
+                self.start_or_end().await
+            }
+            (Phase::Ending { .. }, Event::Stop) => {
+                self.stopping = true;
+                self.notify
+                    .stopping("stopping: the instance is being terminated");
+                Ok(None)
+            }
+            (Phase::Ending { power_off_at }, Event::Notice(n)) => {
+                match n {
+                    Notice::Terminating => self.end.terminating = Some(Instant::now()),
+                    other => {
+                        tracing::info!(notice = ?other, "notice while the instance is ending: nothing more to do")
+                    }
+                }
+                self.complete_if_held().await;
+                Ok(Some(Phase::Ending { power_off_at }))
+            }
+            (Phase::Ending { .. }, Event::Timer(Timer::PowerOff)) => {
+                tracing::error!(
+                    timeout_secs = self.opts.terminate_timeout.as_secs(),
+                    "instance still running long after its termination was requested"
+                );
+                self.notify
+                    .status("termination requested long ago: powering off");
+                poweroff(&self.opts.poweroff_command).await;
+                Ok(Some(Phase::Ending { power_off_at: None }))
+            }
+            (_, Event::Agent(None)) => Err(DaemonError::Runtime(
+                "the agent owner task ended unexpectedly".into(),
+            )),
+            // A stray event (an agent event with no agent running, a timer that no
+            // longer applies).
+            (phase, _) => Ok(Some(phase)),
+        }
+    }
+
+    async fn on_running(&mut self, mut run: Run, event: Event) -> Flow {
+        let settings = self.ch.settings.borrow().clone();
+        match event {
+            Event::Stop => {
+                self.stopping = true;
+                if run.drain.is_none() {
+                    let grace = run.drain_budget(&settings, self.opts.drain_margin);
+                    self.notify.stopping(&format!(
+                        "draining: the agent {} has up to {} s to stop",
+                        run.name(),
+                        grace.as_secs()
+                    ));
+                    self.hand_leadership_on().await;
+                    self.drain(&mut run, None, grace);
+                }
+                // An interruption's drain goes on; the instance ends when it is done.
+            }
+            Event::Abort => {
+                tracing::warn!("second stop signal: killing the agent's process group now");
+                let _ = self.ch.agent.send(AgentCommand::Kill);
+                let reaped = async {
+                    while let Some(e) = self.ch.events.recv().await {
+                        if matches!(e, AgentEvent::Exited { .. } | AgentEvent::Failed(_)) {
+                            return;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(KILL_WAIT, reaped).await;
+                return Err(DaemonError::Aborted);
+            }
+            Event::Agent(Some(AgentEvent::Started(s))) => {
+                run.status = format!("agent running (agent name {}), registering", s.name);
+                if s.run == 1 {
+                    self.notify.ready(&with_lead(&run.status, self.lead_term));
+                } else {
+                    self.show(&run.status);
+                }
+                if self.end.replace.is_none() {
+                    if let Some(max) = s.settings.max_uptime {
+                        let launched = self.launched().await;
+                        let left = interrupt::uptime_left(launched, max, SystemTime::now());
+                        run.uptime_at = Instant::now().checked_add(left);
+                    }
+                }
+                run.started = Some(s);
+            }
+            Event::Agent(Some(AgentEvent::Progress(p))) => {
+                run.status = match &p.last_job {
+                    Some(job) => format!("agent running (agent name {}), job {job}", run.name()),
+                    None => format!(
+                        "agent running (agent name {}), waiting for jobs",
+                        run.name()
+                    ),
+                };
+                run.progress = p;
+                self.show(&run.status);
+            }
+            Event::Agent(Some(AgentEvent::Failed(e))) => return Err(e),
+            Event::Agent(None) => {
+                return Err(DaemonError::Runtime(
+                    "the agent owner task ended unexpectedly".into(),
+                ))
+            }
+            Event::Agent(Some(AgentEvent::Exited { exit, reason })) => {
+                return self.on_exit(run, exit, reason).await;
+            }
+            Event::Notice(n) => {
+                let busy = run.waits_for_job(&settings);
+                let was_terminating = self.end.terminating.is_some();
+                let drain = self.take_notice(n, busy).await;
+                if self.end.terminating.is_some() && !was_terminating {
+                    // The instance is going: hand leadership on now, not at the end.
+                    self.hand_leadership_on().await;
+                    self.hold(&mut run, &settings);
+                }
+                match drain {
+                    Some(kind) if run.drain.is_none() => {
+                        self.drain_for(&mut run, kind, &settings).await;
+                    }
+                    _ => self.show(&run.status),
+                }
+            }
+            Event::Timer(Timer::Uptime) => {
+                run.uptime_at = None;
+                if self.end.replace.is_none() {
+                    let busy = run.waits_for_job(&settings);
+                    tracing::info!(
+                        max_uptime_secs =
+                            settings.max_uptime.map(|m| m.as_secs()).unwrap_or_default(),
+                        busy,
+                        interruption = "max_uptime",
+                        "older than max_uptime_secs: replacing this instance{}",
+                        if busy { " after its job" } else { "" }
+                    );
+                    self.end.replace = Some(Interruption::MaxUptime);
+                    if busy {
+                        self.show(&run.status);
+                    } else {
+                        self.drain_for(&mut run, Interruption::MaxUptime, &settings)
+                            .await;
+                    }
+                }
+            }
+            Event::Timer(Timer::Beat) => {
+                run.beat_at = None;
+                if let Some(wait) = self.lifecycle_wait(&settings) {
+                    self.heartbeat(&wait).await;
+                    let every = interrupt::heartbeat_every(wait.hook.heartbeat_timeout);
+                    run.beat_at = Instant::now().checked_add(every);
+                }
+            }
+            Event::Timer(Timer::Force) => {
+                run.force_at = None;
+                tracing::warn!(
+                    agent_name = %run.name(),
+                    interruption = "lifecycle",
+                    "the lifecycle hook's wait is nearly over and the job still runs: draining the agent so the job is stopped cleanly"
+                );
+                self.drain_for(&mut run, Interruption::Lifecycle, &settings)
+                    .await;
+            }
+            Event::Timer(Timer::DrainOverdue) => {
+                if let Some(d) = run.drain.as_mut() {
+                    d.overdue_at = None;
+                }
+                if self.notify.watchdog().is_some() {
+                    tracing::error!(
+                        step = "the drain",
+                        "step still not finished after its bound: no longer feeding the systemd watchdog, so systemd restarts the supervisor"
+                    );
+                }
+                self.feeding = false;
+            }
+            _ => {}
+        }
+        Ok(Some(Phase::Running(Box::new(run))))
+    }
+
+    /// Auto Scaling holds the instance for its agent: heartbeat it (during a drain too),
+    /// and drain a busy agent in time to beat the hook's global timeout.
+    fn hold(&mut self, run: &mut Run, settings: &Settings) {
+        let Some(wait) = self.lifecycle_wait(settings) else {
+            return;
+        };
+        let now = Instant::now();
+        let timeout = wait.hook.heartbeat_timeout;
+        run.beat_at = now.checked_add(interrupt::heartbeat_every(timeout));
+        let budget = run.drain_budget(settings, self.opts.drain_margin);
+        run.force_at = now.checked_add(interrupt::force_drain_after(timeout, budget));
+    }
+
+    /// Asks the agent owner to drain within `within`.
+    fn drain(&mut self, run: &mut Run, kind: Option<Interruption>, within: Duration) {
+        let _ = self.ch.agent.send(AgentCommand::Drain { within });
+        run.drain = Some(Drain {
+            kind,
+            overdue_at: Instant::now().checked_add(within + DRAIN_SLACK),
+        });
+    }
+
+    /// The supervisor stops the agent itself for an interruption: spot notice, Auto
+    /// Scaling's termination, or a replacement of an idle agent's instance.
+    async fn drain_for(&mut self, run: &mut Run, kind: Interruption, settings: &Settings) {
+        self.hand_leadership_on().await;
+        let grace = run.drain_budget(settings, self.opts.drain_margin);
+        let kill_after = match &kind {
+            Interruption::Spot(a) => interrupt::spot_kill_after(grace, a.time, SystemTime::now()),
+            _ => grace,
+        };
+        if kill_after < grace {
+            tracing::warn!(
+                grace_secs = grace.as_secs(),
+                kill_after_secs = kill_after.as_secs(),
+                "the interruption grace does not fit before the spot interruption: the agent's group is killed sooner (keep interruption_grace_secs under ~100 s on spot)"
+            );
+        }
+        self.notify.status(&format!(
+            "{}: draining the agent {}, up to {} s",
+            kind.why(),
+            run.name(),
+            kill_after.as_secs()
+        ));
+        if run.progress.jobs > 0 && !run.waits_for_job(settings) {
+            tracing::info!(
+                agent_name = %run.name(),
+                jobs = run.progress.jobs,
+                interruption = kind.as_str(),
+                "the agent takes several jobs (disconnect_after_job off): draining it now, so it takes no more; a running job has the interruption grace"
+            );
+        }
+        self.drain(run, Some(kind), kill_after);
+    }
+
+    /// The agent exited: on its own (the exit table), or after a drain.
+    async fn on_exit(&mut self, run: Run, exit: AgentExit, reason: Option<ShutdownReason>) -> Flow {
+        let exit_reason = reason.map(ShutdownReason::as_str).unwrap_or("none");
+        let agent_name = run.name().to_string();
+        match run.drain {
+            Some(Drain { kind: None, .. }) => {
+                self.complete_if_held().await;
+                return Ok(None);
+            }
+            Some(Drain {
+                kind: Some(kind), ..
+            }) => {
+                tracing::info!(
+                    agent_name = %agent_name,
+                    exit_reason,
+                    interruption = kind.as_str(),
+                    decrement = false,
+                    why = kind.why(),
+                    "terminating this instance"
+                );
+                if self.stopping {
+                    self.complete_if_held().await;
+                    self.notify
+                        .stopping("stopping: the instance was being terminated");
+                    return Ok(None);
+                }
+                return self.end(false, kind.why()).await;
+            }
+            None => {}
+        }
+        let settings = self.ch.settings.borrow().clone();
+        let action = decide(
+            &exit,
+            reason,
+            false,
+            &mut self.backoff,
+            &settings.token_parameter,
+        );
+        tracing::info!(
+            agent_name = %agent_name,
+            exit_reason,
+            status = %describe_status(&exit.status),
+            registered = exit.registered,
+            "agent exited"
+        );
+        let (action, interruption) = if self.end.terminating.is_some() {
+            // Auto Scaling is terminating this instance and waited for the agent.
+            let why = Interruption::Lifecycle.why();
+            (
+                Action::Terminate {
+                    decrement: false,
+                    why,
+                },
+                Some(Interruption::Lifecycle),
+            )
+        } else {
+            match (action, &self.end.replace) {
+                // A replacement was waiting for the job: a restart becomes that replacement
+                // (not after a registration failure: a new instance would fail the same way).
+                (Action::Restart { .. }, Some(kind)) if exit.registered => (
+                    Action::Terminate {
+                        decrement: false,
+                        why: kind.why(),
+                    },
+                    Some(kind.clone()),
+                ),
+                (action, replace) => (action, replace.clone()),
+            }
+        };
+        match action {
+            Action::Restart { after, why } => {
+                if exit.registered {
+                    tracing::warn!(
+                        restart_in_ms = after.as_millis() as u64,
+                        failures = self.backoff.failures(),
+                        "{why}"
+                    );
+                } else {
+                    tracing::error!(
+                        restart_in_ms = after.as_millis() as u64,
+                        failures = self.backoff.failures(),
+                        "{why}"
+                    );
+                }
+                self.show(&format!(
+                    "agent exited ({exit_reason}, {}); restarting it in {} s",
+                    describe_status(&exit.status),
+                    after.as_secs()
+                ));
+                Ok(Some(Phase::Idle {
+                    at: Instant::now() + after,
+                }))
+            }
+            Action::Terminate { decrement, why } => {
+                tracing::info!(
+                    agent_name = %agent_name,
+                    exit_reason,
+                    interruption = interruption.as_ref().map(Interruption::as_str).unwrap_or("none"),
+                    decrement,
+                    why,
+                    "terminating this instance"
+                );
+                self.notify.status(&format!(
+                    "terminating instance ({why}, agent exit reason {exit_reason})"
+                ));
+                self.end(decrement, why).await
+            }
+        }
+    }
+
+    /// Before an agent starts: the instance ends instead if it is past its age, at risk or
+    /// being terminated.
+    async fn start_or_end(&mut self) -> Flow {
+        let settings = self.ch.settings.borrow().clone();
+        if let (None, Some(max)) = (&self.end.replace, settings.max_uptime) {
+            let launched = self.launched().await;
+            let now = SystemTime::now();
+            if interrupt::uptime_left(launched, max, now).is_zero() {
+                tracing::info!(
+                    max_uptime_secs = max.as_secs(),
+                    age_secs = now.duration_since(launched).unwrap_or_default().as_secs(),
+                    interruption = "max_uptime",
+                    "older than max_uptime_secs: replacing this instance"
+                );
+                self.end.replace = Some(Interruption::MaxUptime);
+            }
+        }
+        if let Some(kind) = self.end.pending() {
+            tracing::info!(
+                exit_reason = "none",
+                interruption = kind.as_str(),
+                decrement = false,
+                why = kind.why(),
+                "terminating this instance"
+            );
+            self.notify
+                .status(&format!("terminating instance ({})", kind.why()));
+            return self.end(false, kind.why()).await;
+        }
+        let _ = self.ch.agent.send(AgentCommand::Start);
+        Ok(Some(Phase::Running(Box::default())))
+    }
+
+    /// The one ending path, once the agent is gone: `TerminateInstanceInAutoScalingGroup`
+    /// (unless Auto Scaling already terminates the instance), leadership handed on, the
+    /// lifecycle action completed, then the wait for the end. A decrement refused at the
+    /// group's min size keeps the instance serving.
+    async fn end(&mut self, decrement: bool, why: &str) -> Flow {
+        if self.end.terminating.is_none() {
+            let opts = &self.opts;
+            let terminate = terminate_self(
+                &self.ports.asg,
+                &self.instance_id,
+                decrement,
+                opts.aws_retry_backoff,
+                || poweroff(&opts.poweroff_command),
+            );
+            let outcome = tokio::select! {
+                biased;
+                _ = self.shutdown.drain.cancelled() => {
+                    self.notify.stopping("stopping: the instance was being terminated");
+                    return Ok(None);
+                }
+                t = self.notify.during("terminating the instance", AWS_STEP_BOUND, terminate) => t,
+            };
+            if outcome == Termination::AtMinSize {
+                if self.end.replace.is_none() {
+                    let group = self.ch.settings.borrow().agent_group.clone();
+                    tracing::info!(group = %group, "group at its min size: restarting the agent in place (no churn)");
+                    self.show("group at its min size: restarting the agent in place");
+                }
+                // With a replacement pending, the next start ends the instance without
+                // decrement.
+                return Ok(Some(Phase::Idle { at: Instant::now() }));
+            }
+        }
+        self.hand_leadership_on().await;
+        self.notify.status(&format!(
+            "terminating instance ({why}): waiting for Auto Scaling to stop it"
+        ));
+        self.complete_if_held().await;
+        // No deadline (never power off) if the operator's timeout does not fit an Instant.
+        let power_off_at = Instant::now().checked_add(self.opts.terminate_timeout);
+        Ok(Some(Phase::Ending { power_off_at }))
+    }
+
+    /// Stops leader work and releases the lease (bounded, the watchdog fed meanwhile).
+    async fn hand_leadership_on(&mut self) {
+        hand_on(&mut self.ports.leader, &mut self.notify).await;
+        self.lead_term = None;
+    }
+
+    /// Records a notice, logs what it means, and says whether to stop the agent now.
+    /// `busy`: the agent waits for its job (false: idle, or no agent at all).
+    async fn take_notice(&mut self, n: Notice, busy: bool) -> Option<Interruption> {
+        let settings = self.ch.settings.borrow().clone();
+        let hook = self.lifecycle_wait(&settings);
+        let capacity_rebalancing = match &n {
+            Notice::Rebalance { .. } => self.capacity_rebalancing(&settings.agent_group).await,
+            _ => false,
+        };
+        let facts = interrupt::Facts {
+            busy,
+            lifecycle_hook: hook.is_some(),
+            capacity_rebalancing,
+            replacement_pending: self.end.replace.is_some(),
+        };
+        let verdict = interrupt::judge(&n, facts);
+        log_notice(&n, busy, capacity_rebalancing, hook.as_ref(), &verdict);
+        match &n {
+            Notice::Spot(_) => (self.ports.spot_metric)(),
+            Notice::Terminating => self.end.terminating = Some(Instant::now()),
+            Notice::Rebalance { .. } => {}
+        }
+        match verdict {
+            Verdict::Drain(kind) => {
+                if kind == Interruption::Rebalance {
+                    self.end.replace = Some(Interruption::Rebalance);
+                }
+                Some(kind)
+            }
+            Verdict::AfterJob(kind) => {
+                self.end.replace = Some(kind);
+                None
+            }
+            Verdict::HoldForJob | Verdict::Nothing => None,
+        }
+    }
+
+    /// Whether the group has Capacity Rebalancing on (bounded; unknown counts as off, so
+    /// the instance replaces itself).
+    async fn capacity_rebalancing(&self, group: &str) -> bool {
+        let asked = self.ports.asg.capacity_rebalance(group);
+        match tokio::time::timeout(Duration::from_secs(10), asked).await {
+            Ok(Ok(on)) => on.unwrap_or(false),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot tell whether the group has Capacity Rebalancing; replacing this instance ourselves");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The group's lifecycle hook, from the runtime config.
+    fn lifecycle_wait(&self, settings: &Settings) -> Option<LifecycleWait> {
+        settings.lifecycle_hook.clone().map(|hook| LifecycleWait {
+            group: settings.agent_group.clone(),
+            hook,
+            instance_id: self.instance_id.clone(),
+        })
+    }
+
+    /// One lifecycle heartbeat, given up after [`HEARTBEAT_BOUND`] (the next one is a third
+    /// of the heartbeat timeout away, so one lost call is survived).
+    async fn heartbeat(&mut self, wait: &LifecycleWait) {
+        let beat = tokio::time::timeout(HEARTBEAT_BOUND, wait.heartbeat(&self.ports.asg));
+        match self
+            .notify
+            .during("a lifecycle heartbeat", HEARTBEAT_BOUND * 2, beat)
+            .await
+        {
+            Ok(true) => {
+                self.end.heartbeats += 1;
+                tracing::debug!(heartbeats = self.end.heartbeats, "lifecycle heartbeat sent");
+            }
+            Ok(false) => {}
+            Err(_) => tracing::warn!(
+                lifecycle_hook = %wait.hook.name,
+                bound_secs = HEARTBEAT_BOUND.as_secs(),
+                "lifecycle heartbeat did not return in time; trying again at the next one"
+            ),
+        }
+    }
+
+    /// `CompleteLifecycleAction(CONTINUE)` if Auto Scaling holds the instance for us: it
+    /// terminates the instance then.
+    async fn complete_if_held(&mut self) {
+        let Some(since) = self.end.terminating.filter(|_| !self.end.completed) else {
+            return;
+        };
+        self.end.completed = true;
+        let waited_ms = since.elapsed().as_millis() as u64;
+        let settings = self.ch.settings.borrow().clone();
+        let Some(wait) = self.lifecycle_wait(&settings) else {
+            tracing::info!(
+                waited_ms,
+                "Auto Scaling is terminating this instance; the runtime config names no lifecycle hook, so there is nothing to complete"
+            );
+            return;
+        };
+        let done = self
+            .notify
+            .during(
+                "completing the lifecycle action",
+                AWS_STEP_BOUND,
+                wait.complete(&self.ports.asg, self.opts.aws_retry_backoff),
+            )
+            .await;
+        let heartbeats = self.end.heartbeats;
+        match done {
+            Ok(attempts) => tracing::info!(
+                lifecycle_hook = %wait.hook.name,
+                result = "CONTINUE",
+                attempts,
+                heartbeats,
+                waited_ms,
+                "lifecycle action completed: Auto Scaling terminates this instance now"
+            ),
+            Err(e) => tracing::error!(
+                lifecycle_hook = %wait.hook.name,
+                error = %e,
+                heartbeats,
+                waited_ms,
+                timeout_secs = wait.hook.heartbeat_timeout.as_secs(),
+                "could not complete the lifecycle action; Auto Scaling ends the wait after the heartbeat timeout (DefaultResult)"
+            ),
+        }
+        self.notify
+            .status("lifecycle action completed: waiting for Auto Scaling to stop this instance");
+    }
+
+    /// When this instance launched (the identity document's `pendingTime`), read once; the
+    /// supervisor's own start if IMDS does not say.
+    async fn launched(&mut self) -> SystemTime {
+        if let Some(t) = self.launched {
+            return t;
+        }
+        let t = match launch_time(&self.ports.imds, 3, Duration::from_millis(200)).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "launch time unknown: max_uptime_secs counts from the supervisor's start");
+                self.started_wall
+            }
+        };
+        self.launched = Some(t);
+        t
+    }
+
+    /// The status line, with the leader's term and what is pending.
+    fn show(&self, status: &str) {
+        let status = with_lead(status, self.lead_term);
+        let status = if self.end.terminating.is_some() {
+            format!("{status}; Auto Scaling is terminating this instance: the job finishes first")
+        } else if let Some(kind) = &self.end.replace {
+            format!("{status}; after the job: {}", kind.why())
+        } else {
+            status
+        };
+        self.notify.status(&status);
+    }
+}
+
+/// Logs what a notice means for this instance.
+fn log_notice(
+    n: &Notice,
+    busy: bool,
+    capacity_rebalancing: bool,
+    hook: Option<&LifecycleWait>,
+    verdict: &Verdict,
+) {
+    match n {
+        Notice::Spot(a) => tracing::warn!(
+            interruption = "spot",
+            spot_action = %a.action,
+            spot_time = %a.time_text,
+            busy,
+            "spot interruption notice: EC2 will {} this instance at {}; draining now",
+            a.action,
+            if a.time_text.is_empty() { "an unknown time" } else { a.time_text.as_str() }
+        ),
+        Notice::Rebalance { notice_time } if capacity_rebalancing => tracing::info!(
+            interruption = "rebalance",
+            notice_time = %notice_time,
+            "spot rebalance recommendation: the group's Capacity Rebalancing replaces this instance (its termination comes through the lifecycle hook)"
+        ),
+        Notice::Rebalance { notice_time } => tracing::info!(
+            interruption = "rebalance",
+            notice_time = %notice_time,
+            busy,
+            "spot rebalance recommendation: replacing this instance{}",
+            if busy { " after its job" } else { " now" }
+        ),
+        Notice::Terminating => tracing::info!(
+            interruption = "lifecycle",
+            lifecycle_hook = hook.map(|h| h.hook.name.as_str()).unwrap_or("none"),
+            busy,
+            "Auto Scaling is terminating this instance: {}",
+            if *verdict == Verdict::HoldForJob {
+                "letting the job finish (lifecycle heartbeats meanwhile)"
+            } else {
+                "draining the agent"
+            }
+        ),
+    }
+}
+
+/// The next notice; never, once the watcher is done.
+async fn next_notice(notices: &mut mpsc::UnboundedReceiver<Notice>, open: &mut bool) -> Notice {
+    if *open {
+        if let Some(n) = notices.recv().await {
+            return n;
+        }
+        *open = false;
+    }
+    std::future::pending().await
+}
+
+/// Hands leadership on (bounded, the watchdog fed meanwhile): the one place it is done.
+async fn hand_on<L: Leader>(leader: &mut L, notify: &mut Notifier) {
+    notify
+        .during("handing leadership on", LEADER_STOP_BOUND, leader.hand_on())
+        .await;
+}
+
+fn with_lead(status: &str, lead_term: Option<u64>) -> String {
+    match lead_term {
+        Some(term) => format!("{status}; fleet leader, term {term}"),
+        None => status.to_string(),
+    }
+}
+
+async fn poweroff(cmd: &[String]) {
+    let Some((prog, args)) = cmd.split_first() else {
+        tracing::error!("no poweroff command configured; the instance stays up");
+        return;
+    };
+    tracing::warn!(command = %cmd.join(" "), "powering off");
+    match tokio::process::Command::new(prog).args(args).status().await {
+        Ok(s) if s.success() => {}
+        Ok(s) => tracing::error!(status = %describe_status(&s), "poweroff command failed"),
+        Err(e) => tracing::error!(error = %e, "poweroff command could not run"),
+    }
+}
+
+/// The scaler-only role: no agent; stand for leader until stopped, then hand leadership on.
+pub async fn scaler_only<L: Leader>(mut leader: L, shutdown: Shutdown, mut notify: Notifier) {
+    let mut shown = scaler_status(leader.current());
+    notify.ready(&shown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.drain.cancelled() => break,
+            _ = shutdown.abort.cancelled() => break,
+            l = leader.changed() => {
+                // Every renew moves the lease's deadline; say only what changed.
+                let status = scaler_status(Some(l));
+                if status != shown {
+                    notify.status(&status);
+                    shown = status;
+                }
+            }
+            _ = notify.watchdog_due() => notify.ping(),
+        }
+    }
+    notify.stopping("stopping: handing leadership on");
+    hand_on(&mut leader, &mut notify).await;
+}
