@@ -11,7 +11,7 @@
 //!   bound — stops the pings, and systemd restarts the daemon.
 //! - [`Notifier::from_env`] removes the three variables from the process environment, so
 //!   no child (the poweroff command, …) inherits them; the agent's environment is built
-//!   from scratch anyway (see `daemon::agent_env`).
+//!   from scratch anyway (see `agent::owner`).
 //!
 //! Why not the `sd-notify` crate: it reads `NOTIFY_SOCKET` again on every call, so
 //! unsetting the variable (which its `*_and_unset_env` variants do, as `unsafe fn`s)
