@@ -8,6 +8,7 @@
 //! | registration failure                 | restart with backoff; never replace: a bad or revoked token is fleet-wide |
 //! | `UNABLE_TO_SYNC`                     | restart with backoff; never replace (the API or network is down for all) |
 //! | crash after registering              | restart with backoff; after [`MAX_LOCAL_FAILURES`] in a row, replace |
+//! | any exit once the agent was handed a job | never a restart: terminate without decrement (`IDLE` of a multi-job agent: with decrement, and without at min size) — one job per VM, see [`one_job_per_vm`] |
 //!
 //! Spot notices, rebalance recommendations, Auto Scaling's own terminations and the age
 //! limit are in [`crate::interrupt`]: a replacement they left pending turns a restart into a
@@ -126,6 +127,24 @@ pub fn decide(
                 }
             }
         }
+    }
+}
+
+/// Why a used instance is replaced rather than given a new agent.
+pub const USED_WHY: &str =
+    "one job per VM: this instance ran a job, and no agent starts on it again";
+
+/// One job per VM: once the agent was handed a job, the instance is never given another
+/// agent — whatever the exit (a crash, `UNABLE_TO_SYNC`, a reason forged on the hook's
+/// socket, a registration failure of a re-run), a restart becomes a termination without
+/// decrement. Job code may have changed anything on this VM; the next job gets a new one.
+pub fn one_job_per_vm(action: Action, used: bool) -> Action {
+    match action {
+        Action::Restart { .. } if used => Action::Terminate {
+            decrement: false,
+            why: USED_WHY,
+        },
+        action => action,
     }
 }
 
@@ -306,6 +325,34 @@ mod tests {
             "/t",
         );
         assert_eq!(backoff.failures(), 0);
+    }
+
+    #[test]
+    fn a_used_instance_never_restarts_its_agent() {
+        use ShutdownReason::*;
+        let reasons = [
+            None,
+            Some(Idle),
+            Some(JobFinished),
+            Some(Requested),
+            Some(Interrupted),
+            Some(UnableToSync),
+            Some(Unknown),
+        ];
+        for reason in reasons {
+            for (code, registered) in [(0, true), (1, false), (2, true), (137, true)] {
+                let action = decide(&exit(code, registered), reason, false, &mut b(), "/t");
+                let unused = one_job_per_vm(action.clone(), false);
+                assert_eq!(unused, action, "unchanged on an unused VM");
+                match one_job_per_vm(action, true) {
+                    Action::Terminate { decrement, .. } => {
+                        // Only an idle agent shrinks the fleet.
+                        assert_eq!(decrement, reason == Some(Idle), "{reason:?} {code}")
+                    }
+                    other => panic!("{reason:?} {code} {registered}: {other:?}"),
+                }
+            }
+        }
     }
 
     /// Scripted Auto Scaling: answers terminate calls from a list.

@@ -116,6 +116,10 @@ impl HookServer {
 }
 
 /// Serves hook connections until the listener task is dropped.
+///
+/// The agent user owns the socket, so job code can send a reason of its choosing. That
+/// changes nothing a job could use: once the agent was handed a job, every exit ends the
+/// instance ([`crate::lifecycle::one_job_per_vm`]), and before any job no job code ran.
 pub async fn serve(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSender<ShutdownReason>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {

@@ -57,6 +57,7 @@ both_agents!(
     drain_on_spot_notice_reports_the_job_stopped,
     drain_at_the_lifecycle_hooks_limit_reports_the_job_stopped,
     the_demo_scales_up_from_zero_runs_the_wave_and_back,
+    a_job_that_kills_its_agent_gets_no_second_agent_on_its_vm,
 );
 
 /// The kill line of `RunningAgent::stop`: the agent did not exit within its drain budget.
@@ -583,4 +584,47 @@ async fn the_demo_scales_up_from_zero_runs_the_wave_and_back(agent: AgentKind) -
     assert!(stdout.contains("group now: desired 0"), "{stdout}");
     assert!(stdout.contains("is the leader"), "{stdout}");
     Ok(())
+}
+
+/// One job per VM, enforced: a job that kills its agent (to get a fresh one on the VM it
+/// has tampered with) does not get one. The instance is replaced — no restart in place, no
+/// token written back to disk — and the supervisor says why.
+async fn a_job_that_kills_its_agent_gets_no_second_agent_on_its_vm(agent: AgentKind) -> R {
+    let bed = Bed::start(&stack("killagent", &agent)).await?;
+    let group = format!("{}-agents", bed.stack);
+    bed.moto.create_group(&group, 0, 3, 1).await?;
+    bed.put_config(&bed.runtime_config(&group)).await?;
+    let fleet = fleet(&bed, &group, &agent, None);
+    let result = async {
+        registered(&bed, 1, Duration::from_secs(30)).await?;
+        let id = bed.moto.group(&group).await?.in_service()[0].clone();
+        bed.hub.enqueue_job(JobSpec {
+            commands: vec![
+                "echo hostile".into(),
+                "kill -KILL $PPID".into(),
+                "sleep 30".into(),
+            ],
+            env: vec![],
+        });
+        let (decrement, error) = terminate_call(&bed, &id, Duration::from_secs(60)).await?;
+        assert_eq!((decrement.as_str(), error), ("false", None));
+        // Long enough for a restart's backoff (1 s) to have shown.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let agents: Vec<String> = bed
+            .hub
+            .agents()
+            .iter()
+            .map(|a| a.name.clone())
+            .filter(|n| n.starts_with(&id))
+            .collect();
+        assert_eq!(agents.len(), 1, "a second agent on the used VM: {agents:?}");
+        let out = fleet.all_output();
+        let ending = line_with(&out, "terminating this instance").unwrap_or_default();
+        assert!(ending.contains("one job per VM"), "{out}");
+        assert!(out.contains("this instance serves no other"), "{out}");
+        assert_no_token(&out);
+        Ok(())
+    }
+    .await;
+    finish(fleet, result).await
 }

@@ -297,6 +297,11 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
                 },
             }
         };
+        // What the agent said last (a job handed to it just before it exited) reaches the
+        // coordinator before the exit does.
+        if progress.has_changed().unwrap_or(false) {
+            let _ = events.send(AgentEvent::Progress(progress.borrow_and_update().clone()));
+        }
         let mut reason = None;
         while let Ok(r) = self.reasons.try_recv() {
             reason = Some(r);

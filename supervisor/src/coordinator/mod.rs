@@ -28,7 +28,9 @@ use crate::aws::autoscaling::{AutoScaling, LifecycleActions};
 use crate::aws::imds::{launch_time, Metadata};
 use crate::config::Settings;
 use crate::interrupt::{self, Interruption, LifecycleWait, Notice, Verdict};
-use crate::lifecycle::{decide, describe_status, terminate_self, Action, Backoff, Termination};
+use crate::lifecycle::{
+    decide, describe_status, one_job_per_vm, terminate_self, Action, Backoff, Termination, USED_WHY,
+};
 use crate::notify::Notifier;
 use crate::startup::{DaemonError, RunOptions};
 use crate::Shutdown;
@@ -46,6 +48,10 @@ const LEADER_STOP_BOUND: Duration = Duration::from_secs(120);
 /// How long past its kill deadline a drain may go unreported before the watchdog is left
 /// to fire (the agent owner is wedged).
 const DRAIN_SLACK: Duration = Duration::from_secs(30);
+/// The marker in the work dir (root only): this instance's agent was handed a job, so
+/// the instance serves no other (see [`crate::lifecycle::one_job_per_vm`]). A supervisor
+/// that starts and finds it ends the instance.
+pub const USED_MARKER: &str = "job-taken";
 /// How long a second stop signal waits for the killed agent to be reaped.
 const KILL_WAIT: Duration = Duration::from_secs(10);
 
@@ -227,6 +233,10 @@ pub struct Coordinator<A, M, L> {
     lead_term: Option<u64>,
     /// The first stop signal was seen.
     stopping: bool,
+    /// An agent on this instance was handed a job (this run, or a supervisor before us:
+    /// [`USED_MARKER`]).
+    used: bool,
+    used_marker: std::path::PathBuf,
     /// False once a step overran its bound: systemd's watchdog then restarts us.
     feeding: bool,
 }
@@ -246,7 +256,10 @@ where
         (shutdown, notify): (Shutdown, Notifier),
     ) -> Self {
         let lead_term = ports.leader.current().as_ref().and_then(leading_term);
+        let used_marker = opts.work_dir.join(USED_MARKER);
         Self {
+            used: used_marker.exists(),
+            used_marker,
             backoff: Backoff::new(opts.restart_backoff, opts.restart_backoff_cap),
             opts,
             instance_id: instance_id.to_string(),
@@ -407,6 +420,9 @@ where
                 run.started = Some(s);
             }
             Event::Agent(Some(AgentEvent::Progress(p))) => {
+                if p.jobs > 0 && !self.used {
+                    self.mark_used(run.name(), p.last_job.as_deref());
+                }
                 run.status = match &p.last_job {
                     Some(job) => format!("agent running (agent name {}), job {job}", run.name()),
                     None => format!(
@@ -622,6 +638,7 @@ where
                 (action, replace) => (action, replace.clone()),
             }
         };
+        let action = one_job_per_vm(action, self.used);
         match action {
             Action::Restart { after, why } => {
                 if exit.registered {
@@ -680,17 +697,21 @@ where
                 self.end.replace = Some(Interruption::MaxUptime);
             }
         }
-        if let Some(kind) = self.end.pending() {
+        let ending = match self.end.pending() {
+            Some(kind) => Some((kind.as_str(), kind.why())),
+            None if self.used => Some(("none", USED_WHY)),
+            None => None,
+        };
+        if let Some((interruption, why)) = ending {
             tracing::info!(
                 exit_reason = "none",
-                interruption = kind.as_str(),
+                interruption,
                 decrement = false,
-                why = kind.why(),
+                why,
                 "terminating this instance"
             );
-            self.notify
-                .status(&format!("terminating instance ({})", kind.why()));
-            return self.end(false, kind.why()).await;
+            self.notify.status(&format!("terminating instance ({why})"));
+            return self.end(false, why).await;
         }
         let _ = self.ch.agent.send(AgentCommand::Start);
         Ok(Some(Phase::Running(Box::default())))
@@ -700,8 +721,8 @@ where
     /// (unless Auto Scaling already terminates the instance), leadership handed on, the
     /// lifecycle action completed, then the wait for the end. A decrement refused at the
     /// group's min size keeps the instance serving.
-    async fn end(&mut self, decrement: bool, why: &str) -> Flow {
-        if self.end.terminating.is_none() {
+    async fn end(&mut self, mut decrement: bool, why: &str) -> Flow {
+        while self.end.terminating.is_none() {
             let opts = &self.opts;
             let terminate = terminate_self(
                 &self.ports.asg,
@@ -718,16 +739,26 @@ where
                 }
                 t = self.notify.during("terminating the instance", AWS_STEP_BOUND, terminate) => t,
             };
-            if outcome == Termination::AtMinSize {
-                if self.end.replace.is_none() {
-                    let group = self.ch.settings.borrow().agent_group.clone();
-                    tracing::info!(group = %group, "group at its min size: restarting the agent in place (no churn)");
-                    self.show("group at its min size: restarting the agent in place");
-                }
-                // With a replacement pending, the next start ends the instance without
-                // decrement.
-                return Ok(Some(Phase::Idle { at: Instant::now() }));
+            if outcome != Termination::AtMinSize {
+                break;
             }
+            if self.used {
+                // No agent starts here again: a replacement keeps the group at its size.
+                tracing::info!(
+                    why = USED_WHY,
+                    "the group is at its min size, but this instance ran a job: replacing it instead"
+                );
+                decrement = false;
+                continue;
+            }
+            if self.end.replace.is_none() {
+                let group = self.ch.settings.borrow().agent_group.clone();
+                tracing::info!(group = %group, "group at its min size: restarting the agent in place (no churn)");
+                self.show("group at its min size: restarting the agent in place");
+            }
+            // With a replacement pending, the next start ends the instance without
+            // decrement.
+            return Ok(Some(Phase::Idle { at: Instant::now() }));
         }
         self.hand_leadership_on().await;
         self.notify.status(&format!(
@@ -737,6 +768,31 @@ where
         // No deadline (never power off) if the operator's timeout does not fit an Instant.
         let power_off_at = Instant::now().checked_add(self.opts.terminate_timeout);
         Ok(Some(Phase::Ending { power_off_at }))
+    }
+
+    /// The agent was handed a job: from now on this instance serves no other. The marker
+    /// keeps a restarted supervisor from starting an agent here again.
+    fn mark_used(&mut self, agent_name: &str, job: Option<&str>) {
+        self.used = true;
+        let text = format!("agent {agent_name} job {}\n", job.unwrap_or("unknown"));
+        let written = crate::agent::config_file::write_private(
+            &self.used_marker,
+            text.as_bytes(),
+            0o600,
+            None,
+        );
+        match written {
+            Ok(()) => tracing::info!(
+                agent_name,
+                marker = %self.used_marker.display(),
+                "the agent was handed a job: this instance serves no other (one job per VM)"
+            ),
+            Err(e) => tracing::error!(
+                marker = %self.used_marker.display(),
+                error = %e,
+                "cannot write the one-job marker: this supervisor still ends the instance after the job, a restarted one would not know"
+            ),
+        }
     }
 
     /// Stops leader work and releases the lease (bounded, the watchdog fed meanwhile).

@@ -192,12 +192,22 @@ fn with_hook(mut s: Settings, heartbeat_timeout: Duration) -> Settings {
     s
 }
 
-fn options(poweroff: Vec<String>) -> RunOptions {
+/// A work dir of its own for each test.
+fn work_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("coordinator-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("work dir");
+    dir
+}
+
+fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
     RunOptions {
         role: None,
         agent_binary: "/nonexistent/agent".into(),
         agent_user: "nobody".into(),
-        work_dir: "/nonexistent".into(),
+        work_dir,
         agent_env: vec![],
         pass_env: vec![],
         poweroff_command: poweroff,
@@ -229,6 +239,7 @@ struct Setup {
     asg: FakeAsg,
     launched: SystemTime,
     poweroff: Vec<String>,
+    work_dir: std::path::PathBuf,
 }
 
 impl Setup {
@@ -238,6 +249,7 @@ impl Setup {
             asg: FakeAsg::default(),
             launched: SystemTime::now(),
             poweroff: vec![],
+            work_dir: work_dir(),
         }
     }
 
@@ -270,7 +282,7 @@ impl Setup {
             settings: settings_rx,
         };
         let coordinator = Coordinator::new(
-            options(self.poweroff),
+            options(self.poweroff, self.work_dir),
             ID,
             SystemTime::now(),
             ports,
@@ -1099,5 +1111,117 @@ async fn a_notice_between_restarts_ends_the_instance_instead_of_restarting() {
             "terminate i-test decrement=false",
             "leadership handed on"
         ]
+    );
+}
+
+// ---- one job per VM ----
+
+/// The marker a job leaves, if any (and that it is root's alone).
+fn marker(dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(USED_MARKER);
+    let meta = std::fs::metadata(&path).ok()?;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    std::fs::read_to_string(path).ok()
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_job_no_exit_restarts_the_agent_the_instance_is_replaced() {
+    use ShutdownReason::*;
+    // Each of these restarts the agent in place on an instance that never had a job.
+    for (reason, registered, code) in [
+        (None, true, 137), // the job killed its agent
+        (Some(UnableToSync), true, 0),
+        (None, false, 1), // a re-run that cannot register
+    ] {
+        let setup = Setup::new(settings());
+        let dir = setup.work_dir.clone();
+        let (bed, c) = setup.build();
+        let log = bed.log.clone();
+        play(
+            c,
+            |mut bed| async move {
+                bed.start().await;
+                bed.job();
+                bed.exit(reason, registered, code);
+                bed.until("leadership handed on").await;
+                bed.sigterm();
+            },
+            bed,
+        )
+        .await
+        .expect("ends cleanly");
+        assert_eq!(
+            log.all(),
+            [
+                "start",
+                "terminate i-test decrement=false",
+                "leadership handed on"
+            ],
+            "{reason:?} {code}"
+        );
+        let text = marker(&dir).expect("the marker was written");
+        assert!(text.contains("job-1"), "{text}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_used_instance_at_min_size_is_replaced_not_given_a_new_agent() {
+    let mut s = settings();
+    // An agent that takes several jobs, idle after one.
+    s.disconnect_after_job = false;
+    let setup = Setup::new(s);
+    setup
+        .asg
+        .terminate
+        .lock()
+        .expect("lock")
+        .push_back(Err(refused()));
+    let (bed, c) = setup.build();
+    let log = bed.log.clone();
+    play(
+        c,
+        |mut bed| async move {
+            bed.start().await;
+            bed.job();
+            bed.exit(Some(ShutdownReason::Idle), true, 0);
+            bed.until("leadership handed on").await;
+            bed.sigterm();
+        },
+        bed,
+    )
+    .await
+    .expect("ends cleanly");
+    assert_eq!(
+        log.all(),
+        [
+            "start",
+            "terminate i-test decrement=true",
+            "terminate i-test decrement=false",
+            "leadership handed on"
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_supervisor_that_finds_the_marker_ends_the_instance_without_an_agent() {
+    let setup = Setup::new(settings());
+    std::fs::write(setup.work_dir.join(USED_MARKER), "agent a job j\n").expect("marker");
+    let (bed, c) = setup.build();
+    let log = bed.log.clone();
+    play(
+        c,
+        |bed| async move {
+            bed.until("leadership handed on").await;
+            bed.sigterm();
+        },
+        bed,
+    )
+    .await
+    .expect("ends cleanly");
+    // No agent (and so no token on disk) on a used VM.
+    assert_eq!(
+        log.all(),
+        ["terminate i-test decrement=false", "leadership handed on"]
     );
 }
