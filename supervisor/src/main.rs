@@ -54,6 +54,10 @@ struct RunArgs {
         default_value = "/var/lib/agent-supervisor"
     )]
     work_dir: PathBuf,
+    /// A cgroup v2 directory under which the agent gets a cgroup of its own (`<dir>/agent`);
+    /// default: the supervisor's own cgroup (systemd's Delegate=yes).
+    #[arg(long, env = "AGENT_SUPERVISOR_AGENT_CGROUP")]
+    agent_cgroup: Option<PathBuf>,
     /// Extra NAME=VALUE for the agent's environment (repeatable).
     #[arg(long = "agent-env", value_parser = parse_env)]
     agent_env: Vec<(String, String)>,
@@ -122,6 +126,7 @@ impl RunArgs {
             agent_binary: self.agent_binary,
             agent_user: self.agent_user,
             work_dir: self.work_dir,
+            agent_cgroup: self.agent_cgroup,
             agent_env: self.agent_env,
             pass_env: self
                 .pass_env

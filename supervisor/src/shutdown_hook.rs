@@ -8,9 +8,9 @@
 use crate::agent::ShutdownReason;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tracing::Instrument;
 
 pub const REASON_ENV: &str = "SEMAPHORE_AGENT_SHUTDOWN_REASON";
@@ -115,27 +115,79 @@ impl HookServer {
     }
 }
 
-/// Serves hook connections until the listener task is dropped.
+/// The last reason the hook handed over: one slot, so a flood of connections cannot grow
+/// the daemon's memory. The agent owner empties it before each run and takes it after.
+#[derive(Clone, Default)]
+pub struct ReasonSlot(Arc<Mutex<Option<ShutdownReason>>>);
+
+impl ReasonSlot {
+    fn put(&self, reason: ShutdownReason) {
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(reason);
+        }
+    }
+
+    /// Empties the slot.
+    pub fn take(&self) -> Option<ShutdownReason> {
+        self.0.lock().ok().and_then(|mut slot| slot.take())
+    }
+}
+
+/// Connections served at once; more are closed unread.
+pub const MAX_CONNECTIONS: usize = 4;
+
+/// Whether a peer may hand over a reason: root, or the agent's user (`agent_uid`; the
+/// daemon's own user when the agent runs as it).
+pub fn peer_allowed(peer_uid: u32, agent_uid: u32) -> bool {
+    peer_uid == 0 || peer_uid == agent_uid
+}
+
+/// Serves hook connections until the listener task is dropped: peers checked by their
+/// credentials, at most [`MAX_CONNECTIONS`] at once, each read bounded to 2 s and 64
+/// bytes, the reason kept in `slot`; accept errors (e.g. out of file descriptors) are
+/// backed off rather than spun on.
 ///
 /// The agent user owns the socket, so job code can send a reason of its choosing. That
 /// changes nothing a job could use: once the agent was handed a job, every exit ends the
 /// instance ([`crate::lifecycle::one_job_per_vm`]), and before any job no job code ran.
-pub async fn serve(listener: tokio::net::UnixListener, tx: mpsc::UnboundedSender<ShutdownReason>) {
+pub async fn serve(listener: tokio::net::UnixListener, slot: ReasonSlot, agent_uid: u32) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(50);
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
+        let mut conn = match listener.accept().await {
+            Ok((conn, _)) => {
+                backoff = Duration::from_millis(50);
+                conn
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "shutdown-hook socket: accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        let uid = conn.peer_cred().map(|c| c.uid()).ok();
+        if !uid.is_some_and(|uid| peer_allowed(uid, agent_uid)) {
+            tracing::warn!(peer_uid = ?uid, "shutdown-hook socket: refused a connection from another user");
+            continue;
+        }
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("shutdown-hook socket: too many connections; closing one unread");
             continue;
         };
-        let tx = tx.clone();
+        let slot = slot.clone();
         tokio::spawn(
             async move {
+                let _permit = permit;
                 let mut buf = [0u8; 64];
                 let read = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await;
                 if let Ok(Ok(n)) = read {
                     let text = String::from_utf8_lossy(&buf[..n]);
                     let reason = ShutdownReason::parse(text.lines().next().unwrap_or_default());
                     tracing::info!(exit_reason = %reason, "agent shutdown hook ran");
-                    let _ = tx.send(reason);
-                    let _ = conn.write_all(b"ok\n").await;
+                    slot.put(reason);
+                    let _ =
+                        tokio::time::timeout(Duration::from_secs(2), conn.write_all(b"ok\n")).await;
                 }
             }
             .in_current_span(),
@@ -153,14 +205,76 @@ mod tests {
         std::fs::create_dir_all(&dir).expect("dir");
         let sock = dir.join("hook.sock");
         let (listener, _server) = HookServer::bind(&sock, None).expect("bind");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(serve(listener, tx));
+        let slot = ReasonSlot::default();
+        let task = tokio::spawn(serve(
+            listener,
+            slot.clone(),
+            nix::unistd::geteuid().as_raw(),
+        ));
+        for reason in [ShutdownReason::Idle, ShutdownReason::JobFinished] {
+            let s = sock.clone();
+            tokio::task::spawn_blocking(move || send(&s, reason))
+                .await
+                .expect("join")
+                .expect("send");
+        }
+        // One slot: the last reason, once.
+        assert_eq!(slot.take(), Some(ShutdownReason::JobFinished));
+        assert_eq!(slot.take(), None);
+        task.abort();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn only_root_and_the_agents_user_may_hand_over_a_reason() {
+        assert!(peer_allowed(0, 1001));
+        assert!(peer_allowed(1001, 1001));
+        assert!(!peer_allowed(1002, 1001));
+        assert!(!peer_allowed(65534, 1001));
+    }
+
+    /// A flood of silent connections (a job holding them open) neither grows the daemon
+    /// nor keeps the agent's own hook from getting through for long.
+    #[tokio::test]
+    async fn a_flood_of_silent_connections_is_bounded() {
+        let dir = std::env::temp_dir().join(format!("hookflood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let sock = dir.join("hook.sock");
+        let (listener, _server) = HookServer::bind(&sock, None).expect("bind");
+        let slot = ReasonSlot::default();
+        let task = tokio::spawn(serve(
+            listener,
+            slot.clone(),
+            nix::unistd::geteuid().as_raw(),
+        ));
+        let mut silent = vec![];
+        for _ in 0..200 {
+            silent.push(
+                tokio::net::UnixStream::connect(&sock)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        // The hook retries as the agent would not: its one attempt may be closed unread
+        // while the flood holds every permit, but the permits free within the read bound.
         let s = sock.clone();
-        tokio::task::spawn_blocking(move || send(&s, ShutdownReason::Idle))
-            .await
-            .expect("join")
-            .expect("send");
-        assert_eq!(rx.recv().await, Some(ShutdownReason::Idle));
+        let sent = tokio::task::spawn_blocking(move || {
+            let until = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match send(&s, ShutdownReason::Idle) {
+                    Ok(()) => return true,
+                    Err(_) if std::time::Instant::now() < until => {
+                        std::thread::sleep(Duration::from_millis(100))
+                    }
+                    Err(_) => return false,
+                }
+            }
+        })
+        .await
+        .expect("join");
+        assert!(sent, "the hook never got through");
+        assert_eq!(slot.take(), Some(ShutdownReason::Idle));
+        drop(silent);
         task.abort();
         std::fs::remove_dir_all(&dir).ok();
     }

@@ -18,6 +18,9 @@ pub struct RunOptions {
     pub agent_binary: PathBuf,
     pub agent_user: String,
     pub work_dir: PathBuf,
+    /// The cgroup v2 directory under which the agent gets its own cgroup (`None`: the
+    /// supervisor's own, if the system has cgroup v2).
+    pub agent_cgroup: Option<PathBuf>,
     pub agent_env: Vec<(String, String)>,
     pub pass_env: Vec<String>,
     pub poweroff_command: Vec<String>,

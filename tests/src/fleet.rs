@@ -218,6 +218,9 @@ pub struct Instance {
     pub started: Instant,
     /// CLOCK_MONOTONIC ns just before the supervisor was spawned.
     pub spawned_mono_ns: u64,
+    /// The cgroup v2 directory its supervisor puts the agent's cgroup under (`agent/`),
+    /// where this machine has a writable one.
+    pub cgroup: Option<PathBuf>,
     lines: Arc<Mutex<Vec<String>>>,
     exit: watch::Receiver<Option<ExitStatus>>,
 }
@@ -253,6 +256,10 @@ impl Instance {
             }
             None => tokio::process::Command::new(&supervisor),
         };
+        let cgroup = bed_cgroup(&opts.instance_id);
+        if let Some(c) = &cgroup {
+            cmd.arg("--agent-cgroup").arg(c);
+        }
         cmd.arg(&opts.command)
             .arg("--agent-binary")
             .arg(opts.agent.binary()?)
@@ -375,6 +382,7 @@ impl Instance {
             dir,
             started,
             spawned_mono_ns,
+            cgroup,
             lines,
             exit,
         })
@@ -499,7 +507,34 @@ impl Instance {
 impl Drop for Instance {
     fn drop(&mut self) {
         self.kill_all();
+        if let Some(base) = &self.cgroup {
+            let agent = base.join("agent");
+            let _ = std::fs::write(agent.join("cgroup.kill"), "1");
+            for _ in 0..50 {
+                let _ = std::fs::remove_dir(&agent);
+                if std::fs::remove_dir(base).is_ok() || !base.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
+}
+
+/// A cgroup v2 directory for one instance's supervisor, under the machine's unified
+/// hierarchy if it has a writable one (`None`: the supervisor runs the agent without).
+pub fn bed_cgroup(instance_id: &str) -> Option<PathBuf> {
+    let root = [
+        Path::new("/sys/fs/cgroup"),
+        Path::new("/sys/fs/cgroup/unified"),
+    ]
+    .into_iter()
+    .find(|r| r.join("cgroup.procs").exists() && r.join("cgroup.subtree_control").exists())?;
+    let base = root
+        .join("agent-fleet-bed")
+        .join(format!("{}-{instance_id}", std::process::id()));
+    std::fs::create_dir_all(&base).ok()?;
+    Some(base)
 }
 
 /// Reads a fake agent's JSON-lines events file.

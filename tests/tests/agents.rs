@@ -58,6 +58,7 @@ both_agents!(
     drain_at_the_lifecycle_hooks_limit_reports_the_job_stopped,
     the_demo_scales_up_from_zero_runs_the_wave_and_back,
     a_job_that_kills_its_agent_gets_no_second_agent_on_its_vm,
+    a_process_a_job_moves_out_of_the_agents_group_dies_with_the_agent,
 );
 
 /// The kill line of `RunningAgent::stop`: the agent did not exit within its drain budget.
@@ -623,6 +624,56 @@ async fn a_job_that_kills_its_agent_gets_no_second_agent_on_its_vm(agent: AgentK
         assert!(ending.contains("one job per VM"), "{out}");
         assert!(out.contains("this instance serves no other"), "{out}");
         assert_no_token(&out);
+        Ok(())
+    }
+    .await;
+    finish(fleet, result).await
+}
+
+/// A job that starts a process in a session of its own (out of the agent's process group,
+/// which the supervisor kills after every run) does not leave it running: the agent's
+/// cgroup is emptied when the agent exits.
+async fn a_process_a_job_moves_out_of_the_agents_group_dies_with_the_agent(agent: AgentKind) -> R {
+    if agent_fleet_tests::fleet::bed_cgroup("probe").is_none() {
+        println!("no writable cgroup v2 on this machine: skipped");
+        return Ok(());
+    }
+    let bed = Bed::start(&stack("leftover", &agent)).await?;
+    let group = format!("{}-agents", bed.stack);
+    bed.moto.create_group(&group, 0, 3, 1).await?;
+    bed.put_config(&bed.runtime_config(&group)).await?;
+    let fleet = fleet(&bed, &group, &agent, None);
+    let pid_file = bed.root.join("leftover.pid");
+    let result = async {
+        registered(&bed, 1, Duration::from_secs(30)).await?;
+        let job = bed.hub.enqueue_job(JobSpec {
+            commands: vec![format!(
+                "setsid sh -c 'echo $$ > {}; exec sleep 600' < /dev/null > /dev/null 2>&1 &",
+                pid_file.display()
+            )],
+            env: vec![],
+        });
+        let done = finished(&bed, &job, Duration::from_secs(60)).await?;
+        assert_eq!(done.result.as_deref(), Some("passed"), "{done:?}");
+        let id = instance_of(&done);
+        let pid: i32 = std::fs::read_to_string(&pid_file)?.trim().parse()?;
+        let sid = nix::unistd::getsid(Some(nix::unistd::Pid::from_raw(pid)));
+        terminate_call(&bed, &id, Duration::from_secs(30)).await?;
+        eventually(
+            "the job's leftover process is gone",
+            Duration::from_secs(5),
+            || async {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                (stat.is_empty() || stat.contains(") Z ")).then_some(())
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("{e} (it ran in session {sid:?})"))?;
+        let out = fleet.all_output();
+        assert!(
+            out.contains("processes of the agent's run were still alive"),
+            "{out}"
+        );
         Ok(())
     }
     .await;

@@ -22,6 +22,7 @@
 //!   hook in its place with the reason the agent logged, so the instance still ends as
 //!   that reason says.
 
+pub mod cgroup;
 pub mod config_file;
 pub mod owner;
 
@@ -280,6 +281,8 @@ pub struct Launch {
     /// agent's place if the agent is killed before its hook returns; never read back from
     /// the config, which the agent user owns.
     pub shutdown_hook: Option<PathBuf>,
+    /// The agent's own cgroup, joined before exec (see [`cgroup`]).
+    pub cgroup: Option<cgroup::Joiner>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -293,6 +296,7 @@ impl std::fmt::Debug for Launch {
             .field("instance_id", &self.instance_id)
             .field("secret", &"[redacted]")
             .field("shutdown_hook", &self.shutdown_hook)
+            .field("cgroup", &self.cgroup.is_some())
             .finish()
     }
 }
@@ -338,6 +342,10 @@ impl RunningAgent {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(false);
+        // First into its cgroup (as root), then down to the agent user.
+        if let Some(cgroup) = &launch.cgroup {
+            cgroup.join_on_spawn(&mut cmd);
+        }
         if let Some(run_as) = &launch.run_as {
             cmd.current_dir(&run_as.home);
             drop_privileges(&mut cmd, run_as.clone());
@@ -819,6 +827,7 @@ mod tests {
             instance_id: "i-1".into(),
             secret: "tok-SECRET-123".into(),
             shutdown_hook: Some("/w/hook.sh".into()),
+            cgroup: None,
         };
         let shown = format!("{launch:?}");
         assert!(!shown.contains("tok-SECRET-123"), "{shown}");

@@ -6,6 +6,7 @@
 //! The registration token lives here and in the rendered `config.yaml` only while an
 //! agent starts (the agent removes the file once it has read it).
 
+use super::cgroup::AgentCgroup;
 use super::config_file::{write_private, AgentConfig};
 use super::{progress_changed, AgentExit, Launch, Progress, RunAs, RunningAgent, ShutdownReason};
 use crate::aws::imds::Metadata;
@@ -72,10 +73,12 @@ pub struct AgentOwner<P, M> {
     run_as: Option<RunAs>,
     hook_path: PathBuf,
     config_path: PathBuf,
-    reasons: mpsc::UnboundedReceiver<ShutdownReason>,
+    reasons: shutdown_hook::ReasonSlot,
     _hook_server: (shutdown_hook::HookServer, AbortOnDrop<()>),
     boot: boot::Report,
     runs: u64,
+    /// The agent's own cgroup, where the system has cgroup v2.
+    cgroup: Option<AgentCgroup>,
     /// The current (or last) run's agent name.
     name: String,
     spot: Option<bool>,
@@ -114,9 +117,14 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
         let (listener, server) = shutdown_hook::HookServer::bind(&socket, owner).map_err(|e| {
             DaemonError::Input(format!("cannot listen on {}: {e}", socket.display()))
         })?;
-        let (reason_tx, reasons) = mpsc::unbounded_channel();
+        let cgroup = agent_cgroup(opts)?;
+        let reasons = shutdown_hook::ReasonSlot::default();
+        let agent_uid = run_as
+            .as_ref()
+            .map(|r| r.uid.as_raw())
+            .unwrap_or_else(|| nix::unistd::geteuid().as_raw());
         let serving = AbortOnDrop(tokio::spawn(
-            shutdown_hook::serve(listener, reason_tx).in_current_span(),
+            shutdown_hook::serve(listener, reasons.clone(), agent_uid).in_current_span(),
         ));
         Ok(Self {
             opts: opts.clone(),
@@ -132,6 +140,7 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
             _hook_server: (server, serving),
             boot,
             runs: 0,
+            cgroup,
             name: String::new(),
             spot: None,
         })
@@ -185,6 +194,9 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
                 );
             }
         }
+        // Nothing of an earlier run may meet the next: a restart in place (only ever of an
+        // agent that had no job, see `lifecycle::one_job_per_vm`) starts in an empty cgroup.
+        self.sweep("before the agent starts").await;
         let settings = self.settings.borrow().clone();
         let name = format!("{}__{}", self.instance_id, random_hex(6));
         let on_spot = self.on_spot().await;
@@ -224,7 +236,7 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
             ))
         })?;
         drop(rendered);
-        while self.reasons.try_recv().is_ok() {}
+        self.reasons.take();
         let launch = Launch {
             binary: self.opts.agent_binary.clone(),
             config_path: self.config_path.clone(),
@@ -234,6 +246,15 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
             instance_id: self.instance_id.clone(),
             secret: self.token.clone(),
             shutdown_hook: Some(self.hook_path.clone()),
+            cgroup: match &self.cgroup {
+                Some(c) => Some(c.joiner().map_err(|e| {
+                    DaemonError::Runtime(format!(
+                        "cannot open the agent's cgroup {}: {e}",
+                        c.dir().display()
+                    ))
+                })?),
+                None => None,
+            },
         };
         let agent = RunningAgent::spawn(&launch).map_err(|e| {
             DaemonError::Input(format!(
@@ -297,15 +318,13 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
                 },
             }
         };
+        self.sweep("after the agent exited").await;
         // What the agent said last (a job handed to it just before it exited) reaches the
         // coordinator before the exit does.
         if progress.has_changed().unwrap_or(false) {
             let _ = events.send(AgentEvent::Progress(progress.borrow_and_update().clone()));
         }
-        let mut reason = None;
-        while let Ok(r) = self.reasons.try_recv() {
-            reason = Some(r);
-        }
+        let reason = self.reasons.take();
         if drained {
             tracing::info!(
                 agent_name = %self.name,
@@ -382,6 +401,58 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
         };
         self.spot = Some(s);
         s
+    }
+}
+
+impl<P, M> AgentOwner<P, M> {
+    /// Kills whatever is left in the agent's cgroup (processes a job moved out of the
+    /// agent's process group), and says so.
+    async fn sweep(&self, when: &str) {
+        let Some(cgroup) = &self.cgroup else {
+            return;
+        };
+        match cgroup.kill().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                agent_name = %self.name,
+                processes = n,
+                cgroup = %cgroup.dir().display(),
+                "processes of the agent's run were still alive {when}: killed them"
+            ),
+            Err(e) => tracing::error!(
+                cgroup = %cgroup.dir().display(),
+                error = %e,
+                "cannot empty the agent's cgroup {when}"
+            ),
+        }
+    }
+}
+
+/// The agent's cgroup: under `--agent-cgroup` (an error there is the operator's to fix),
+/// else under the supervisor's own cgroup v2 (without one, the agent runs without, and
+/// the log says what that leaves open).
+fn agent_cgroup(opts: &RunOptions) -> Result<Option<AgentCgroup>, DaemonError> {
+    if let Some(base) = &opts.agent_cgroup {
+        return AgentCgroup::create(base).map(Some).map_err(|e| {
+            DaemonError::Input(format!(
+                "{e}; fix: --agent-cgroup names a cgroup v2 directory the supervisor may manage"
+            ))
+        });
+    }
+    let created = AgentCgroup::own_base().map(|base| AgentCgroup::create(&base));
+    match created {
+        Some(Ok(c)) => {
+            tracing::info!(cgroup = %c.dir().display(), "the agent runs in a cgroup of its own");
+            Ok(Some(c))
+        }
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "no cgroup of its own for the agent: processes a job moves out of the agent's process group outlive it; fix: Delegate=yes in the supervisor's unit, or --agent-cgroup");
+            Ok(None)
+        }
+        None => {
+            tracing::warn!("no cgroup v2 on this system: processes a job moves out of the agent's process group outlive it");
+            Ok(None)
+        }
     }
 }
 

@@ -2,7 +2,10 @@
 //! [`crate::election`]): what the leadership is, and handing it on.
 
 use crate::election::{LeaderWork, Leadership};
+use crate::notify::Notifier;
+use crate::Shutdown;
 use std::future::Future;
+use std::time::Duration;
 
 pub trait Leader {
     /// Resolves with the new leadership when it changes; never without leader work (or
@@ -63,4 +66,38 @@ pub fn scaler_status(leadership: Option<Leadership>) -> String {
             "scaler-only role: standing for leader".into()
         }
     }
+}
+
+/// Longest stopping the election and scaler and releasing the lease may take.
+const LEADER_STOP_BOUND: Duration = Duration::from_secs(120);
+
+/// Hands leadership on (bounded, the watchdog fed meanwhile): the one place it is done.
+pub(super) async fn hand_on<L: Leader>(leader: &mut L, notify: &mut Notifier) {
+    notify
+        .during("handing leadership on", LEADER_STOP_BOUND, leader.hand_on())
+        .await;
+}
+
+/// The scaler-only role: no agent; stand for leader until stopped, then hand leadership on.
+pub async fn scaler_only<L: Leader>(mut leader: L, shutdown: Shutdown, mut notify: Notifier) {
+    let mut shown = scaler_status(leader.current());
+    notify.ready(&shown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.drain.cancelled() => break,
+            _ = shutdown.abort.cancelled() => break,
+            l = leader.changed() => {
+                // Every renew moves the lease's deadline; say only what changed.
+                let status = scaler_status(Some(l));
+                if status != shown {
+                    notify.status(&status);
+                    shown = status;
+                }
+            }
+            _ = notify.watchdog_due() => notify.ping(),
+        }
+    }
+    notify.stopping("stopping: handing leadership on");
+    hand_on(&mut leader, &mut notify).await;
 }

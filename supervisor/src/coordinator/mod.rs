@@ -16,14 +16,19 @@
 //! IMDS: [`Metadata`]; [`Leader`]) and channels, so it is tested with fakes and paused
 //! time (`coordinator/tests.rs`).
 
+mod ending;
 mod leader;
+mod state;
 #[cfg(test)]
 mod tests;
 
-pub use leader::{leading_term, scaler_status, Leader};
+use ending::poweroff;
+use leader::hand_on;
+pub use leader::{leading_term, scaler_only, scaler_status, Leader};
+use state::{Drain, EndState, Event, Phase, Run, Timer};
 
-use crate::agent::owner::{AgentCommand, AgentEvent, Started};
-use crate::agent::{AgentExit, Progress, ShutdownReason};
+use crate::agent::owner::{AgentCommand, AgentEvent};
+use crate::agent::{AgentExit, ShutdownReason};
 use crate::aws::autoscaling::{AutoScaling, LifecycleActions};
 use crate::aws::imds::{launch_time, Metadata};
 use crate::config::Settings;
@@ -43,8 +48,6 @@ use tokio::time::Instant;
 const AWS_STEP_BOUND: Duration = Duration::from_secs(600);
 /// Longest one lifecycle heartbeat may hold the coordinator.
 const HEARTBEAT_BOUND: Duration = Duration::from_secs(10);
-/// Longest stopping the election and scaler and releasing the lease may take.
-const LEADER_STOP_BOUND: Duration = Duration::from_secs(120);
 /// How long past its kill deadline a drain may go unreported before the watchdog is left
 /// to fire (the agent owner is wedged).
 const DRAIN_SLACK: Duration = Duration::from_secs(30);
@@ -70,149 +73,6 @@ pub struct Ports<A, M, L> {
     pub leader: L,
     /// Publishes one `SpotInterruptions` datum (in the background: never delays a drain).
     pub spot_metric: Box<dyn Fn() + Send>,
-}
-
-/// What ends this instance, kept across agent runs.
-#[derive(Debug, Default)]
-struct EndState {
-    /// When IMDS said `Terminated`: Auto Scaling is terminating this instance (with our
-    /// lifecycle hook, it waits in `Terminating:Wait` until we complete the action).
-    terminating: Option<Instant>,
-    /// The lifecycle action was completed (or found not to exist).
-    completed: bool,
-    /// `RecordLifecycleActionHeartbeat` calls that succeeded.
-    heartbeats: u32,
-    /// Replace this instance as soon as its agent is idle (rebalance, max uptime, or a
-    /// notice that came with no agent running).
-    replace: Option<Interruption>,
-}
-
-impl EndState {
-    /// The interruption that ends the instance before any new agent starts.
-    fn pending(&self) -> Option<Interruption> {
-        if self.terminating.is_some() {
-            Some(Interruption::Lifecycle)
-        } else {
-            self.replace.clone()
-        }
-    }
-}
-
-/// Where the instance is.
-enum Phase {
-    /// No agent runs; the next starts at `at`, unless the instance ends first.
-    Idle {
-        at: Instant,
-    },
-    Running(Box<Run>),
-    /// The instance is ending: waiting for Auto Scaling's SIGTERM (or to power off).
-    Ending {
-        power_off_at: Option<Instant>,
-    },
-}
-
-/// One agent run, from the start command to its exit.
-#[derive(Default)]
-struct Run {
-    started: Option<Box<Started>>,
-    progress: Progress,
-    status: String,
-    /// When the instance reaches `max_uptime_secs`.
-    uptime_at: Option<Instant>,
-    /// While Auto Scaling's lifecycle hook holds the instance for the agent: the next
-    /// heartbeat, and when the job must be drained to beat the hook's global timeout.
-    beat_at: Option<Instant>,
-    force_at: Option<Instant>,
-    drain: Option<Drain>,
-}
-
-/// A drain the coordinator asked for.
-struct Drain {
-    /// `None`: a stop signal; otherwise the interruption.
-    kind: Option<Interruption>,
-    /// When an unreported drain counts as wedged.
-    overdue_at: Option<Instant>,
-}
-
-impl Run {
-    fn name(&self) -> &str {
-        self.started
-            .as_ref()
-            .map(|s| s.name.as_str())
-            .unwrap_or("starting")
-    }
-
-    /// How long a drain waits before the agent's group is killed: the registered grace,
-    /// then what the agent needs to hear the stop, report and shut down.
-    fn drain_budget(&self, settings: &Settings, margin: Duration) -> Duration {
-        let grace = self
-            .started
-            .as_ref()
-            .map(|s| s.grace)
-            .unwrap_or(settings.interruption_grace);
-        grace + margin
-    }
-
-    /// Whether an interruption that spares a busy agent waits for its job (see
-    /// [`crate::interrupt`]): only a one-job agent that was handed a job. An agent that
-    /// takes several jobs would keep taking them, so it is drained at once.
-    fn waits_for_job(&self, settings: &Settings) -> bool {
-        let one_job = self
-            .started
-            .as_ref()
-            .map(|s| s.settings.disconnect_after_job)
-            .unwrap_or(settings.disconnect_after_job);
-        one_job && self.progress.jobs > 0
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Timer {
-    Start,
-    Uptime,
-    Beat,
-    Force,
-    DrainOverdue,
-    PowerOff,
-}
-
-enum Event {
-    Stop,
-    Abort,
-    Agent(Option<AgentEvent>),
-    Notice(Notice),
-    Timer(Timer),
-    Leadership(crate::election::Leadership),
-    Watchdog,
-}
-
-impl Phase {
-    /// The earliest timer of this phase.
-    fn next_timer(&self) -> Option<(Instant, Timer)> {
-        match self {
-            Phase::Idle { at } => Some((*at, Timer::Start)),
-            Phase::Ending { power_off_at } => power_off_at.map(|at| (at, Timer::PowerOff)),
-            Phase::Running(run) => {
-                let draining = run.drain.is_some();
-                [
-                    run.uptime_at
-                        .filter(|_| !draining)
-                        .map(|at| (at, Timer::Uptime)),
-                    run.beat_at.map(|at| (at, Timer::Beat)),
-                    run.force_at
-                        .filter(|_| !draining)
-                        .map(|at| (at, Timer::Force)),
-                    run.drain
-                        .as_ref()
-                        .and_then(|d| d.overdue_at)
-                        .map(|at| (at, Timer::DrainOverdue)),
-                ]
-                .into_iter()
-                .flatten()
-                .min_by_key(|(at, _)| *at)
-            }
-        }
-    }
 }
 
 type Flow = Result<Option<Phase>, DaemonError>;
@@ -278,15 +138,22 @@ where
     }
 
     /// Runs until the instance ends (Ok), a second signal aborts, or a fatal error.
+    /// However it ends (but for a second signal: at once), leadership is handed on, so a
+    /// successor need not wait the lease out.
     pub async fn run(mut self) -> Result<(), DaemonError> {
         let mut phase = Phase::Idle { at: Instant::now() };
-        loop {
+        let result = loop {
             let event = self.next_event(&phase).await;
-            phase = match self.on(event, phase).await? {
-                Some(next) => next,
-                None => return Ok(()),
+            phase = match self.on(event, phase).await {
+                Ok(Some(next)) => next,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             };
+        };
+        if !matches!(result, Err(DaemonError::Aborted)) {
+            self.hand_leadership_on().await;
         }
+        result
     }
 
     async fn next_event(&mut self, phase: &Phase) -> Event {
@@ -717,219 +584,6 @@ where
         Ok(Some(Phase::Running(Box::default())))
     }
 
-    /// The one ending path, once the agent is gone: `TerminateInstanceInAutoScalingGroup`
-    /// (unless Auto Scaling already terminates the instance), leadership handed on, the
-    /// lifecycle action completed, then the wait for the end. A decrement refused at the
-    /// group's min size keeps the instance serving.
-    async fn end(&mut self, mut decrement: bool, why: &str) -> Flow {
-        while self.end.terminating.is_none() {
-            let opts = &self.opts;
-            let terminate = terminate_self(
-                &self.ports.asg,
-                &self.instance_id,
-                decrement,
-                opts.aws_retry_backoff,
-                || poweroff(&opts.poweroff_command),
-            );
-            let outcome = tokio::select! {
-                biased;
-                _ = self.shutdown.drain.cancelled() => {
-                    self.notify.stopping("stopping: the instance was being terminated");
-                    return Ok(None);
-                }
-                t = self.notify.during("terminating the instance", AWS_STEP_BOUND, terminate) => t,
-            };
-            if outcome != Termination::AtMinSize {
-                break;
-            }
-            if self.used {
-                // No agent starts here again: a replacement keeps the group at its size.
-                tracing::info!(
-                    why = USED_WHY,
-                    "the group is at its min size, but this instance ran a job: replacing it instead"
-                );
-                decrement = false;
-                continue;
-            }
-            if self.end.replace.is_none() {
-                let group = self.ch.settings.borrow().agent_group.clone();
-                tracing::info!(group = %group, "group at its min size: restarting the agent in place (no churn)");
-                self.show("group at its min size: restarting the agent in place");
-            }
-            // With a replacement pending, the next start ends the instance without
-            // decrement.
-            return Ok(Some(Phase::Idle { at: Instant::now() }));
-        }
-        self.hand_leadership_on().await;
-        self.notify.status(&format!(
-            "terminating instance ({why}): waiting for Auto Scaling to stop it"
-        ));
-        self.complete_if_held().await;
-        // No deadline (never power off) if the operator's timeout does not fit an Instant.
-        let power_off_at = Instant::now().checked_add(self.opts.terminate_timeout);
-        Ok(Some(Phase::Ending { power_off_at }))
-    }
-
-    /// The agent was handed a job: from now on this instance serves no other. The marker
-    /// keeps a restarted supervisor from starting an agent here again.
-    fn mark_used(&mut self, agent_name: &str, job: Option<&str>) {
-        self.used = true;
-        let text = format!("agent {agent_name} job {}\n", job.unwrap_or("unknown"));
-        let written = crate::agent::config_file::write_private(
-            &self.used_marker,
-            text.as_bytes(),
-            0o600,
-            None,
-        );
-        match written {
-            Ok(()) => tracing::info!(
-                agent_name,
-                marker = %self.used_marker.display(),
-                "the agent was handed a job: this instance serves no other (one job per VM)"
-            ),
-            Err(e) => tracing::error!(
-                marker = %self.used_marker.display(),
-                error = %e,
-                "cannot write the one-job marker: this supervisor still ends the instance after the job, a restarted one would not know"
-            ),
-        }
-    }
-
-    /// Stops leader work and releases the lease (bounded, the watchdog fed meanwhile).
-    async fn hand_leadership_on(&mut self) {
-        hand_on(&mut self.ports.leader, &mut self.notify).await;
-        self.lead_term = None;
-    }
-
-    /// Records a notice, logs what it means, and says whether to stop the agent now.
-    /// `busy`: the agent waits for its job (false: idle, or no agent at all).
-    async fn take_notice(&mut self, n: Notice, busy: bool) -> Option<Interruption> {
-        let settings = self.ch.settings.borrow().clone();
-        let hook = self.lifecycle_wait(&settings);
-        let capacity_rebalancing = match &n {
-            Notice::Rebalance { .. } => self.capacity_rebalancing(&settings.agent_group).await,
-            _ => false,
-        };
-        let facts = interrupt::Facts {
-            busy,
-            lifecycle_hook: hook.is_some(),
-            capacity_rebalancing,
-            replacement_pending: self.end.replace.is_some(),
-        };
-        let verdict = interrupt::judge(&n, facts);
-        log_notice(&n, busy, capacity_rebalancing, hook.as_ref(), &verdict);
-        match &n {
-            Notice::Spot(_) => (self.ports.spot_metric)(),
-            Notice::Terminating => self.end.terminating = Some(Instant::now()),
-            Notice::Rebalance { .. } => {}
-        }
-        match verdict {
-            Verdict::Drain(kind) => {
-                if kind == Interruption::Rebalance {
-                    self.end.replace = Some(Interruption::Rebalance);
-                }
-                Some(kind)
-            }
-            Verdict::AfterJob(kind) => {
-                self.end.replace = Some(kind);
-                None
-            }
-            Verdict::HoldForJob | Verdict::Nothing => None,
-        }
-    }
-
-    /// Whether the group has Capacity Rebalancing on (bounded; unknown counts as off, so
-    /// the instance replaces itself).
-    async fn capacity_rebalancing(&self, group: &str) -> bool {
-        let asked = self.ports.asg.capacity_rebalance(group);
-        match tokio::time::timeout(Duration::from_secs(10), asked).await {
-            Ok(Ok(on)) => on.unwrap_or(false),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot tell whether the group has Capacity Rebalancing; replacing this instance ourselves");
-                false
-            }
-            Err(_) => false,
-        }
-    }
-
-    /// The group's lifecycle hook, from the runtime config.
-    fn lifecycle_wait(&self, settings: &Settings) -> Option<LifecycleWait> {
-        settings.lifecycle_hook.clone().map(|hook| LifecycleWait {
-            group: settings.agent_group.clone(),
-            hook,
-            instance_id: self.instance_id.clone(),
-        })
-    }
-
-    /// One lifecycle heartbeat, given up after [`HEARTBEAT_BOUND`] (the next one is a third
-    /// of the heartbeat timeout away, so one lost call is survived).
-    async fn heartbeat(&mut self, wait: &LifecycleWait) {
-        let beat = tokio::time::timeout(HEARTBEAT_BOUND, wait.heartbeat(&self.ports.asg));
-        match self
-            .notify
-            .during("a lifecycle heartbeat", HEARTBEAT_BOUND * 2, beat)
-            .await
-        {
-            Ok(true) => {
-                self.end.heartbeats += 1;
-                tracing::debug!(heartbeats = self.end.heartbeats, "lifecycle heartbeat sent");
-            }
-            Ok(false) => {}
-            Err(_) => tracing::warn!(
-                lifecycle_hook = %wait.hook.name,
-                bound_secs = HEARTBEAT_BOUND.as_secs(),
-                "lifecycle heartbeat did not return in time; trying again at the next one"
-            ),
-        }
-    }
-
-    /// `CompleteLifecycleAction(CONTINUE)` if Auto Scaling holds the instance for us: it
-    /// terminates the instance then.
-    async fn complete_if_held(&mut self) {
-        let Some(since) = self.end.terminating.filter(|_| !self.end.completed) else {
-            return;
-        };
-        self.end.completed = true;
-        let waited_ms = since.elapsed().as_millis() as u64;
-        let settings = self.ch.settings.borrow().clone();
-        let Some(wait) = self.lifecycle_wait(&settings) else {
-            tracing::info!(
-                waited_ms,
-                "Auto Scaling is terminating this instance; the runtime config names no lifecycle hook, so there is nothing to complete"
-            );
-            return;
-        };
-        let done = self
-            .notify
-            .during(
-                "completing the lifecycle action",
-                AWS_STEP_BOUND,
-                wait.complete(&self.ports.asg, self.opts.aws_retry_backoff),
-            )
-            .await;
-        let heartbeats = self.end.heartbeats;
-        match done {
-            Ok(attempts) => tracing::info!(
-                lifecycle_hook = %wait.hook.name,
-                result = "CONTINUE",
-                attempts,
-                heartbeats,
-                waited_ms,
-                "lifecycle action completed: Auto Scaling terminates this instance now"
-            ),
-            Err(e) => tracing::error!(
-                lifecycle_hook = %wait.hook.name,
-                error = %e,
-                heartbeats,
-                waited_ms,
-                timeout_secs = wait.hook.heartbeat_timeout.as_secs(),
-                "could not complete the lifecycle action; Auto Scaling ends the wait after the heartbeat timeout (DefaultResult)"
-            ),
-        }
-        self.notify
-            .status("lifecycle action completed: waiting for Auto Scaling to stop this instance");
-    }
-
     /// When this instance launched (the identity document's `pendingTime`), read once; the
     /// supervisor's own start if IMDS does not say.
     async fn launched(&mut self) -> SystemTime {
@@ -961,50 +615,6 @@ where
     }
 }
 
-/// Logs what a notice means for this instance.
-fn log_notice(
-    n: &Notice,
-    busy: bool,
-    capacity_rebalancing: bool,
-    hook: Option<&LifecycleWait>,
-    verdict: &Verdict,
-) {
-    match n {
-        Notice::Spot(a) => tracing::warn!(
-            interruption = "spot",
-            spot_action = %a.action,
-            spot_time = %a.time_text,
-            busy,
-            "spot interruption notice: EC2 will {} this instance at {}; draining now",
-            a.action,
-            if a.time_text.is_empty() { "an unknown time" } else { a.time_text.as_str() }
-        ),
-        Notice::Rebalance { notice_time } if capacity_rebalancing => tracing::info!(
-            interruption = "rebalance",
-            notice_time = %notice_time,
-            "spot rebalance recommendation: the group's Capacity Rebalancing replaces this instance (its termination comes through the lifecycle hook)"
-        ),
-        Notice::Rebalance { notice_time } => tracing::info!(
-            interruption = "rebalance",
-            notice_time = %notice_time,
-            busy,
-            "spot rebalance recommendation: replacing this instance{}",
-            if busy { " after its job" } else { " now" }
-        ),
-        Notice::Terminating => tracing::info!(
-            interruption = "lifecycle",
-            lifecycle_hook = hook.map(|h| h.hook.name.as_str()).unwrap_or("none"),
-            busy,
-            "Auto Scaling is terminating this instance: {}",
-            if *verdict == Verdict::HoldForJob {
-                "letting the job finish (lifecycle heartbeats meanwhile)"
-            } else {
-                "draining the agent"
-            }
-        ),
-    }
-}
-
 /// The next notice; never, once the watcher is done.
 async fn next_notice(notices: &mut mpsc::UnboundedReceiver<Notice>, open: &mut bool) -> Notice {
     if *open {
@@ -1016,53 +626,9 @@ async fn next_notice(notices: &mut mpsc::UnboundedReceiver<Notice>, open: &mut b
     std::future::pending().await
 }
 
-/// Hands leadership on (bounded, the watchdog fed meanwhile): the one place it is done.
-async fn hand_on<L: Leader>(leader: &mut L, notify: &mut Notifier) {
-    notify
-        .during("handing leadership on", LEADER_STOP_BOUND, leader.hand_on())
-        .await;
-}
-
 fn with_lead(status: &str, lead_term: Option<u64>) -> String {
     match lead_term {
         Some(term) => format!("{status}; fleet leader, term {term}"),
         None => status.to_string(),
     }
-}
-
-async fn poweroff(cmd: &[String]) {
-    let Some((prog, args)) = cmd.split_first() else {
-        tracing::error!("no poweroff command configured; the instance stays up");
-        return;
-    };
-    tracing::warn!(command = %cmd.join(" "), "powering off");
-    match tokio::process::Command::new(prog).args(args).status().await {
-        Ok(s) if s.success() => {}
-        Ok(s) => tracing::error!(status = %describe_status(&s), "poweroff command failed"),
-        Err(e) => tracing::error!(error = %e, "poweroff command could not run"),
-    }
-}
-
-/// The scaler-only role: no agent; stand for leader until stopped, then hand leadership on.
-pub async fn scaler_only<L: Leader>(mut leader: L, shutdown: Shutdown, mut notify: Notifier) {
-    let mut shown = scaler_status(leader.current());
-    notify.ready(&shown);
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.drain.cancelled() => break,
-            _ = shutdown.abort.cancelled() => break,
-            l = leader.changed() => {
-                // Every renew moves the lease's deadline; say only what changed.
-                let status = scaler_status(Some(l));
-                if status != shown {
-                    notify.status(&status);
-                    shown = status;
-                }
-            }
-            _ = notify.watchdog_due() => notify.ping(),
-        }
-    }
-    notify.stopping("stopping: handing leadership on");
-    hand_on(&mut leader, &mut notify).await;
 }

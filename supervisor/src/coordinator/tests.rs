@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::agent::owner::{AgentCommand, AgentEvent, Started};
+use crate::agent::Progress;
 use crate::aws::autoscaling::{AsgError, GroupSizes};
 use crate::aws::imds::{ImdsError, IDENTITY_DOCUMENT};
 use crate::aws::Retry;
@@ -208,6 +209,7 @@ fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
         agent_binary: "/nonexistent/agent".into(),
         agent_user: "nobody".into(),
         work_dir,
+        agent_cgroup: None,
         agent_env: vec![],
         pass_env: vec![],
         poweroff_command: poweroff,
@@ -1224,4 +1226,23 @@ async fn a_supervisor_that_finds_the_marker_ends_the_instance_without_an_agent()
         log.all(),
         ["terminate i-test decrement=false", "leadership handed on"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_signal_between_runs_ends_the_daemon_and_hands_leadership_on() {
+    let (bed, c) = Setup::new(settings()).build();
+    let log = bed.log.clone();
+    play(
+        c,
+        |mut bed| async move {
+            bed.start().await;
+            bed.exit(None, false, 1);
+            // During the restart's backoff: no agent to drain, nothing to terminate.
+            bed.sigterm();
+        },
+        bed,
+    )
+    .await
+    .expect("exit 0");
+    assert_eq!(log.all(), ["start", "leadership handed on"]);
 }
