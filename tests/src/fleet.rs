@@ -248,6 +248,7 @@ impl Instance {
             .map(|u| u.name)
             .unwrap_or_else(|| "root".into());
         let supervisor = bins.join("agent-supervisor");
+        let cgroup = bed_cgroup(&opts.instance_id);
         let mut cmd = match opts.wrapper.split_first() {
             Some((prog, args)) => {
                 let mut c = tokio::process::Command::new(prog);
@@ -256,10 +257,6 @@ impl Instance {
             }
             None => tokio::process::Command::new(&supervisor),
         };
-        let cgroup = bed_cgroup(&opts.instance_id);
-        if let Some(c) = &cgroup {
-            cmd.arg("--agent-cgroup").arg(c);
-        }
         cmd.arg(&opts.command)
             .arg("--agent-binary")
             .arg(opts.agent.binary()?)
@@ -279,6 +276,11 @@ impl Instance {
                     .flat_map(|(k, v)| ["--agent-env".to_string(), format!("{k}={v}")]),
             )
             .args(&opts.args)
+            .args(
+                cgroup
+                    .iter()
+                    .flat_map(|c| [std::ffi::OsStr::new("--agent-cgroup"), c.as_os_str()]),
+            )
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env(

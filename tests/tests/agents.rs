@@ -647,10 +647,14 @@ async fn a_process_a_job_moves_out_of_the_agents_group_dies_with_the_agent(agent
     let result = async {
         registered(&bed, 1, Duration::from_secs(30)).await?;
         let job = bed.hub.enqueue_job(JobSpec {
-            commands: vec![format!(
-                "setsid sh -c 'echo $$ > {}; exec sleep 600' < /dev/null > /dev/null 2>&1 &",
-                pid_file.display()
-            )],
+            commands: vec![
+                format!(
+                    "setsid sh -c 'echo $$ > {0}.tmp && mv {0}.tmp {0}; exec sleep 600' < /dev/null > /dev/null 2>&1 &",
+                    pid_file.display()
+                ),
+                // The job ends once the process is running on its own.
+                format!("while [ ! -s {} ]; do sleep 0.05; done", pid_file.display()),
+            ],
             env: vec![],
         });
         let done = finished(&bed, &job, Duration::from_secs(60)).await?;
