@@ -147,14 +147,20 @@ mod tests {
         cg.joiner().expect("joiner").join_on_spawn(&mut cmd);
         let mut child = cmd.spawn().expect("spawn");
         let pgid = child.id().expect("pid") as i32;
-        for _ in 0..200 {
-            if cg.pids().len() >= 3 {
+        // Until the background sleep has a session of its own (and the shell's sleep runs).
+        let on_its_own = |pid: &i32| {
+            let pid = nix::unistd::Pid::from_raw(*pid);
+            nix::unistd::getsid(Some(pid)) == Ok(pid)
+        };
+        for _ in 0..500 {
+            let pids = cg.pids();
+            if pids.len() >= 3 && pids.iter().any(on_its_own) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let pids = cg.pids();
-        assert!(pids.len() >= 3, "{pids:?}");
+        assert!(pids.iter().any(on_its_own), "{pids:?}");
         // The process group's kill leaves the setsid'd sleep alive...
         let _ = nix::sys::signal::killpg(
             nix::unistd::Pid::from_raw(pgid),
