@@ -91,6 +91,14 @@ pub async fn run(opts: &RunOptions) -> i32 {
         ),
         Err(e) => r.fail("work dir", e),
     }
+    check_agent_cgroup(&mut r, &opts);
+    let marker = opts.work_dir.join(crate::coordinator::USED_MARKER);
+    if marker.exists() {
+        println!(
+            "WARN  one job per VM: {} exists, so this instance ran a job; a supervisor that starts now ends the instance",
+            marker.display()
+        );
+    }
     if opts.agent_binary.exists() {
         r.ok("agent binary", opts.agent_binary.display());
     } else {
@@ -103,4 +111,27 @@ pub async fn run(opts: &RunOptions) -> i32 {
         );
     }
     i32::from(r.failed)
+}
+
+/// Whether the agent gets a cgroup of its own (see [`crate::agent::cgroup`]).
+fn check_agent_cgroup(r: &mut Report, opts: &RunOptions) {
+    use crate::agent::cgroup::AgentCgroup;
+    let explicit = opts.agent_cgroup.is_some();
+    let Some(base) = opts.agent_cgroup.clone().or_else(AgentCgroup::own_base) else {
+        println!("WARN  agent cgroup: no cgroup v2 on this system; processes a job moves out of the agent's process group outlive the agent");
+        return;
+    };
+    match AgentCgroup::create(&base) {
+        Ok(c) => r.ok(
+            "agent cgroup",
+            format!("{} (emptied after every agent run)", c.dir().display()),
+        ),
+        Err(e) if explicit => r.fail(
+            "agent cgroup",
+            format!("{e}; fix: --agent-cgroup names a cgroup v2 directory the supervisor may manage"),
+        ),
+        Err(e) => println!(
+            "WARN  agent cgroup: {e}; processes a job moves out of the agent's process group outlive the agent; fix: Delegate=yes in the supervisor's unit"
+        ),
+    }
 }

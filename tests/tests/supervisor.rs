@@ -286,6 +286,10 @@ async fn check_reports_each_item_with_its_fix() -> R {
         assert!(out.contains(&format!("ok    {item}:")), "{item}: {out}");
     }
     assert!(out.contains(&format!("instance is in {group}")), "{out}");
+    if agent_fleet_tests::fleet::bed_cgroup("probe").is_some() {
+        assert!(out.contains("ok    agent cgroup:"), "{out}");
+    }
+    assert!(!out.contains("one job per VM"), "{out}");
     assert_no_token(&out);
 
     // A missing token: one FAIL line with the fix, exit 1, still no secret printed.
@@ -294,6 +298,13 @@ async fn check_reports_each_item_with_its_fix() -> R {
     bed.put_config(&cfg).await?;
     let mut o2 = o.clone();
     o2.root = bed.root.join("second");
+    // And a VM that ran a job: said, not failed.
+    let work = o2.root.join(&id).join("work");
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(
+        work.join(agent_supervisor::coordinator::USED_MARKER),
+        "agent a job j\n",
+    )?;
     let inst = Instance::start(o2, None).await?;
     let status = inst.wait_exit(Duration::from_secs(30)).await?;
     let out = inst.output();
@@ -304,6 +315,7 @@ async fn check_reports_each_item_with_its_fix() -> R {
         fail[0].contains("/agent-fleet/preflight/missing") && fail[0].contains("fix:"),
         "{out}"
     );
+    assert!(out.contains("WARN  one job per VM"), "{out}");
     assert_no_token(&out);
     Ok(())
 }
