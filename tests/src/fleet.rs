@@ -523,16 +523,20 @@ impl Drop for Instance {
     }
 }
 
-/// A cgroup v2 directory for one instance's supervisor, under the machine's unified
-/// hierarchy if it has a writable one (`None`: the supervisor runs the agent without).
-pub fn bed_cgroup(instance_id: &str) -> Option<PathBuf> {
-    let root = [
+/// This machine's cgroup v2 hierarchy, if it has one (the unified one of a hybrid system).
+pub fn cgroup_root() -> Option<&'static Path> {
+    [
         Path::new("/sys/fs/cgroup"),
         Path::new("/sys/fs/cgroup/unified"),
     ]
     .into_iter()
-    .find(|r| r.join("cgroup.procs").exists() && r.join("cgroup.subtree_control").exists())?;
-    let base = root
+    .find(|r| r.join("cgroup.procs").exists() && r.join("cgroup.subtree_control").exists())
+}
+
+/// A cgroup v2 directory for one instance's supervisor, under the machine's unified
+/// hierarchy if it has a writable one (`None`: the supervisor runs the agent without).
+pub fn bed_cgroup(instance_id: &str) -> Option<PathBuf> {
+    let base = cgroup_root()?
         .join("agent-fleet-bed")
         .join(format!("{}-{instance_id}", std::process::id()));
     std::fs::create_dir_all(&base).ok()?;
