@@ -398,6 +398,18 @@ async fn play<F: std::future::Future<Output = ()>>(
     }
 }
 
+/// Plays `script` against a coordinator built from `setup`, which must end cleanly (exit
+/// 0); returns what happened.
+async fn journal_of<F: std::future::Future<Output = ()>>(
+    setup: Setup,
+    script: impl FnOnce(Bed) -> F,
+) -> Journal {
+    let (bed, c) = setup.build();
+    let log = bed.log.clone();
+    play(c, script, bed).await.expect("ends cleanly");
+    log
+}
+
 fn spot_notice(in_secs: u64) -> Notice {
     use aws_smithy_types::date_time::{DateTime, Format};
     let at = SystemTime::now() + Duration::from_secs(in_secs);
@@ -417,20 +429,13 @@ fn rebalance() -> Notice {
 
 #[tokio::test(start_paused = true)]
 async fn idle_terminates_with_decrement_then_hands_leadership_on() {
-    let (bed, c) = Setup::new(settings()).build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.exit(Some(ShutdownReason::Idle), true, 0);
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(Setup::new(settings()), |mut bed| async move {
+        bed.start().await;
+        bed.exit(Some(ShutdownReason::Idle), true, 0);
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         [
@@ -450,23 +455,16 @@ async fn idle_at_min_size_restarts_the_agent_in_place() {
         .lock()
         .expect("lock")
         .push_back(Err(refused()));
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.exit(Some(ShutdownReason::Idle), true, 0);
-            // At once, and still the leader: nothing ended.
-            bed.start().await;
-            bed.sigterm();
-            assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
-            bed.exit(Some(ShutdownReason::Interrupted), true, 0);
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |mut bed| async move {
+        bed.start().await;
+        bed.exit(Some(ShutdownReason::Idle), true, 0);
+        // At once, and still the leader: nothing ended.
+        bed.start().await;
+        bed.sigterm();
+        assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
+        bed.exit(Some(ShutdownReason::Interrupted), true, 0);
+    })
+    .await;
     let all = log.all();
     assert_eq!(log.count("terminate"), 1, "{all:?}");
     assert!(!log.has("unhealthy"), "{all:?}");
@@ -567,79 +565,58 @@ async fn a_second_signal_during_a_drain_kills_the_agent_and_aborts() {
 
 #[tokio::test(start_paused = true)]
 async fn a_registration_failure_restarts_with_growing_backoff_and_never_replaces() {
-    let (bed, c) = Setup::new(settings()).build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            let mut gaps = vec![];
+    let log = journal_of(Setup::new(settings()), |mut bed| async move {
+        let mut gaps = vec![];
+        bed.start().await;
+        for _ in 0..4 {
+            bed.exit(None, false, 1);
+            let t = Instant::now();
             bed.start().await;
-            for _ in 0..4 {
-                bed.exit(None, false, 1);
-                let t = Instant::now();
-                bed.start().await;
-                gaps.push(t.elapsed());
-            }
-            // 1 s doubling, ±20 % jitter.
-            for (gap, base) in gaps.iter().zip([1.0, 2.0, 4.0, 8.0]) {
-                let s = gap.as_secs_f64();
-                assert!(s >= base * 0.79 && s <= base * 1.21, "{gaps:?}");
-            }
-            bed.sigterm();
-            assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
-            bed.exit(None, false, 137);
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+            gaps.push(t.elapsed());
+        }
+        // 1 s doubling, ±20 % jitter.
+        for (gap, base) in gaps.iter().zip([1.0, 2.0, 4.0, 8.0]) {
+            let s = gap.as_secs_f64();
+            assert!(s >= base * 0.79 && s <= base * 1.21, "{gaps:?}");
+        }
+        bed.sigterm();
+        assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
+        bed.exit(None, false, 137);
+    })
+    .await;
     assert!(!log.has("terminate"), "{:?}", log.all());
 }
 
 #[tokio::test(start_paused = true)]
 async fn unable_to_sync_restarts_and_never_replaces() {
-    let (bed, c) = Setup::new(settings()).build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
+    let log = journal_of(Setup::new(settings()), |mut bed| async move {
+        bed.start().await;
+        for _ in 0..3 {
+            bed.exit(Some(ShutdownReason::UnableToSync), true, 0);
             bed.start().await;
-            for _ in 0..3 {
-                bed.exit(Some(ShutdownReason::UnableToSync), true, 0);
-                bed.start().await;
-            }
-            bed.sigterm();
-            assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
-            bed.exit(None, true, 0);
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+        }
+        bed.sigterm();
+        assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
+        bed.exit(None, true, 0);
+    })
+    .await;
     assert_eq!(log.count("start"), 4);
     assert!(!log.has("terminate"), "{:?}", log.all());
 }
 
 #[tokio::test(start_paused = true)]
 async fn five_crashes_in_a_row_after_registering_replace_the_instance() {
-    let (bed, c) = Setup::new(settings()).build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            for _ in 0..4 {
-                bed.exit(None, true, 2);
-                bed.start().await;
-            }
+    let log = journal_of(Setup::new(settings()), |mut bed| async move {
+        bed.start().await;
+        for _ in 0..4 {
             bed.exit(None, true, 2);
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+            bed.start().await;
+        }
+        bed.exit(None, true, 2);
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(log.count("start"), 5);
     assert_eq!(
         log.all()[5..],
@@ -693,20 +670,13 @@ async fn a_terminate_that_fails_falls_back_to_unhealthy() {
             .expect("lock")
             .push_back(Err(throttled()));
     }
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.exit(Some(ShutdownReason::JobFinished), true, 0);
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |mut bed| async move {
+        bed.start().await;
+        bed.exit(Some(ShutdownReason::JobFinished), true, 0);
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.count("terminate"),
         crate::lifecycle::TERMINATE_ATTEMPTS as usize
@@ -753,27 +723,20 @@ async fn a_spot_notice_drains_at_once_within_the_notice_and_replaces_without_dec
 
 #[tokio::test(start_paused = true)]
 async fn a_rebalance_recommendation_drains_an_idle_agent_and_replaces_the_instance() {
-    let (bed, c) = Setup::new(settings()).build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.notice(rebalance());
-            assert_eq!(
-                bed.command().await,
-                AgentCommand::Drain {
-                    within: GRACE + MARGIN
-                }
-            );
-            bed.exit(Some(ShutdownReason::Interrupted), true, 0);
-            bed.until("terminate").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(Setup::new(settings()), |mut bed| async move {
+        bed.start().await;
+        bed.notice(rebalance());
+        assert_eq!(
+            bed.command().await,
+            AgentCommand::Drain {
+                within: GRACE + MARGIN
+            }
+        );
+        bed.exit(Some(ShutdownReason::Interrupted), true, 0);
+        bed.until("terminate").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         [
@@ -788,25 +751,18 @@ async fn a_rebalance_recommendation_drains_an_idle_agent_and_replaces_the_instan
 
 #[tokio::test(start_paused = true)]
 async fn a_rebalance_recommendation_waits_for_a_busy_agents_job() {
-    let (bed, c) = Setup::new(settings()).build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.job();
-            bed.notice(rebalance());
-            bed.idle(Duration::from_secs(300)).await;
-            assert!(bed.commands.try_recv().is_err(), "the job was disturbed");
-            // The agent ends in a way that would restart it: it is replaced instead.
-            bed.exit(Some(ShutdownReason::UnableToSync), true, 0);
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(Setup::new(settings()), |mut bed| async move {
+        bed.start().await;
+        bed.job();
+        bed.notice(rebalance());
+        bed.idle(Duration::from_secs(300)).await;
+        assert!(bed.commands.try_recv().is_err(), "the job was disturbed");
+        // The agent ends in a way that would restart it: it is replaced instead.
+        bed.exit(Some(ShutdownReason::UnableToSync), true, 0);
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         [
@@ -822,24 +778,17 @@ async fn a_rebalance_recommendation_waits_for_a_busy_agents_job() {
 async fn with_capacity_rebalancing_a_rebalance_is_left_to_auto_scaling() {
     let mut setup = Setup::new(settings());
     setup.asg.capacity_rebalance = true;
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.notice(rebalance());
-            bed.idle(Duration::from_secs(120)).await;
-            assert!(bed.commands.try_recv().is_err(), "the agent was disturbed");
-            // The agent goes on as if nothing happened: idle → decrement.
-            bed.exit(Some(ShutdownReason::Idle), true, 0);
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |mut bed| async move {
+        bed.start().await;
+        bed.notice(rebalance());
+        bed.idle(Duration::from_secs(120)).await;
+        assert!(bed.commands.try_recv().is_err(), "the agent was disturbed");
+        // The agent goes on as if nothing happened: idle → decrement.
+        bed.exit(Some(ShutdownReason::Idle), true, 0);
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         [
@@ -853,10 +802,8 @@ async fn with_capacity_rebalancing_a_rebalance_is_left_to_auto_scaling() {
 
 #[tokio::test(start_paused = true)]
 async fn auto_scalings_termination_hands_leadership_on_then_drains_then_completes() {
-    let (bed, c) = Setup::new(with_hook(settings(), Duration::from_secs(600))).build();
-    let log = bed.log.clone();
-    play(
-        c,
+    let log = journal_of(
+        Setup::new(with_hook(settings(), Duration::from_secs(600))),
         |mut bed| async move {
             bed.start().await;
             bed.notice(Notice::Terminating);
@@ -865,10 +812,8 @@ async fn auto_scalings_termination_hands_leadership_on_then_drains_then_complete
             bed.until("complete").await;
             bed.sigterm();
         },
-        bed,
     )
-    .await
-    .expect("ends cleanly");
+    .await;
     // Auto Scaling terminates the instance already: no terminate call of our own.
     assert_eq!(
         log.all(),
@@ -883,10 +828,8 @@ async fn auto_scalings_termination_hands_leadership_on_then_drains_then_complete
 
 #[tokio::test(start_paused = true)]
 async fn auto_scalings_termination_of_a_busy_instance_holds_it_with_heartbeats() {
-    let (bed, c) = Setup::new(with_hook(settings(), Duration::from_secs(30))).build();
-    let log = bed.log.clone();
-    play(
-        c,
+    let log = journal_of(
+        Setup::new(with_hook(settings(), Duration::from_secs(30))),
         |mut bed| async move {
             bed.start().await;
             bed.job();
@@ -898,10 +841,8 @@ async fn auto_scalings_termination_of_a_busy_instance_holds_it_with_heartbeats()
             bed.until("complete").await;
             bed.sigterm();
         },
-        bed,
     )
-    .await
-    .expect("ends cleanly");
+    .await;
     let all = log.all();
     assert_eq!(all[..2], ["start", "leadership handed on"], "{all:?}");
     assert_eq!(log.count("heartbeat agent-fleet-drain"), 3, "{all:?}");
@@ -915,10 +856,8 @@ async fn auto_scalings_termination_of_a_busy_instance_holds_it_with_heartbeats()
 #[tokio::test(start_paused = true)]
 async fn a_job_that_would_outlast_the_hooks_global_timeout_is_drained_in_time() {
     // Global timeout: 100 × 4 s = 400 s. The drain (74 s) must end a minute before it.
-    let (bed, c) = Setup::new(with_hook(settings(), Duration::from_secs(4))).build();
-    let log = bed.log.clone();
-    play(
-        c,
+    let log = journal_of(
+        Setup::new(with_hook(settings(), Duration::from_secs(4))),
         |mut bed| async move {
             bed.start().await;
             bed.job();
@@ -943,20 +882,16 @@ async fn a_job_that_would_outlast_the_hooks_global_timeout_is_drained_in_time() 
             bed.until("complete").await;
             bed.sigterm();
         },
-        bed,
     )
-    .await
-    .expect("ends cleanly");
+    .await;
     assert!(log.count("heartbeat") >= 190, "{}", log.count("heartbeat"));
     assert!(!log.has("terminate"));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_spot_notice_during_a_lifecycle_hold_drains_and_then_completes() {
-    let (bed, c) = Setup::new(with_hook(settings(), Duration::from_secs(30))).build();
-    let log = bed.log.clone();
-    play(
-        c,
+    let log = journal_of(
+        Setup::new(with_hook(settings(), Duration::from_secs(30))),
         |mut bed| async move {
             bed.start().await;
             bed.job();
@@ -970,10 +905,8 @@ async fn a_spot_notice_during_a_lifecycle_hold_drains_and_then_completes() {
             bed.until("complete").await;
             bed.sigterm();
         },
-        bed,
     )
-    .await
-    .expect("ends cleanly");
+    .await;
     let all = log.all();
     let drain = log.at("drain");
     assert_eq!(all[1], "leadership handed on", "{all:?}");
@@ -1002,18 +935,11 @@ async fn past_max_uptime_at_start_the_instance_is_replaced_without_an_agent() {
     s.max_uptime = Some(Duration::from_secs(3600));
     let mut setup = Setup::new(s);
     setup.launched = SystemTime::now() - Duration::from_secs(7200);
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |bed| async move {
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |bed| async move {
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         ["terminate i-test decrement=false", "leadership handed on"]
@@ -1026,24 +952,17 @@ async fn reaching_max_uptime_replaces_an_idle_instance_at_once() {
     s.max_uptime = Some(Duration::from_secs(3600));
     let mut setup = Setup::new(s);
     setup.launched = SystemTime::now() - Duration::from_secs(3500);
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            let t = Instant::now();
-            assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
-            let after = t.elapsed().as_secs();
-            assert!((98..=101).contains(&after), "{after}");
-            bed.exit(Some(ShutdownReason::Interrupted), true, 0);
-            bed.until("terminate").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |mut bed| async move {
+        bed.start().await;
+        let t = Instant::now();
+        assert!(matches!(bed.command().await, AgentCommand::Drain { .. }));
+        let after = t.elapsed().as_secs();
+        assert!((98..=101).contains(&after), "{after}");
+        bed.exit(Some(ShutdownReason::Interrupted), true, 0);
+        bed.until("terminate").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all()[1..],
         [
@@ -1060,23 +979,16 @@ async fn reaching_max_uptime_replaces_a_busy_instance_after_its_job() {
     s.max_uptime = Some(Duration::from_secs(3600));
     let mut setup = Setup::new(s);
     setup.launched = SystemTime::now() - Duration::from_secs(3500);
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.job();
-            bed.idle(Duration::from_secs(300)).await;
-            assert!(bed.commands.try_recv().is_err(), "the job was disturbed");
-            bed.exit(Some(ShutdownReason::JobFinished), true, 0);
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |mut bed| async move {
+        bed.start().await;
+        bed.job();
+        bed.idle(Duration::from_secs(300)).await;
+        assert!(bed.commands.try_recv().is_err(), "the job was disturbed");
+        bed.exit(Some(ShutdownReason::JobFinished), true, 0);
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         [
@@ -1089,22 +1001,15 @@ async fn reaching_max_uptime_replaces_a_busy_instance_after_its_job() {
 
 #[tokio::test(start_paused = true)]
 async fn a_notice_between_restarts_ends_the_instance_instead_of_restarting() {
-    let (bed, c) = Setup::new(settings()).build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.exit(None, false, 1);
-            // During the restart's backoff.
-            bed.notice(rebalance());
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(Setup::new(settings()), |mut bed| async move {
+        bed.start().await;
+        bed.exit(None, false, 1);
+        // During the restart's backoff.
+        bed.notice(rebalance());
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         [
@@ -1179,21 +1084,14 @@ async fn a_used_instance_at_min_size_is_replaced_not_given_a_new_agent() {
         .lock()
         .expect("lock")
         .push_back(Err(refused()));
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |mut bed| async move {
-            bed.start().await;
-            bed.job();
-            bed.exit(Some(ShutdownReason::Idle), true, 0);
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |mut bed| async move {
+        bed.start().await;
+        bed.job();
+        bed.exit(Some(ShutdownReason::Idle), true, 0);
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     assert_eq!(
         log.all(),
         [
@@ -1209,18 +1107,11 @@ async fn a_used_instance_at_min_size_is_replaced_not_given_a_new_agent() {
 async fn a_supervisor_that_finds_the_marker_ends_the_instance_without_an_agent() {
     let setup = Setup::new(settings());
     std::fs::write(setup.work_dir.join(USED_MARKER), "agent a job j\n").expect("marker");
-    let (bed, c) = setup.build();
-    let log = bed.log.clone();
-    play(
-        c,
-        |bed| async move {
-            bed.until("leadership handed on").await;
-            bed.sigterm();
-        },
-        bed,
-    )
-    .await
-    .expect("ends cleanly");
+    let log = journal_of(setup, |bed| async move {
+        bed.until("leadership handed on").await;
+        bed.sigterm();
+    })
+    .await;
     // No agent (and so no token on disk) on a used VM.
     assert_eq!(
         log.all(),
