@@ -199,18 +199,22 @@ pub async fn serve(listener: tokio::net::UnixListener, slot: ReasonSlot, agent_u
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn reason_reaches_the_daemon() {
-        let dir = std::env::temp_dir().join(format!("hooktest-{}", std::process::id()));
+    /// A hook server on a socket in a fresh directory named `name`, serving this user:
+    /// the directory, the socket, the reason slot and the serving task.
+    fn served(name: &str) -> (PathBuf, PathBuf, ReasonSlot, tokio::task::JoinHandle<()>) {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let sock = dir.join("hook.sock");
         let (listener, _server) = HookServer::bind(&sock, None).expect("bind");
         let slot = ReasonSlot::default();
-        let task = tokio::spawn(serve(
-            listener,
-            slot.clone(),
-            nix::unistd::geteuid().as_raw(),
-        ));
+        let uid = nix::unistd::geteuid().as_raw();
+        let task = tokio::spawn(serve(listener, slot.clone(), uid));
+        (dir, sock, slot, task)
+    }
+
+    #[tokio::test]
+    async fn reason_reaches_the_daemon() {
+        let (dir, sock, slot, task) = served("hooktest");
         for reason in [ShutdownReason::Idle, ShutdownReason::JobFinished] {
             let s = sock.clone();
             tokio::task::spawn_blocking(move || send(&s, reason))
@@ -237,16 +241,7 @@ mod tests {
     /// nor keeps the agent's own hook from getting through for long.
     #[tokio::test]
     async fn a_flood_of_silent_connections_is_bounded() {
-        let dir = std::env::temp_dir().join(format!("hookflood-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let sock = dir.join("hook.sock");
-        let (listener, _server) = HookServer::bind(&sock, None).expect("bind");
-        let slot = ReasonSlot::default();
-        let task = tokio::spawn(serve(
-            listener,
-            slot.clone(),
-            nix::unistd::geteuid().as_raw(),
-        ));
+        let (dir, sock, slot, task) = served("hookflood");
         let mut silent = vec![];
         for _ in 0..200 {
             silent.push(
