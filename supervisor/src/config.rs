@@ -178,6 +178,42 @@ pub struct RuntimeConfig {
     /// busy one after its job); 0 = never (`SEMAPHORE_AGENT_MAX_UPTIME`).
     #[serde(default)]
     pub max_uptime_secs: u64,
+    /// Agent instances stand for leader. The template sets it false whenever it runs the
+    /// one-instance scaler group, so that a job (root on its VM) holds no leader powers.
+    #[serde(default = "default_true")]
+    pub agents_lead: bool,
+    /// `vm` (sudo and Docker for jobs; the VM is the boundary) or `strict` (no sudo,
+    /// rootless Docker) — `SEMAPHORE_AGENT_JOB_ISOLATION`.
+    #[serde(default)]
+    pub job_isolation: JobIsolation,
+    /// The role whose short-lived credentials jobs get (cache bucket, managed policies).
+    #[serde(default)]
+    pub job_role_arn: Option<String>,
+    /// Name agents with a pre-signed STS `GetCallerIdentity` URL the server can verify
+    /// (`SEMAPHORE_AGENT_USE_PRE_SIGNED_URL`).
+    #[serde(default)]
+    pub use_pre_signed_url: bool,
+}
+
+/// How much a job may do on its VM (`SEMAPHORE_AGENT_JOB_ISOLATION`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobIsolation {
+    /// The reference's passwordless sudo and the Docker group: the job is root on its VM,
+    /// and the VM is the boundary.
+    #[default]
+    Vm,
+    /// No sudo, no Docker group; rootless Docker as the agent user.
+    Strict,
+}
+
+impl JobIsolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vm => "vm",
+            Self::Strict => "strict",
+        }
+    }
 }
 
 /// The termination lifecycle hook the template puts on the agents group.
@@ -201,7 +237,14 @@ pub struct ScalerConfig {
     pub overprovision_strategy: String,
     /// `SEMAPHORE_AGENT_OVERPROVISION_FACTOR`: an integer ≥ 1 unless the strategy is `none`.
     pub overprovision_factor: u32,
+    /// The leader ends (without decrement) any agent instance in service longer than this,
+    /// so that a job that kills its supervisor cannot keep its VM; 0 = never
+    /// (`SEMAPHORE_AGENT_LIFETIME_CAP`).
+    pub agent_lifetime_cap_secs: u64,
 }
+
+/// The default hard lifetime cap: 26 hours, above the longest job Semaphore allows (24 h).
+pub const DEFAULT_LIFETIME_CAP_SECS: u64 = 26 * 3600;
 
 impl Default for ScalerConfig {
     fn default() -> Self {
@@ -210,6 +253,7 @@ impl Default for ScalerConfig {
             poll_interval_ms: 5000,
             overprovision_strategy: "none".into(),
             overprovision_factor: 0,
+            agent_lifetime_cap_secs: DEFAULT_LIFETIME_CAP_SECS,
         }
     }
 }
@@ -268,6 +312,8 @@ pub struct ScalerSettings {
     pub enabled: bool,
     pub poll_interval: Duration,
     pub overprovision: Overprovision,
+    /// `None`: the leader ends no agent for its age.
+    pub agent_lifetime_cap: Option<Duration>,
 }
 
 /// Validated lifecycle hook.
@@ -328,6 +374,10 @@ pub struct Settings {
     pub lifecycle_hook: Option<LifecycleHook>,
     /// `None`: no age limit.
     pub max_uptime: Option<Duration>,
+    pub agents_lead: bool,
+    pub job_isolation: JobIsolation,
+    pub job_role_arn: Option<String>,
+    pub use_pre_signed_url: bool,
     /// Keys of the parameter this version does not know (`scaler.foo`), ignored.
     pub ignored_keys: Vec<String>,
 }
@@ -349,6 +399,10 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "election",
             "lifecycle_hook",
             "max_uptime_secs",
+            "agents_lead",
+            "job_isolation",
+            "job_role_arn",
+            "use_pre_signed_url",
         ],
     ),
     (
@@ -358,6 +412,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "poll_interval_ms",
             "overprovision_strategy",
             "overprovision_factor",
+            "agent_lifetime_cap_secs",
         ],
     ),
     (
@@ -510,6 +565,16 @@ impl Settings {
             ));
         }
         let scaler = validate_scaler(&raw.scaler).map_err(|(key, p)| invalid(key, &p))?;
+        let job_role_arn = match raw.job_role_arn {
+            Some(a) if a.trim().is_empty() => None,
+            Some(a) if !(a.starts_with("arn:") && a.contains(":role/")) => {
+                return Err(invalid(
+                    "job_role_arn",
+                    &format!("is {a:?}, not an IAM role ARN (arn:aws:iam::<account>:role/…); redeploy the stack"),
+                ))
+            }
+            other => other,
+        };
         let election =
             validate_election(&raw.election, parameter).map_err(|(key, p)| invalid(key, &p))?;
         Ok(Self {
@@ -527,6 +592,10 @@ impl Settings {
             no_https: raw.no_https,
             lifecycle_hook,
             max_uptime: (raw.max_uptime_secs > 0).then(|| Duration::from_secs(raw.max_uptime_secs)),
+            agents_lead: raw.agents_lead,
+            job_isolation: raw.job_isolation,
+            job_role_arn,
+            use_pre_signed_url: raw.use_pre_signed_url,
         })
     }
 }
@@ -555,10 +624,18 @@ fn validate_scaler(c: &ScalerConfig) -> Result<ScalerSettings, (&'static str, St
             ))
         }
     };
+    let cap = c.agent_lifetime_cap_secs;
+    if cap != 0 && !(3600..=999_999_999).contains(&cap) {
+        return Err((
+            "scaler.agent_lifetime_cap_secs",
+            "must be 0 (no cap) or between 3600 and 999999999 seconds".into(),
+        ));
+    }
     Ok(ScalerSettings {
         enabled: c.enabled,
         poll_interval: Duration::from_millis(c.poll_interval_ms),
         overprovision,
+        agent_lifetime_cap: (cap > 0).then(|| Duration::from_secs(cap)),
     })
 }
 
@@ -930,9 +1007,40 @@ mod tests {
                 heartbeat_timeout_secs: 60,
             }),
             max_uptime_secs: 0,
+            agents_lead: false,
+            job_isolation: JobIsolation::Strict,
+            job_role_arn: Some("arn:aws:iam::123456789012:role/agent-fleet/s/job".into()),
+            use_pre_signed_url: true,
         };
         let mut doc = serde_json::to_value(&full).expect("serialize");
         assert_eq!(drop_unknown_keys(&mut doc), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_isolation_level_leadership_job_role_and_cap_are_read_with_safe_defaults() {
+        let d = Settings::parse("/p", GOOD).expect("valid");
+        assert!(d.agents_lead, "an older template's fleet keeps leading itself");
+        assert_eq!(d.job_isolation, JobIsolation::Vm);
+        assert_eq!(d.job_role_arn, None);
+        assert!(!d.use_pre_signed_url);
+        assert_eq!(
+            d.scaler.agent_lifetime_cap,
+            Some(Duration::from_secs(DEFAULT_LIFETIME_CAP_SECS))
+        );
+        let s = with(r#""agents_lead":false,"job_isolation":"strict","use_pre_signed_url":true,"job_role_arn":"arn:aws:iam::1:role/agent-fleet/s/job""#)
+            .expect("valid");
+        assert!(!s.agents_lead);
+        assert_eq!(s.job_isolation, JobIsolation::Strict);
+        assert!(s.use_pre_signed_url);
+        assert_eq!(s.job_role_arn.as_deref(), Some("arn:aws:iam::1:role/agent-fleet/s/job"));
+        let off = with(r#""scaler":{"agent_lifetime_cap_secs":0}"#).expect("valid");
+        assert_eq!(off.scaler.agent_lifetime_cap, None);
+        let e = with(r#""job_isolation":"none""#).unwrap_err();
+        assert!(e.contains("job_isolation") && e.contains("vm"), "{e}");
+        let e = with(r#""scaler":{"agent_lifetime_cap_secs":60}"#).unwrap_err();
+        assert!(e.contains("scaler.agent_lifetime_cap_secs") && e.contains("3600"), "{e}");
+        let e = with(r#""job_role_arn":"my-role""#).unwrap_err();
+        assert!(e.contains("job_role_arn"), "{e}");
     }
 
     fn with(patch: &str) -> Result<Settings, String> {

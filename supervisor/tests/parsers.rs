@@ -13,7 +13,7 @@
 use agent_supervisor::agent::{assigned_job, message_of};
 use agent_supervisor::config::{
     check_endpoint, ElectionConfig, RuntimeConfig, ScalerConfig, Settings, StackIdentity,
-    MAX_ELECTION_TIMING, MAX_ELECTION_TIMING_MS,
+    DEFAULT_LIFETIME_CAP_SECS, MAX_ELECTION_TIMING, MAX_ELECTION_TIMING_MS,
 };
 use agent_supervisor::election::{
     next_term, term_name, term_of, Record, MAX_FOLLOWER_POLL, MAX_TERM,
@@ -180,6 +180,7 @@ fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
                         poll_interval_ms: s.1,
                         overprovision_strategy: s.2 .0.to_string(),
                         overprovision_factor: s.2 .1,
+                        agent_lifetime_cap_secs: DEFAULT_LIFETIME_CAP_SECS,
                     },
                     election: ElectionConfig {
                         lease_ms: lease,
@@ -189,6 +190,10 @@ fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
                     },
                     lifecycle_hook: None,
                     max_uptime_secs: 0,
+                    agents_lead: true,
+                    job_isolation: Default::default(),
+                    job_role_arn: None,
+                    use_pre_signed_url: false,
                 }
             },
         )

@@ -79,6 +79,12 @@ impl Bed {
             election: Default::default(),
             lifecycle_hook: None,
             max_uptime_secs: 0,
+            // The e2e scenarios are agent fleets that lead themselves unless they say
+            // otherwise (a stack with a scaler group renders false).
+            agents_lead: true,
+            job_isolation: Default::default(),
+            job_role_arn: None,
+            use_pre_signed_url: false,
         }
     }
 

@@ -26,6 +26,7 @@ fn settings(overprovision: Overprovision) -> Settings {
             enabled: true,
             poll_interval: POLL,
             overprovision,
+            agent_lifetime_cap: None,
         },
         election: ElectionSettings {
             lease: Duration::from_secs(20),
@@ -35,6 +36,10 @@ fn settings(overprovision: Overprovision) -> Settings {
         },
         lifecycle_hook: None,
         max_uptime: None,
+        agents_lead: true,
+        job_isolation: Default::default(),
+        job_role_arn: None,
+        use_pre_signed_url: false,
     }
 }
 
