@@ -5,7 +5,7 @@
 pub mod ami;
 pub mod cfn;
 pub mod config;
-pub mod ec2;
+pub use agent_supervisor::aws::ec2;
 pub mod status;
 pub mod token;
 pub mod vars;

@@ -1019,7 +1019,10 @@ mod tests {
     #[test]
     fn the_isolation_level_leadership_job_role_and_cap_are_read_with_safe_defaults() {
         let d = Settings::parse("/p", GOOD).expect("valid");
-        assert!(d.agents_lead, "an older template's fleet keeps leading itself");
+        assert!(
+            d.agents_lead,
+            "an older template's fleet keeps leading itself"
+        );
         assert_eq!(d.job_isolation, JobIsolation::Vm);
         assert_eq!(d.job_role_arn, None);
         assert!(!d.use_pre_signed_url);
@@ -1032,13 +1035,19 @@ mod tests {
         assert!(!s.agents_lead);
         assert_eq!(s.job_isolation, JobIsolation::Strict);
         assert!(s.use_pre_signed_url);
-        assert_eq!(s.job_role_arn.as_deref(), Some("arn:aws:iam::1:role/agent-fleet/s/job"));
+        assert_eq!(
+            s.job_role_arn.as_deref(),
+            Some("arn:aws:iam::1:role/agent-fleet/s/job")
+        );
         let off = with(r#""scaler":{"agent_lifetime_cap_secs":0}"#).expect("valid");
         assert_eq!(off.scaler.agent_lifetime_cap, None);
         let e = with(r#""job_isolation":"none""#).unwrap_err();
         assert!(e.contains("job_isolation") && e.contains("vm"), "{e}");
         let e = with(r#""scaler":{"agent_lifetime_cap_secs":60}"#).unwrap_err();
-        assert!(e.contains("scaler.agent_lifetime_cap_secs") && e.contains("3600"), "{e}");
+        assert!(
+            e.contains("scaler.agent_lifetime_cap_secs") && e.contains("3600"),
+            "{e}"
+        );
         let e = with(r#""job_role_arn":"my-role""#).unwrap_err();
         assert!(e.contains("job_role_arn"), "{e}");
     }

@@ -84,15 +84,25 @@ async fn run_in(
         backoff: opts.aws_retry_backoff,
     };
     let _reload = AbortOnDrop(tokio::spawn(reloader.run().in_current_span()));
-    let leader = LeaderWork::start(
-        &sdk,
-        &identity.stack_name,
-        &instance_id,
-        role == Role::Scaler,
-        settings_rx.clone(),
-        &token,
-    )
-    .map_err(DaemonError::Runtime)?;
+    // With a scaler group, agents hold no leader powers (their role has none either): a
+    // job, root on its VM, must not be able to steer the fleet through its supervisor.
+    let stands = role == Role::Scaler || settings.agents_lead;
+    let leader = if stands {
+        LeaderWork::start(
+            &sdk,
+            &identity.stack_name,
+            &instance_id,
+            role == Role::Scaler,
+            settings_rx.clone(),
+            &token,
+        )
+        .map_err(DaemonError::Runtime)?
+    } else {
+        tracing::info!(
+            "agents do not lead (agents_lead is false): the scaler group's instance leads"
+        );
+        None
+    };
     if role == Role::Scaler {
         if leader.is_none() {
             tracing::warn!(
@@ -142,7 +152,18 @@ async fn run_in(
         asg: SdkAutoScaling::new(&sdk),
         imds: SdkImds::new(),
         leader,
-        spot_metric: spot_metric(&sdk, &identity.stack_name),
+        // Publishing needs the leader's cloudwatch:PutMetricData, which the agents' role
+        // only has when agents lead.
+        spot_metric: if settings.agents_lead {
+            spot_metric(&sdk, &identity.stack_name)
+        } else {
+            Box::new(|| {
+                tracing::debug!(
+                    metric = interrupt::SPOT_METRIC,
+                    "not published: agents do not lead"
+                )
+            })
+        },
     };
     let channels = Channels {
         agent: command_tx,

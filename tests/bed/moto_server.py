@@ -31,6 +31,10 @@ Control API (JSON in, JSON out; never logged as AWS calls):
   DELETE /_bed/faults                  -> {"cleared": n}
   GET    /_bed/user_data?group=<asg>   -> {"group", "launch_template_id", "launch_template_name",
                                            "version": n, "user_data": "<text>" | null}
+  POST   /_bed/launch_time {"instance_id": "i-…", "launch_time": "2024-03-01T10:15:30.000Z"}
+                        or {"instance_id": "i-…", "ago_secs": 93600}
+                                        -> {"instance_id", "launch_time"}  (ages an instance:
+                                           DescribeInstances then shows that launch time)
   POST   /_bed/cfn_failure {"resource": "AgentGroup", "reason": "..."}
                                         -> {"armed": true}  (the next change set execution that
                                            touches that resource fails and rolls back)
@@ -941,6 +945,31 @@ class Bed:
                 CFN_FAILURE.clear()
                 CFN_FAILURE.update(resource=str(spec["resource"]), reason=str(spec["reason"]))
             return 200, {"armed": True}
+        if path == "/_bed/launch_time" and method == "POST":
+            spec = json.loads(Bed.read_body(environ) or b"null")
+            if not isinstance(spec, dict) or not spec.get("instance_id") or not (spec.get("launch_time") or spec.get("ago_secs")):
+                raise ValueError('launch_time needs {"instance_id": "i-...", "launch_time": "<ISO 8601 UTC>" or "ago_secs": n}')
+            from moto.ec2.models import ec2_backends
+
+            region = str(spec.get("region", DEFAULT_REGION))
+            with self.moto_lock:
+                for account in list(ec2_backends.keys()):
+                    backend = ec2_backends[account][region]
+                    for reservation in backend.reservations.values():
+                        for instance in reservation.instances:
+                            if instance.id == spec["instance_id"]:
+                                import datetime
+
+                                if spec.get("ago_secs"):
+                                    now = datetime.datetime.now(datetime.timezone.utc)
+                                    at = now - datetime.timedelta(seconds=int(spec["ago_secs"]))
+                                else:
+                                    at = datetime.datetime.fromisoformat(str(spec["launch_time"]).replace("Z", "+00:00"))
+                                # moto keeps naive UTC datetimes (moto.core.utils.utcnow).
+                                at = at.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+                                instance.launch_time = at
+                                return 200, {"instance_id": instance.id, "launch_time": at.isoformat() + "Z"}
+            return 404, {"error": f"no instance {spec['instance_id']} in {region}"}
         if path == "/_bed/user_data" and method == "GET":
             query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
             group = query.get("group", [""])[0]

@@ -385,6 +385,19 @@ impl Moto {
         Ok(())
     }
 
+    /// Ages an instance: `DescribeInstances` then shows it launched `ago` before now
+    /// (`/_bed/launch_time`).
+    pub async fn set_launched_ago(&self, instance_id: &str, ago: Duration) -> anyhow::Result<()> {
+        let _: serde_json::Value = self
+            .control(
+                reqwest::Method::POST,
+                "/_bed/launch_time",
+                Some(serde_json::json!({"instance_id": instance_id, "ago_secs": ago.as_secs()})),
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Remove every fault. Panics if the emulator is gone.
     pub async fn clear_faults(&self) {
         let res: anyhow::Result<serde_json::Value> = self

@@ -7,6 +7,7 @@
 
 pub mod autoscaling;
 pub mod cloudwatch;
+pub mod ec2;
 pub mod imds;
 pub mod query;
 pub mod s3;

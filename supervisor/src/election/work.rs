@@ -1,4 +1,5 @@
-//! Leader work on this instance: the election and, while leading, the scaler — started
+//! Leader work on this instance: the election and, while leading, the scaler and the
+//! agents' lifetime cap ([`crate::scaler::cap`]) — started
 //! together, stopped in the order the lease's safety needs (scaler first, then release).
 //! The scaler's decisions flow into the election's lease record, where operators read
 //! them (`agent-fleet status`), and the group's in-service instances it reads at each
@@ -6,10 +7,12 @@
 
 use crate::aws::autoscaling::SdkAutoScaling;
 use crate::aws::cloudwatch::QueryCloudWatch;
+use crate::aws::ec2::QueryEc2;
 use crate::aws::ssm::SdkParameterStore;
 use crate::config::Settings;
 use crate::election::Leadership;
 use crate::election::{Elector, SsmLeaseStore};
+use crate::scaler::cap::LifetimeCap;
 use crate::scaler::{HttpDemand, Scaler, SsmTokenSource, Token};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -22,6 +25,7 @@ pub struct LeaderWork {
     scaler_stop: CancellationToken,
     election: JoinHandle<Elector<SsmLeaseStore>>,
     scaler: Option<JoinHandle<()>>,
+    cap: Option<JoinHandle<()>>,
     pub leadership: watch::Receiver<Leadership>,
 }
 
@@ -77,11 +81,22 @@ impl LeaderWork {
                 .run(leadership.clone(), scaler_stop.clone())
                 .in_current_span(),
         );
+        // The cap shares the scaler's stop: both are leader work, ended before the release.
+        let cap = LifetimeCap::new(
+            settings.clone(),
+            SdkAutoScaling::for_leader(sdk, leadership.clone()),
+            QueryEc2::new(sdk).map_err(|e| e.to_string())?,
+        );
+        let cap = tokio::spawn(
+            cap.run(leadership.clone(), scaler_stop.clone())
+                .in_current_span(),
+        );
         Ok(Some(Self {
             election_stop,
             scaler_stop,
             election,
             scaler: Some(scaler),
+            cap: Some(cap),
             leadership,
         }))
     }
@@ -91,6 +106,9 @@ impl LeaderWork {
         self.scaler_stop.cancel();
         if let Some(s) = self.scaler.take() {
             let _ = s.await;
+        }
+        if let Some(c) = self.cap.take() {
+            let _ = c.await;
         }
         self.election_stop.cancel();
         match (&mut self.election).await {

@@ -77,6 +77,7 @@
 //! rustls crypto provider themselves ([`crate::tls::install_crypto_provider`]): reqwest
 //! is built without one and would panic.
 
+pub mod cap;
 pub mod decision;
 pub mod semaphore;
 pub mod target;

@@ -118,6 +118,8 @@ enum AsgCall {
     Describe,
     SetDesired(i32),
     Suspend(String, Vec<String>),
+    /// Only the lifetime cap terminates: (instance, decrement).
+    Terminate(String, bool),
 }
 
 struct AsgState {
@@ -184,8 +186,14 @@ impl FakeAsg {
 }
 
 impl AutoScaling for FakeAsg {
-    async fn terminate_instance(&self, _: &str, _: bool) -> Result<(), AsgError> {
-        unreachable!("the scaler never terminates")
+    async fn terminate_instance(&self, id: &str, decrement: bool) -> Result<(), AsgError> {
+        let mut s = self.0.lock().expect("lock");
+        s.calls.push((
+            Instant::now(),
+            AsgCall::Terminate(id.to_string(), decrement),
+        ));
+        s.sizes.in_service.retain(|i| i != id);
+        Ok(())
     }
     async fn set_unhealthy(&self, _: &str) -> Result<(), AsgError> {
         unreachable!("the scaler never marks instances")
@@ -1096,4 +1104,163 @@ async fn the_fleet_for_standbys_comes_from_each_polls_describe_without_a_call_of
     }
     assert_eq!(describes(), before, "renews cost no Auto Scaling call");
     bed.stop().await;
+}
+
+// --- The lifetime cap (cap.rs) ---------------------------------------------------------
+
+use crate::aws::ec2::{Ec2, Ec2Instance};
+use crate::aws::query::QueryError;
+use cap::LifetimeCap;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Launch times by id; `fail` makes every describe fail; `asked` counts ids described.
+#[derive(Clone, Default)]
+struct FakeEc2(Arc<Mutex<(BTreeMap<String, SystemTime>, bool, Vec<String>)>>);
+
+impl Ec2 for FakeEc2 {
+    async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Ec2Instance>, QueryError> {
+        let mut s = self.0.lock().expect("lock");
+        s.2.extend(ids.iter().cloned());
+        if s.1 {
+            return Err(QueryError::Malformed {
+                service: "EC2",
+                action: "DescribeInstances",
+                detail: "injected".into(),
+            });
+        }
+        Ok(ids
+            .iter()
+            .filter_map(|id| {
+                s.0.get(id).map(|t| Ec2Instance {
+                    id: id.clone(),
+                    state: "running".into(),
+                    launch_time: *t,
+                    instance_type: "t3.small".into(),
+                    lifecycle: None,
+                    availability_zone: "us-east-1a".into(),
+                })
+            })
+            .collect())
+    }
+}
+
+/// A cap of 26 h over agents launched `ages` ago (ids a, b, …), led in term 1.
+fn cap_bed(
+    cap: Option<Duration>,
+    ages: &[Duration],
+    now: SystemTime,
+) -> (
+    LifetimeCap<FakeAsg, FakeEc2>,
+    FakeAsg,
+    FakeEc2,
+    watch::Sender<Leadership>,
+) {
+    let mut s = settings(Overprovision::None);
+    s.scaler.agent_lifetime_cap = cap;
+    let (_tx, rx) = watch::channel(s);
+    std::mem::forget(_tx);
+    let asg = FakeAsg::new(0, 10, ages.len() as i32);
+    let ec2 = FakeEc2::default();
+    for (i, age) in ages.iter().enumerate() {
+        let id = format!("i-{}", (b'a' + i as u8) as char);
+        asg.0
+            .lock()
+            .expect("lock")
+            .sizes
+            .in_service
+            .push(id.clone());
+        ec2.0.lock().expect("lock").0.insert(id, now - *age);
+    }
+    let (lead, _) = watch::channel(Leadership::Leader {
+        term: 1,
+        valid_until: Instant::now() + LONG,
+    });
+    (
+        LifetimeCap::new(rx, asg.clone(), ec2.clone()),
+        asg,
+        ec2,
+        lead,
+    )
+}
+
+fn terminations(asg: &FakeAsg) -> Vec<(String, bool)> {
+    asg.calls_where(|c| match c {
+        AsgCall::Terminate(id, d) => Some((id.clone(), *d)),
+        _ => None,
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cap_ends_only_agents_in_service_past_it_without_decrement_once_each() {
+    let now = SystemTime::now();
+    let (mut cap, asg, ec2, lead) = cap_bed(
+        Some(26 * HOUR),
+        &[27 * HOUR, HOUR, 26 * HOUR - Duration::from_secs(1)],
+        now,
+    );
+    let ended = cap.check(&lead.subscribe(), 1, now).await;
+    assert_eq!(ended, ["i-a"]);
+    assert_eq!(
+        terminations(&asg),
+        [("i-a".to_string(), false)],
+        "never a decrement: a clean VM replaces it"
+    );
+    // Later checks: the younger ones cross the cap in their turn; launch times are not
+    // described again, and nobody is asked twice.
+    let later = now + Duration::from_secs(2);
+    assert_eq!(cap.check(&lead.subscribe(), 1, later).await, ["i-c"]);
+    assert_eq!(
+        cap.check(&lead.subscribe(), 1, later).await,
+        Vec::<String>::new()
+    );
+    let described = ec2.0.lock().expect("lock").2.clone();
+    assert_eq!(
+        described,
+        ["i-a", "i-b", "i-c"],
+        "each instance described once"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_cap_a_follower_or_unreadable_launch_times_end_nothing() {
+    let now = SystemTime::now();
+    let (mut cap, asg, _, lead) = cap_bed(None, &[100 * HOUR], now);
+    assert!(cap.check(&lead.subscribe(), 1, now).await.is_empty());
+    assert!(asg.all_calls().is_empty(), "no cap: not even a describe");
+
+    let (mut cap, asg, _, lead) = cap_bed(Some(26 * HOUR), &[100 * HOUR], now);
+    lead.send_replace(Leadership::Follower {
+        term: Some(2),
+        leader: Some("other".into()),
+    });
+    assert!(cap.check(&lead.subscribe(), 1, now).await.is_empty());
+    assert!(terminations(&asg).is_empty(), "a follower never terminates");
+
+    let (mut cap, asg, ec2, lead) = cap_bed(Some(26 * HOUR), &[100 * HOUR], now);
+    ec2.0.lock().expect("lock").1 = true;
+    assert!(cap.check(&lead.subscribe(), 1, now).await.is_empty());
+    ec2.0.lock().expect("lock").1 = false;
+    assert_eq!(
+        cap.check(&lead.subscribe(), 1, now).await,
+        ["i-a"],
+        "the next check tries again"
+    );
+    assert_eq!(terminations(&asg).len(), 1);
+}
+
+#[test]
+fn the_cap_is_checked_every_ten_polls_at_most_a_minute() {
+    assert_eq!(
+        cap::check_every(Duration::from_secs(1)),
+        Duration::from_secs(10)
+    );
+    assert_eq!(
+        cap::check_every(Duration::from_secs(5)),
+        Duration::from_secs(50)
+    );
+    assert_eq!(
+        cap::check_every(Duration::from_secs(300)),
+        Duration::from_secs(60)
+    );
 }

@@ -1,17 +1,18 @@
 //! EC2 `DescribeInstances`, spoken in the Query protocol ([`QueryClient`]) so that the
-//! operator CLI can show instance state, age, type, lifecycle and zone without the
+//! operator CLI can show instance state, age, type, lifecycle and zone, and the leader can
+//! find agents past their lifetime cap, without the
 //! `aws-sdk-ec2` crate (the largest of the SDK crates, for one call).
 //!
 //! - Endpoint: `AWS_ENDPOINT_URL_EC2`, else the SDK config's endpoint
 //!   (`AWS_ENDPOINT_URL`), else `https://ec2.<region>.amazonaws.com`.
-//! - Region and credentials: from the [`SdkConfig`], cached (see [`agent_supervisor::aws::query`]).
+//! - Region and credentials: from the [`SdkConfig`], cached (see [`super::query`]).
 //! - Signing name `ec2`, API version `2016-11-15`.
 //!
 //! The answer is read with `aws-smithy-xml`, element by element within each scope, so the
 //! nested `item`s of other sets (groups, network interfaces, block devices, tags) are never
 //! mistaken for instances.
 
-use agent_supervisor::aws::query::{QueryClient, QueryError, Service};
+use super::query::{QueryClient, QueryError, Service};
 use aws_config::SdkConfig;
 use aws_smithy_types::date_time::{DateTime, Format};
 use aws_smithy_xml::decode::{try_data, Document, ScopedDecoder, XmlDecodeError};
@@ -270,7 +271,7 @@ fn child_text(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_supervisor::aws::query::xml_error;
+    use crate::aws::query::xml_error;
 
     /// Shaped like a real answer: namespaces, a group set and network interfaces with
     /// their own `item`s and `placement`-like children, tags, a Spot instance.
