@@ -92,6 +92,7 @@ pub async fn run(opts: &RunOptions) -> i32 {
         Err(e) => r.fail("work dir", e),
     }
     check_agent_cgroup(&mut r, &opts);
+    check_imds_firewall(&mut r, &opts);
     let marker = opts.work_dir.join(crate::coordinator::USED_MARKER);
     if marker.exists() {
         println!(
@@ -111,6 +112,34 @@ pub async fn run(opts: &RunOptions) -> i32 {
         );
     }
     i32::from(r.failed)
+}
+
+/// Whether IMDS is closed to the agent user (see [`crate::firewall`]).
+fn check_imds_firewall(r: &mut Report, opts: &RunOptions) {
+    if !opts.imds_firewall {
+        println!("WARN  imds firewall: off (--no-imds-firewall): job code can read the instance role's credentials");
+        return;
+    }
+    match crate::agent::RunAs::lookup(&opts.agent_user) {
+        Ok(Some(run_as)) => match crate::firewall::verify(&opts.nft, run_as.uid.as_raw()) {
+            Ok(()) => r.ok(
+                "imds firewall",
+                format!(
+                    "{} and {} rejected for {} (uid {})",
+                    crate::firewall::IMDS_V4,
+                    crate::firewall::IMDS_V6,
+                    opts.agent_user,
+                    run_as.uid
+                ),
+            ),
+            Err(e) => r.fail("imds firewall", e),
+        },
+        Ok(None) => println!(
+            "WARN  imds firewall: the agent runs as this process's own user; IMDS cannot be closed to it"
+        ),
+        // The agent-user line already names the problem.
+        Err(_) => {}
+    }
 }
 
 /// Whether the agent gets a cgroup of its own (see [`crate::agent::cgroup`]).

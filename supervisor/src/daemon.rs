@@ -117,6 +117,9 @@ async fn run_in(
         return Ok(());
     }
 
+    // Before the first agent: job code never reaches the instance role through IMDS.
+    crate::firewall::close_for(&opts)?;
+
     // Boot timing: once per instance (the marker survives a restart of the supervisor).
     let boot = boot::Report::new(
         opts.work_dir.join(boot::MARKER),

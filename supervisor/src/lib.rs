@@ -46,6 +46,7 @@ pub mod config;
 pub mod coordinator;
 pub mod daemon;
 pub mod election;
+pub mod firewall;
 pub mod interrupt;
 pub mod lifecycle;
 pub mod notify;

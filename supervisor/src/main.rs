@@ -29,6 +29,16 @@ enum Command {
     },
     /// Preflight: IMDS, config and token parameters, the group, the cache bucket.
     Check(RunArgs),
+    /// Close IMDS to the agent user now (what `run` does before the first agent), or with
+    /// --check only say whether it is closed.
+    ImdsFirewall {
+        #[arg(long, env = "AGENT_SUPERVISOR_AGENT_USER", default_value = "semaphore")]
+        agent_user: String,
+        #[arg(long, env = "AGENT_SUPERVISOR_NFT", default_value = "nft")]
+        nft: PathBuf,
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -104,6 +114,13 @@ struct RunArgs {
     /// First delay when retrying a throttled or failed AWS call.
     #[arg(long, env = "AGENT_SUPERVISOR_AWS_RETRY_MS", default_value_t = 500)]
     aws_retry_ms: u64,
+    /// Leave IMDS open to the agent user (job code can then read the instance role's
+    /// credentials). For machines without nftables; never on a fleet.
+    #[arg(long, env = "AGENT_SUPERVISOR_NO_IMDS_FIREWALL")]
+    no_imds_firewall: bool,
+    /// The nft binary that closes IMDS to the agent user.
+    #[arg(long, env = "AGENT_SUPERVISOR_NFT", default_value = "nft")]
+    nft: PathBuf,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -145,6 +162,43 @@ impl RunArgs {
             drain_margin: Duration::from_secs(self.drain_margin_secs.min(MAX_SECS)),
             imds_attempts: self.imds_attempts.max(1),
             aws_retry_backoff: Duration::from_millis(self.aws_retry_ms.max(1)),
+            imds_firewall: !self.no_imds_firewall,
+            nft: self.nft,
+        }
+    }
+}
+
+/// `agent-supervisor imds-firewall`: apply (or with `check`, verify) the table that closes
+/// IMDS to the agent user. Exit 0 when it is in place, 1 otherwise, 2 on a bad user.
+fn imds_firewall(agent_user: &str, nft: &std::path::Path, check: bool) -> i32 {
+    let uid = match agent_supervisor::agent::RunAs::lookup(agent_user) {
+        Ok(Some(r)) => r.uid.as_raw(),
+        Ok(None) => {
+            eprintln!("agent-supervisor: the agent user {agent_user} is this process's own user: there is nobody to close IMDS to; fix: --agent-user names the unprivileged user");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("agent-supervisor: {e}");
+            return 2;
+        }
+    };
+    let done = if check {
+        agent_supervisor::firewall::verify(nft, uid)
+    } else {
+        agent_supervisor::firewall::apply(nft, uid)
+    };
+    match done {
+        Ok(()) => {
+            println!(
+                "IMDS closed to {agent_user} (uid {uid}): {} and {} rejected",
+                agent_supervisor::firewall::IMDS_V4,
+                agent_supervisor::firewall::IMDS_V6
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("agent-supervisor: {e}");
+            1
         }
     }
 }
@@ -182,6 +236,11 @@ fn main() {
             telemetry::init(true);
             runtime(|| async move { check::run(&args.options()).await })
         }
+        Command::ImdsFirewall {
+            agent_user,
+            nft,
+            check,
+        } => imds_firewall(&agent_user, &nft, check),
     };
     std::process::exit(code);
 }

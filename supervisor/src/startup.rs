@@ -30,6 +30,10 @@ pub struct RunOptions {
     pub drain_margin: Duration,
     pub imds_attempts: u32,
     pub aws_retry_backoff: Duration,
+    /// Close IMDS to the agent user before the first agent ([`crate::firewall`]).
+    pub imds_firewall: bool,
+    /// The `nft` binary (a path, or a name looked up in `PATH`).
+    pub nft: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]

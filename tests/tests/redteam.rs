@@ -96,3 +96,90 @@ async fn vm_a_job_that_kills_its_supervisor_loses_the_vm_to_the_leaders_lifetime
     fleet.shutdown().await;
     Ok(())
 }
+
+/// Both levels, the agent user (a `strict` job; a `vm` job before it uses sudo): it asks
+/// IMDS for the instance role. In a network namespace of its own, a fake IMDS answers on
+/// `169.254.169.254:80`; `agent-supervisor imds-firewall` (what `run` does before the first
+/// agent) closes it to the agent user: root still gets its answer, the agent user's
+/// connection is refused at once, and `--check` (what `agent-supervisor check` reports)
+/// tells the two states apart.
+#[test]
+fn both_the_agent_user_is_refused_imds_while_root_is_answered() -> R {
+    let supervisor = agent_fleet_tests::fleet::bin_dir()?.join("agent-supervisor");
+    let out = std::process::Command::new("unshare")
+        .args(["-n", "--", "bash", "-c", IMDS_NETNS_SCRIPT])
+        .env("SUPERVISOR", &supervisor)
+        .output()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the namespace script failed:\n{text}");
+    let line = |tag: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag} line in:\n{text}"))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(
+        line("BEFORE agent:"),
+        "i-0imds0000000001",
+        "the fake IMDS answers the agent user before:\n{text}"
+    );
+    assert_eq!(
+        line("CHECK before:"),
+        "1",
+        "--check finds IMDS open:\n{text}"
+    );
+    assert_eq!(line("APPLY:"), "0", "{text}");
+    assert_eq!(line("CHECK after:"), "0", "{text}");
+    assert_eq!(
+        line("AFTER root:"),
+        "i-0imds0000000001",
+        "root (the supervisor) still reads IMDS:\n{text}"
+    );
+    assert_eq!(
+        line("AFTER agent rc:"),
+        "7",
+        "curl: could not connect (refused, not a timeout):\n{text}"
+    );
+    assert_eq!(line("AGAIN:"), "0", "applying twice is harmless:\n{text}");
+    assert_eq!(line("TABLES:"), "1", "one table, not two:\n{text}");
+    Ok(())
+}
+
+/// Run under `unshare -n` as root. A fake IMDS (IMDSv2's token PUT and one GET) on
+/// 169.254.169.254:80 of the namespace's loopback; `nobody` plays the agent user.
+const IMDS_NETNS_SCRIPT: &str = r#"
+set -u
+ip link set lo up
+ip addr add 169.254.169.254/32 dev lo
+python3 - <<'PY' &
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_PUT(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"tok")
+    def do_GET(self):
+        ok = self.headers.get("X-aws-ec2-metadata-token") == "tok"
+        self.send_response(200 if ok else 401); self.end_headers()
+        if ok: self.wfile.write(b"i-0imds0000000001")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("169.254.169.254", 80), H).serve_forever()
+PY
+imds=$!
+trap 'kill $imds' EXIT
+ask() {
+  local t
+  t=$("$@" curl -sS -m 3 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 60' http://169.254.169.254/latest/api/token) || return $?
+  "$@" curl -sS -m 3 -H "X-aws-ec2-metadata-token: $t" http://169.254.169.254/latest/meta-data/instance-id
+}
+as_agent() { setpriv --reuid=nobody --regid=nogroup --clear-groups "$@"; }
+for _ in $(seq 50); do curl -s -m 1 -o /dev/null -X PUT http://169.254.169.254/ && break; sleep 0.1; done
+echo "BEFORE agent: $(ask as_agent)"
+"$SUPERVISOR" imds-firewall --agent-user nobody --check; echo "CHECK before: $?"
+"$SUPERVISOR" imds-firewall --agent-user nobody; echo "APPLY: $?"
+"$SUPERVISOR" imds-firewall --agent-user nobody --check; echo "CHECK after: $?"
+echo "AFTER root: $(ask env)"
+ask as_agent; echo "AFTER agent rc: $?"
+"$SUPERVISOR" imds-firewall --agent-user nobody >/dev/null; echo "AGAIN: $?"
+echo "TABLES: $(nft list tables | grep -c 'inet agent_fleet')"
+"#;

@@ -219,6 +219,8 @@ fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
         drain_margin: MARGIN,
         imds_attempts: 1,
         aws_retry_backoff: Duration::from_millis(100),
+        imds_firewall: false,
+        nft: "nft".into(),
     }
 }
 
