@@ -24,6 +24,7 @@
 
 pub mod cgroup;
 pub mod config_file;
+pub mod containers;
 pub mod owner;
 
 use crate::telemetry::AGENT_TARGET;

@@ -180,6 +180,11 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
         self.runs += 1;
         if self.runs > 1 {
             self.boot.give_up();
+            // A restart in place (never after a job): the earlier run's containers go too.
+            let uid = self.run_as.as_ref().map(|r| r.uid.as_raw());
+            super::containers::Containers::for_agent_uid(uid)
+                .remove_all()
+                .await;
             // Bounded: a wedged SSM must not keep the instance from its next agent.
             let refresh = crate::reload::refresh(
                 &self.ssm,
