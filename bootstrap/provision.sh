@@ -12,11 +12,13 @@
 #   wait_for_boot               let cloud-init finish first boot (it holds the apt lock)   [image]
 #   remove_unattended_upgrades  no package upgrades or apt runs behind a job's back        [image]
 #   install_packages            security updates, Docker, git and the usual CI tools       [image]
-#   create_agent_user           `semaphore`, in the docker group; sudo only if AGENT_SUDO
+#   create_agent_user           `semaphore`, own group, bash; subordinate ids for rootless Docker
 #   install_agent               the Semaphore agent release, sha256-pinned, in /opt/semaphore/agent
 #   install_toolbox             the Semaphore toolbox (checkout, cache, artifact, …)       [image]
 #   install_supervisor          agent-supervisor: SUPERVISOR_BINARY, or built from source
 #   install_units               the systemd unit, enabled; the supervisor's work dir
+#   install_isolation           apply-isolation and what both job isolation levels need;
+#                               the image's own level is vm until the supervisor applies one
 #   clean_image                 forget the builder: machine-id, its SSH key, cloud-init state
 #
 # [image] steps install packages or run vendor installers that write to absolute paths,
@@ -32,7 +34,6 @@
 #   TOOLBOX_VERSION    Semaphore toolbox release tag (default v1.20.5)
 #   TOOLBOX_SHA256     sha256 of its self-hosted-linux[-arm].tar; checked when set
 #   TOOLBOX_ARCHIVE    a local copy of that archive (default: download the release)
-#   AGENT_SUDO         true: passwordless sudo for the agent user and so for jobs (default false)
 #   EXTRA_PACKAGES     more apt packages for the jobs, space-separated
 #   SUPERVISOR_BINARY  a built agent-supervisor for ARCH (default: build the source this
 #                      script sits in, with RUST_TOOLCHAIN; needs the network)
@@ -49,15 +50,26 @@ readonly SUPERVISOR_BIN=/usr/local/bin/agent-supervisor
 readonly WORK_DIR=/var/lib/agent-supervisor
 readonly UNIT_DIR=/usr/lib/systemd/system
 readonly UNIT=agent-supervisor.service
-readonly SUDOERS=/etc/sudoers.d/90-agent-fleet
+# Job isolation (SEMAPHORE_AGENT_JOB_ISOLATION): isolation/apply-isolation and what it
+# runs on. Its own paths are named at its top.
+readonly LIB_DIR=/usr/local/lib/agent-fleet
+readonly ROOTLESS_UNIT=/usr/lib/systemd/user/docker.service
+readonly APPARMOR_PROFILE=/etc/apparmor.d/rootlesskit
 
 # Docker comes from Ubuntu's own archive (docker.io, with docker-buildx and
 # docker-compose-v2 for `docker buildx` and `docker compose`), not from Docker's apt
 # repository: the image then trusts one signing key, Canonical's, which it already has;
 # no third-party repository or key has to be fetched and pinned at build time; and
 # Ubuntu backports security fixes into it. The cost is an Engine a few releases behind
-# Docker's; jobs that need the newest can install it themselves (with AGENT_SUDO=true).
+# Docker's; jobs that need the newest can install it themselves (at job isolation vm).
 readonly DOCKER_PACKAGES=(docker.io docker-buildx docker-compose-v2)
+# Rootless Docker, for job isolation strict, from Ubuntu's archive too: rootlesskit (its
+# namespaces, and rootlesskit-docker-proxy for Docker before 28), slirp4netns (the
+# network; it works with 22.04's rootlesskit too, where pasta does not), uidmap
+# (newuidmap, newgidmap), dbus-user-session (the user's systemd, which gives rootless
+# dockerd its cgroups). Ubuntu's docker.io ships no dockerd-rootless.sh (before 26.04);
+# isolation/dockerd-rootless is the image's own.
+readonly ROOTLESS_PACKAGES=(rootlesskit slirp4netns uidmap dbus-user-session)
 # What CI jobs expect of a Linux machine, and what the toolbox calls: git and ssh for
 # `checkout`, tar, gzip and friends for `cache`, a compiler for native extensions.
 readonly BASE_PACKAGES=(build-essential ca-certificates curl git gnupg jq
@@ -71,7 +83,6 @@ AGENT_ARCHIVE=${AGENT_ARCHIVE:-}
 TOOLBOX_VERSION=${TOOLBOX_VERSION:-v1.20.5}
 TOOLBOX_SHA256=${TOOLBOX_SHA256:-}
 TOOLBOX_ARCHIVE=${TOOLBOX_ARCHIVE:-}
-AGENT_SUDO=${AGENT_SUDO:-false}
 EXTRA_PACKAGES=${EXTRA_PACKAGES:-}
 SUPERVISOR_BINARY=${SUPERVISOR_BINARY:-}
 SUPERVISOR_VERSION=${SUPERVISOR_VERSION:-}
@@ -82,7 +93,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly SOURCE_DIR=${HERE%/*}
 
 readonly STEPS=(wait_for_boot remove_unattended_upgrades install_packages create_agent_user
-  install_agent install_toolbox install_supervisor install_units clean_image)
+  install_agent install_toolbox install_supervisor install_units install_isolation clean_image)
 
 log() { printf 'provision: %s\n' "$*"; }
 die() {
@@ -154,39 +165,38 @@ install_packages() {
   read -r -a extra <<<"$EXTRA_PACKAGES"
   apt_get update
   apt_get dist-upgrade
-  apt_get install "${BASE_PACKAGES[@]}" "${DOCKER_PACKAGES[@]}" "${extra[@]}"
+  apt_get install "${BASE_PACKAGES[@]}" "${DOCKER_PACKAGES[@]}" "${ROOTLESS_PACKAGES[@]}" "${extra[@]}"
   apt_get autoremove --purge
   systemctl enable docker.service
 }
 
 create_agent_user() {
-  # docker.io creates the group; in a bare root there is none yet.
+  # docker.io creates the group; in a bare root there is none yet. Membership, like
+  # sudo, is the job isolation level's (install_isolation, apply-isolation).
   field_of /etc/group docker 3 >/dev/null || groupadd --root "$ROOT" --system docker
   if ! uid_of "$AGENT_USER" >/dev/null; then
-    useradd --root "$ROOT" --create-home --user-group --shell /bin/bash --groups docker "$AGENT_USER"
+    useradd --root "$ROOT" --create-home --user-group --shell /bin/bash "$AGENT_USER"
     log "created user $AGENT_USER"
-  elif ! in_group docker "$AGENT_USER"; then
-    usermod --root "$ROOT" --append --groups docker "$AGENT_USER"
   fi
+  add_subordinate_ids subuid
+  add_subordinate_ids subgid
+}
 
-  # Jobs run as this user: sudo for it is sudo for every job, so it is off by default.
-  case $AGENT_SUDO in
-  true)
-    local tmp=$SCRATCH/sudoers
-    printf '# agent-fleet: AGENT_SUDO=true\n%s ALL=(ALL) NOPASSWD: ALL\n' "$AGENT_USER" >"$tmp"
-    # A broken sudoers file would lock everybody out of sudo, Packer included.
-    if command -v visudo >/dev/null; then
-      visudo -cqf "$tmp" || die "visudo rejects the sudoers line for $AGENT_USER"
-    fi
-    install -D -m 0440 -o 0 -g 0 "$tmp" "$(at "$SUDOERS")"
-    log "passwordless sudo for $AGENT_USER: on"
-    ;;
-  false)
-    rm -f "$(at "$SUDOERS")"
-    log "passwordless sudo for $AGENT_USER: off"
-    ;;
-  *) die "AGENT_SUDO must be true or false, not '$AGENT_SUDO'" ;;
-  esac
+# Rootless Docker maps its containers' users into the agent user's subordinate ids:
+# 65536 of them, after every range already given out (Ubuntu's default user has
+# 100000-165535 on the builder).
+add_subordinate_ids() { # subuid|subgid
+  local file first
+  file=$(at "/etc/$1")
+  [[ -e $file ]] || install -m 0644 -o 0 -g 0 /dev/null "$file"
+  if awk -F: -v n="$AGENT_USER" '$1 == n && $3 >= 65536 { found = 1 } END { exit !found }' "$file"; then
+    return
+  fi
+  first=$(awk -F: 'BEGIN { next_id = 100000 } NF >= 3 && $2 + $3 > next_id { next_id = $2 + $3 } END { print next_id }' "$file")
+  local flag=--add-subuids
+  [[ $1 == subgid ]] && flag=--add-subgids
+  usermod --root "$ROOT" "$flag" "$first-$((first + 65535))" "$AGENT_USER"
+  log "$AGENT_USER: $1 $first-$((first + 65535))"
 }
 
 # Root-owned, so that a job (running as the agent user) cannot replace the binary that
@@ -219,6 +229,10 @@ install_agent() {
 # The toolbox lives in the agent user's ~/.toolbox; its own installer links the CLIs
 # into /usr/local/bin and jobs load it from ~/.bash_profile (as Semaphore's agent
 # installer does). The agent's `when` CLI needs Erlang and is left out without it.
+# ~/.toolbox is root's and read-only to the agent user, at both isolation levels (the
+# toolbox never writes there): a job cannot edit the CLIs that /usr/local/bin links to.
+# It can still rename the directory, its home being its own; with one job per instance
+# nothing it does there reaches another job.
 install_toolbox() {
   image_only install_toolbox "runs the toolbox's installer, which links into /usr/local/bin"
   local home stamp want name archive=$TOOLBOX_ARCHIVE tmp=$SCRATCH/toolbox
@@ -254,7 +268,9 @@ install_toolbox() {
   grep -qxF 'source ~/.toolbox/toolbox' "$home/.bash_profile" 2>/dev/null ||
     echo 'source ~/.toolbox/toolbox' >>"$home/.bash_profile"
   echo "$want" >"$stamp"
-  chown -R "$AGENT_USER:$AGENT_USER" "$home/.toolbox" "$home/.ssh" "$home/.bash_profile"
+  chown -R 0:0 "$home/.toolbox"
+  chmod -R u+rwX,go+rX,go-w "$home/.toolbox"
+  chown -R "$AGENT_USER:$AGENT_USER" "$home/.ssh" "$home/.bash_profile"
   log "toolbox $TOOLBOX_VERSION ($ARCH) in $home/.toolbox"
 }
 
@@ -302,6 +318,53 @@ install_units() {
   # the agent user must get through to them, nobody else needs to.
   install -d -m 0750 -o 0 -g "$gid" "$(at "$WORK_DIR")"
   log "$UNIT installed and enabled; work dir $WORK_DIR"
+}
+
+# Everything either job isolation level needs, so that the level is chosen at boot
+# (SEMAPHORE_AGENT_JOB_ISOLATION) and not when the image is built. The supervisor runs
+# LIB_DIR/apply-isolation with the stack's level before the first agent starts; until
+# then, and on an instance started without the supervisor, the image is at vm, applied
+# here to files only (APPLY_LIVE=no): the reference's sudo and docker group.
+install_isolation() {
+  local src=$HERE/isolation lib
+  field_of /etc/passwd "$AGENT_USER" 3 >/dev/null || die "no user $AGENT_USER: run create_agent_user first"
+  lib=$(at "$LIB_DIR")
+  install -d -m 0755 -o 0 -g 0 "$lib"
+  install -m 0755 -o 0 -g 0 "$src/apply-isolation" "$src/dockerd-rootless" "$src/sudo-strict" "$lib/"
+  install -m 0644 -o 0 -g 0 "$src/job-env-strict.sh" "$lib/"
+  install -D -m 0644 -o 0 -g 0 "$src/docker.service" "$(at "$ROOTLESS_UNIT")"
+  install -D -m 0644 -o 0 -g 0 "$src/user@.service.d-agent-fleet.conf" "$(at /etc/systemd/system/user@.service.d/agent-fleet.conf)"
+  install -D -m 0644 -o 0 -g 0 "$src/90-agent-fleet-ptrace.conf" "$(at /etc/sysctl.d/90-agent-fleet-ptrace.conf)"
+  install_apparmor_profile
+  ROOT=$ROOT APPLY_LIVE=no "$lib/apply-isolation" vm >/dev/null ||
+    die "apply-isolation vm failed on the image (its line above says why)"
+  log "job isolation: apply-isolation in $LIB_DIR; the image is at vm until the supervisor applies the stack's level"
+}
+
+# rootlesskit's AppArmor profile (isolation/rootlesskit.apparmor says why it is needed).
+# One profile by one name may attach to /usr/bin/rootlesskit: Ubuntu's apparmor package
+# ships it on 24.04 at this path, and then it stays as it is; ours goes where it is
+# absent. AppArmor before 4 (22.04) has no user namespace rule and no restriction.
+install_apparmor_profile() {
+  local dest
+  dest=$(at "$APPARMOR_PROFILE")
+  if [[ ! -e $(at /etc/apparmor.d/abi/4.0) ]]; then
+    log "AppArmor before 4.0 here: user namespaces are not restricted, no rootlesskit profile needed"
+    return
+  fi
+  if [[ -e $dest ]] && ! grep -q '^# agent-fleet:' "$dest"; then
+    { grep -q '/usr/bin/rootlesskit' "$dest" && grep -qE '^[[:space:]]*userns,' "$dest"; } ||
+      die "$APPARMOR_PROFILE is not agent-fleet's and does not let /usr/bin/rootlesskit make user namespaces; remove it or add 'userns,' to it"
+    log "rootlesskit AppArmor profile: the apparmor package's $APPARMOR_PROFILE"
+  else
+    install -m 0644 -o 0 -g 0 "$HERE/isolation/rootlesskit.apparmor" "$dest"
+    log "rootlesskit AppArmor profile: $APPARMOR_PROFILE"
+  fi
+  # Loaded now and cached (-W), so the first boot needs no compile; apparmor.service
+  # loads it at every boot.
+  if [[ $ROOT == / && -d /sys/kernel/security/apparmor ]] && command -v apparmor_parser >/dev/null; then
+    apparmor_parser -r -W "$APPARMOR_PROFILE"
+  fi
 }
 
 # Instances must not look like the builder or like each other. What is not here is

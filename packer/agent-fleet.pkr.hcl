@@ -12,6 +12,10 @@
 # This file launches the builder, hands it one bundle (bootstrap/bundle.sh) and names and
 # tags the AMI. Everything done on the builder is bootstrap/provision.sh; see
 # bootstrap/README.md. The plugin requirement is in plugins.pkr.hcl.
+#
+# The image carries both job isolation levels (vm, strict); the stack's
+# SEMAPHORE_AGENT_JOB_ISOLATION picks one at each instance's boot, so no variable here
+# chooses sudo or Docker for the jobs.
 
 variable "os" {
   type        = string
@@ -102,12 +106,6 @@ variable "toolbox_sha256_x86_64" {
 variable "toolbox_sha256_arm64" {
   type    = string
   default = ""
-}
-
-variable "agent_sudo" {
-  type        = bool
-  default     = false
-  description = "Passwordless sudo for the agent user, and so for every job."
 }
 
 variable "extra_packages" {
@@ -204,7 +202,6 @@ source "amazon-ebs" "agent" {
     AgentVersion      = var.agent_version
     ToolboxVersion    = var.toolbox_version
     SupervisorVersion = local.version
-    AgentSudo         = var.agent_sudo ? "true" : "false"
     SourceAmi         = "{{ .SourceAMI }}"
     SourceAmiName     = "{{ .SourceAMIName }}"
     SsmParameter      = local.ssm_parameter
@@ -247,7 +244,6 @@ build {
       "AGENT_SHA256=${local.agent_sha256}",
       "TOOLBOX_VERSION=${var.toolbox_version}",
       "TOOLBOX_SHA256=${local.toolbox_sha256}",
-      "AGENT_SUDO=${var.agent_sudo}",
       "EXTRA_PACKAGES=${join(" ", var.extra_packages)}",
       "SUPERVISOR_BINARY=${var.supervisor_binary != "" ? "/tmp/agent-fleet/bin/agent-supervisor" : ""}",
       "SUPERVISOR_VERSION=${local.version}",
