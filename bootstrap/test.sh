@@ -577,6 +577,20 @@ EOF
     <(launch setpriv --reuid=nobody --regid=nogroup --clear-groups env XDG_RUNTIME_DIR="$work/xdg-nobody")
   rm -f "$shims/rootlesskit"
 
+  # What a strict job meets: sudo refusing at once (the real one would wait for a
+  # password on its pty), DOCKER_HOST at the rootless socket. `id` stands in for the
+  # agent user, whom this machine does not have.
+  mkdir -p "$work/as-agent"
+  printf '#!/bin/sh\ncase "$1" in -un) echo semaphore ;; -u) echo 1001 ;; esac\n' >"$work/as-agent/id"
+  chmod 0755 "$work/as-agent/id"
+  refuses "sudo-strict as the agent user: refused at once, saying why" "not available to CI jobs at job isolation level strict" \
+    timeout 5 env PATH="$work/as-agent:$PATH" sh bootstrap/isolation/sudo-strict true
+  check "job-env-strict.sh for the agent user: DOCKER_HOST=unix:///run/user/1001/docker.sock" \
+    test "$(env -u DOCKER_HOST -u XDG_RUNTIME_DIR PATH="$work/as-agent:$PATH" sh -c '. bootstrap/isolation/job-env-strict.sh; echo "$DOCKER_HOST"')" \
+    = unix:///run/user/1001/docker.sock
+  check "  … and a DOCKER_HOST already set is kept" \
+    test "$(DOCKER_HOST=tcp://x:2375 PATH="$work/as-agent:$PATH" sh -c '. bootstrap/isolation/job-env-strict.sh; echo "$DOCKER_HOST"')" = tcp://x:2375
+
   refuses "a supervisor that reports another version" "but this image is agent-fleet 9\.9\.9" \
     prov SUPERVISOR_VERSION=9.9.9 "$provision" install_supervisor
   for step in wait_for_boot remove_unattended_upgrades install_packages install_toolbox; do
