@@ -154,6 +154,11 @@ pub struct InstanceOptions {
     pub launch_time_unix_ms: Option<u64>,
     /// The agent the supervisor runs.
     pub agent: AgentKind,
+    /// Run the agent (and so its jobs) as this unprivileged user, as on an instance;
+    /// `None`: as the bed's own user. With a user the supervisor gets
+    /// `--no-imds-firewall`: its table would land in this machine's netfilter (the
+    /// firewall has its own test in a network namespace).
+    pub agent_user: Option<String>,
 }
 
 impl InstanceOptions {
@@ -173,6 +178,7 @@ impl InstanceOptions {
             wrapper: vec![],
             launch_time_unix_ms: None,
             agent: AgentKind::Fake,
+            agent_user: None,
         }
     }
 }
@@ -242,11 +248,22 @@ impl Instance {
         let dir = opts.root.join(&opts.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let events_path = dir.join("agent-events.jsonl");
-        let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-            .unwrap_or_else(|| "root".into());
+        let own_user = || {
+            nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .unwrap_or_else(|| "root".into())
+        };
+        let user = opts.agent_user.clone().unwrap_or_else(own_user);
+        if opts.agent_user.is_some() {
+            // The fake agent, now another user, appends its events here.
+            std::fs::write(&events_path, "")?;
+            std::fs::set_permissions(
+                &events_path,
+                std::os::unix::fs::PermissionsExt::from_mode(0o666),
+            )?;
+        }
         let supervisor = bins.join("agent-supervisor");
         let cgroup = bed_cgroup(&opts.instance_id);
         let mut cmd = match opts.wrapper.split_first() {
@@ -276,6 +293,7 @@ impl Instance {
                     .flat_map(|(k, v)| ["--agent-env".to_string(), format!("{k}={v}")]),
             )
             .args(&opts.args)
+            .args(opts.agent_user.iter().map(|_| "--no-imds-firewall"))
             .args(
                 cgroup
                     .iter()

