@@ -21,7 +21,7 @@ AGENT_FLEET := $(TARGET_DIR)/debug/agent-fleet
 REAL_AGENT_SRC := ../shared/real-agent
 REAL_AGENT := $(TARGET_DIR)/semaphore-agent
 
-.PHONY: all venv tools real-agent build build-release demo test lint unit e2e bench clean deploy diff destroy status token ami ami-test drills
+.PHONY: all venv tools real-agent build build-release demo test lint unit e2e bench clean deploy diff destroy status token ami ami-test drills redteam
 
 all: build
 
@@ -73,6 +73,13 @@ e2e: venv build real-agent
 
 test: lint venv build real-agent ami-test
 	$(CARGO) test --workspace
+
+# The hostile-jobs suite (README, "Hostile jobs"): every attack of the table, at each level.
+# `make test` runs all of it too.
+redteam: venv build real-agent
+	$(CARGO) test -p agent-fleet-tests --test redteam --test secrets
+	$(CARGO) test -p agent-fleet-tests --test agents -- a_job_that_kills_its_agent a_process_a_job_moves_out
+	$(CARGO) test -p agent-supervisor --lib -- shutdown_hook:: firewall:: agent::containers:: scaler::tests::the_cap lifecycle::
 
 # Failure drills with the Semaphore outage at 150 s (make test runs them at 20 s); prints DRILL figures.
 drills: venv build
