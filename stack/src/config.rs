@@ -437,11 +437,21 @@ fn cross_checks(
         ));
     }
 
-    if get("UsePreSignedUrl") == "true" {
-        problems.push(problem(
-            "SEMAPHORE_AGENT_USE_PRE_SIGNED_URL",
-            "`true` is not supported by agent-supervisor yet: unset it (agents are named <instance-id>__<random>)",
-        ));
+    if let (Some(cap), Some(uptime)) = (num("LifetimeCap"), num("MaxUptime")) {
+        if uptime > 0 && cap <= uptime {
+            let cap_shown = match src.get("SEMAPHORE_AGENT_LIFETIME_CAP") {
+                Some(_) => shown("SEMAPHORE_AGENT_LIFETIME_CAP"),
+                None => format!("{cap} (the default)"),
+            };
+            problems.push(problem(
+                "SEMAPHORE_AGENT_LIFETIME_CAP",
+                format!(
+                    "{cap_shown} is not above SEMAPHORE_AGENT_MAX_UPTIME {}: the leader would end instances before they replace themselves, busy or not; raise SEMAPHORE_AGENT_LIFETIME_CAP (e.g. to {}, a day more for a running job) or lower SEMAPHORE_AGENT_MAX_UPTIME",
+                    shown("SEMAPHORE_AGENT_MAX_UPTIME"),
+                    uptime + 86_400
+                ),
+            ));
+        }
     }
 
     if !get("SshCidr").is_empty() {
@@ -522,6 +532,12 @@ fn cross_checks(
         ));
     }
 
+    if get("UseDynamicScaling") == "true" && get("ScalerInstanceType") == "none" {
+        warnings.push(
+            "SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE=none with dynamic scaling: agents lead, so the agent role can set desired capacity, suspend processes and end other agents, and a job that is root on its agent (SEMAPHORE_AGENT_JOB_ISOLATION=vm, the default) can steer the fleet; unset SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE to have a scaler instance, which runs no jobs, lead instead"
+                .into(),
+        );
+    }
     if get("UseDynamicScaling") == "true"
         && get("AsgMinSize") == "0"
         && get("ScalerInstanceType") == "none"

@@ -371,7 +371,7 @@ fn stack_name_only() -> Result<String, ExitCode> {
 fn confirm(stack: &str) -> anyhow::Result<bool> {
     let stdin = std::io::stdin();
     eprint!(
-        "This deletes stack {stack}: its groups and their instances (each waits in its termination hook until its running job ends, up to the hook's limit), launch templates, role and config.\nType the stack name to confirm: "
+        "This deletes stack {stack}: its groups and their instances (each waits in its termination hook until its running job ends, up to the hook's limit), launch templates, roles and config.\nType the stack name to confirm: "
     );
     let _ = std::io::stderr().flush();
     let mut line = String::new();

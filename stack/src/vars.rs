@@ -131,7 +131,7 @@ pub const VARS: &[Var] = &[
     var("SEMAPHORE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT", Param("DisconnectAfterIdleTimeout"), Some("300"), Int { min: 0, max: 604_800 },
         "seconds idle before an agent's instance ends; `0` = never scale in"),
     var("SEMAPHORE_AGENT_CACHE_BUCKET_NAME", Param("CacheBucketName"), None, Shape(valid_bucket, "an S3 bucket name: 3-63 of a-z 0-9 . -"),
-        "existing S3 bucket for the job cache"),
+        "existing S3 bucket for the job cache, reached with the job role's credentials"),
     var("SEMAPHORE_AGENT_TOKEN_KMS_KEY", Param("TokenKmsKey"), Some("alias/aws/ssm"), Shape(valid_kms_key, "a KMS key id, key ARN, alias/name or alias ARN"),
         "KMS key of the token parameter"),
     var("SEMAPHORE_AGENT_VPC_ID", Param("VpcId"), None, Shape(|s| valid_aws_id(s, "vpc-"), "vpc- and 8 or 17 hex digits"),
@@ -145,7 +145,7 @@ pub const VARS: &[Var] = &[
     var("SEMAPHORE_AGENT_ARCH", Param("Arch"), Some("x86_64"), OneOf(&["x86_64", "arm64"]),
         "`x86_64` or `arm64`"),
     var("SEMAPHORE_AGENT_MANAGED_POLICY_NAMES", ManagedPolicies, None, List(valid_policy, "IAM policy names (or ARNs), comma-separated"),
-        "customer-managed policies added to the instance role"),
+        "customer-managed policies attached to the job role, whose short-lived credentials jobs get (never to the instance roles)"),
     var("SEMAPHORE_AGENT_VOLUME_NAME", Param("VolumeName"), Some("/dev/sda1"), Shape(valid_device, "a device name such as /dev/sda1"),
         "root device name"),
     var("SEMAPHORE_AGENT_VOLUME_TYPE", Param("VolumeType"), Some("gp2"), OneOf(&["gp2", "gp3", "io1", "io2", "st1", "sc1", "standard"]),
@@ -161,7 +161,7 @@ pub const VARS: &[Var] = &[
     var("SEMAPHORE_AGENT_AZS", Param("Azs"), None, List(valid_az, "availability zone names, comma-separated"),
         "availability zones of the default VPC; with a VPC the subnets decide"),
     var("SEMAPHORE_AGENT_USE_PRE_SIGNED_URL", Param("UsePreSignedUrl"), Some("false"), Bool,
-        "agent name = pre-signed STS URL; not supported yet (`true` is refused)"),
+        "agent name = pre-signed STS GetCallerIdentity URL, which Semaphore verifies"),
     var("SEMAPHORE_AGENT_OVERPROVISION_STRATEGY", Param("OverprovisionStrategy"), Some("none"), OneOf(&["none", "number", "percentage"]),
         "extra agents beyond the jobs: `none`, `number`, `percentage`"),
     var("SEMAPHORE_AGENT_OVERPROVISION_FACTOR", Param("OverprovisionFactor"), Some("0"), Int { min: 0, max: 999_999_999 },
@@ -187,13 +187,17 @@ pub const VARS: &[Var] = &[
     var("SEMAPHORE_AGENT_ASG_NEW_INSTANCES_PROTECTED_FROM_SCALE_IN", Param("AsgNewInstancesProtectedFromScaleIn"), Some("true"), Bool,
         "Auto Scaling never picks a busy agent to scale in (the reference defaults to `false`)"),
     ours("SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE", Param("ScalerInstanceType"), None, Shape(valid_scaler_type, "an EC2 instance type, or `none`"),
-        "scale-from-zero instance type; unset = `t3.nano`/`t4g.nano`; `none` = no such instance"),
+        "the scaler instance (the fleet's leader, no jobs) with dynamic scaling; unset = `t3.nano`/`t4g.nano`; `none` = agents lead, which trades away the protection: a root job on an agent can then steer the fleet"),
     ours("SEMAPHORE_AGENT_SSH_CIDR", Param("SshCidr"), None, Shape(valid_ssh_cidr, "an IPv4 CIDR such as 203.0.113.0/24 (not /0)"),
         "who may SSH in (port 22); needs a key; never open by default"),
     ours("SEMAPHORE_AGENT_SCALER_POLL_INTERVAL_MS", Param("ScalerPollIntervalMs"), Some("5000"), Int { min: 1000, max: 300_000 },
         "how often the leader asks Semaphore for job demand"),
     ours("SEMAPHORE_AGENT_MAX_UPTIME", Param("MaxUptime"), Some("0"), Shape(valid_max_uptime, "0, or a whole number of seconds from 3600 to 999999999"),
         "seconds after launch at which an instance replaces itself (idle: at once; busy: after its job); `0` = never"),
+    ours("SEMAPHORE_AGENT_JOB_ISOLATION", Param("JobIsolation"), Some("vm"), OneOf(&["vm", "strict"]),
+        "`vm`: jobs get passwordless sudo and Docker, as in the reference (the VM is the boundary); `strict`: no sudo, rootless Docker"),
+    ours("SEMAPHORE_AGENT_LIFETIME_CAP", Param("LifetimeCap"), Some("93600"), Int { min: 3600, max: 999_999_999 },
+        "seconds: the leader ends (without decrementing) any agent in service longer, so a job that kills its supervisor cannot keep its VM; above Semaphore's 24 h job limit and `SEMAPHORE_AGENT_MAX_UPTIME`"),
 ];
 
 /// Every template parameter a variable can set (the table's `Param` targets plus the
@@ -240,6 +244,8 @@ const PARAM_NAMES: &[&str] = &[
     "SshCidr",
     "ScalerPollIntervalMs",
     "MaxUptime",
+    "JobIsolation",
+    "LifetimeCap",
 ];
 
 pub fn lookup(name: &str) -> Option<&'static Var> {

@@ -45,6 +45,28 @@ fn defaults_fill_every_parameter() {
     assert_eq!(c.param("TokenKmsKey"), "alias/aws/ssm");
     assert_eq!(c.param("AsgNewInstancesProtectedFromScaleIn"), "true");
     assert_eq!(c.param("Organization"), "myorg");
+    assert_eq!(c.param("JobIsolation"), "vm");
+    assert_eq!(
+        c.param("LifetimeCap"),
+        "93600",
+        "26 h, above Semaphore's 24 h job limit"
+    );
+    assert_eq!(c.param("UsePreSignedUrl"), "false");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn hardening_settings_are_passed_through() {
+    let c = load(&[
+        ("SEMAPHORE_AGENT_USE_PRE_SIGNED_URL", "true"),
+        ("SEMAPHORE_AGENT_JOB_ISOLATION", "strict"),
+        ("SEMAPHORE_AGENT_MAX_UPTIME", "86400"),
+        ("SEMAPHORE_AGENT_LIFETIME_CAP", "86401"),
+    ])
+    .expect("valid");
+    assert_eq!(c.param("UsePreSignedUrl"), "true");
+    assert_eq!(c.param("JobIsolation"), "strict");
+    assert_eq!(c.param("LifetimeCap"), "86401");
     assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
 
@@ -90,7 +112,12 @@ const RULES: &[Rule] = &[
     (&[("SEMAPHORE_AGENT_ARCH", "arm64")], &["SEMAPHORE_AGENT_INSTANCE_TYPE: \"t2.micro\" is x86_64 but SEMAPHORE_AGENT_ARCH is arm64", "t4g.micro"]),
     (&[("SEMAPHORE_AGENT_INSTANCE_TYPE", "c7g.large")], &["SEMAPHORE_AGENT_INSTANCE_TYPE: \"c7g.large\" is arm64 but SEMAPHORE_AGENT_ARCH is x86_64"]),
     (&[("SEMAPHORE_AGENT_INSTANCE_TYPE", "large")], &["SEMAPHORE_AGENT_INSTANCE_TYPE: \"large\" must be an EC2 instance type"]),
-    (&[("SEMAPHORE_AGENT_USE_PRE_SIGNED_URL", "true")], &["SEMAPHORE_AGENT_USE_PRE_SIGNED_URL: `true` is not supported"]),
+    (&[("SEMAPHORE_AGENT_USE_PRE_SIGNED_URL", "yes")], &["SEMAPHORE_AGENT_USE_PRE_SIGNED_URL: \"yes\" must be `true` or `false`"]),
+    (&[("SEMAPHORE_AGENT_JOB_ISOLATION", "none")], &["SEMAPHORE_AGENT_JOB_ISOLATION: \"none\" must be one of `vm`, `strict`"]),
+    (&[("SEMAPHORE_AGENT_LIFETIME_CAP", "600")], &["SEMAPHORE_AGENT_LIFETIME_CAP: \"600\" must be between 3600 and 999999999"]),
+    (&[("SEMAPHORE_AGENT_LIFETIME_CAP", "26h")], &["SEMAPHORE_AGENT_LIFETIME_CAP: \"26h\" must be a whole number, 3600-999999999"]),
+    (&[("SEMAPHORE_AGENT_MAX_UPTIME", "86400"), ("SEMAPHORE_AGENT_LIFETIME_CAP", "86400")], &["SEMAPHORE_AGENT_LIFETIME_CAP: \"86400\" is not above SEMAPHORE_AGENT_MAX_UPTIME \"86400\"", "raise SEMAPHORE_AGENT_LIFETIME_CAP (e.g. to 172800", "or lower SEMAPHORE_AGENT_MAX_UPTIME"]),
+    (&[("SEMAPHORE_AGENT_MAX_UPTIME", "100000")], &["SEMAPHORE_AGENT_LIFETIME_CAP: 93600 (the default) is not above SEMAPHORE_AGENT_MAX_UPTIME \"100000\"", "e.g. to 186400"]),
     (&[("SEMAPHORE_AGENT_SSH_CIDR", "203.0.113.0/24")], &["SEMAPHORE_AGENT_SSH_CIDR: opens SSH only for a key pair: set SEMAPHORE_AGENT_KEY_NAME"]),
     (&[("SEMAPHORE_AGENT_SSH_CIDR", "0.0.0.0/0"), ("SEMAPHORE_AGENT_KEY_NAME", "ops")], &["SEMAPHORE_AGENT_SSH_CIDR: \"0.0.0.0/0\" must be an IPv4 CIDR such as 203.0.113.0/24 (not /0)"]),
     (&[("SEMAPHORE_AGENT_SSH_CIDR", "10.0.0.0/8"), ("SEMAPHORE_AGENT_KEY_NAME", "ops"), ("SEMAPHORE_AGENT_SECURITY_GROUP_ID", "sg-01234567")], &["SEMAPHORE_AGENT_SSH_CIDR: applies to the security group the stack creates"]),
@@ -217,6 +244,30 @@ fn managed_policy_names_become_arns_of_the_account() {
     );
 }
 
+/// Agents leading is a trade the operator must hear about at every deploy and diff, whatever
+/// the minimum; without dynamic scaling nobody leads, so there is nothing to say.
+#[test]
+fn agents_leading_is_warned_about_with_any_minimum() {
+    let c = load(&[
+        ("SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE", "none"),
+        ("SEMAPHORE_AGENT_ASG_MIN_SIZE", "1"),
+    ])
+    .expect("a warning is not an error");
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("a job that is root on its agent")
+            && c.warnings[0].contains("unset SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE"),
+        "{:?}",
+        c.warnings
+    );
+    let c = load(&[
+        ("SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE", "none"),
+        ("SEMAPHORE_AGENT_USE_DYNAMIC_SCALING", "false"),
+    ])
+    .expect("valid");
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
 #[test]
 fn warnings_for_scale_from_zero_off_ssh_key_alone_and_typos() {
     let c = load(&[
@@ -227,6 +278,11 @@ fn warnings_for_scale_from_zero_off_ssh_key_alone_and_typos() {
     .expect("warnings are not errors");
     let all = c.warnings.join("\n");
     assert!(all.contains("no leader to scale up from zero"), "{all}");
+    assert!(
+        all.contains("SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE=none with dynamic scaling: agents lead")
+            && all.contains("can steer the fleet"),
+        "{all}"
+    );
     assert!(all.contains("no SSH ingress is opened"), "{all}");
     assert!(
         all.contains("SEMAPHORE_AGENT_INSTANCE_TPYE is not a setting of agent-fleet and is ignored; did you mean SEMAPHORE_AGENT_INSTANCE_TYPE?"),

@@ -1,7 +1,8 @@
 //! The operator CLI (`agent-fleet`) against the emulator: deploy creates what the template
 //! promises, an update changes only what changed, destroy leaves nothing behind, a failed
 //! deploy names the failing resource, the token goes in through stdin only — and a fleet
-//! deployed this way scales up from zero through its scaler-role instance and back.
+//! deployed this way scales up from zero through its scaler-role instance and back. Jobs are
+//! hostile: the agent role steers nothing unless agents lead, jobs get the job role.
 
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::{bin_dir, Fleet};
@@ -81,23 +82,40 @@ fn vars<'a>(
 
 /// The text of the first `<tag>…</tag>` in `xml`.
 fn xml<'a>(doc: &'a str, tag: &str) -> Option<&'a str> {
-    let open = format!("<{tag}>");
-    let start = doc.find(&open)? + open.len();
-    let end = doc[start..].find(&format!("</{tag}>"))?;
-    Some(&doc[start..start + end])
+    xml_all(doc, tag).into_iter().next()
 }
 
-/// The physical id of a stack resource.
+/// The texts of every `<tag>…</tag>` in `xml`, in order.
+fn xml_all<'a>(doc: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut found = vec![];
+    let mut rest = doc;
+    while let Some(start) = rest.find(&open).map(|i| i + open.len()) {
+        let Some(len) = rest[start..].find(&close) else {
+            break;
+        };
+        found.push(&rest[start..start + len]);
+        rest = &rest[start + len..];
+    }
+    found
+}
+
+/// The physical id of a stack resource. (Through ListStackResources: moto 5.2.5's
+/// DescribeStackResource fails once it meets a resource whose condition is false, such as
+/// the job role of a stack without a cache bucket.)
 async fn physical_id(bed: &Bed, logical: &str) -> anyhow::Result<String> {
     let doc = bed
         .moto
         .query(
             "cloudformation",
-            "DescribeStackResource",
-            &[("StackName", &bed.stack), ("LogicalResourceId", logical)],
+            "ListStackResources",
+            &[("StackName", &bed.stack)],
         )
         .await?;
-    xml(&doc, "PhysicalResourceId")
+    xml_all(&doc, "member")
+        .into_iter()
+        .find(|m| xml(m, "LogicalResourceId") == Some(logical))
+        .and_then(|m| xml(m, "PhysicalResourceId"))
         .map(str::to_string)
         .ok_or_else(|| anyhow::anyhow!("{logical} has no physical id:\n{doc}"))
 }
@@ -114,6 +132,50 @@ async fn launch_template(bed: &Bed, name: &str) -> anyhow::Result<String> {
         )
         .await
 }
+
+/// Every inline policy of an IAM role (those of the role and of policy resources attached to
+/// it), as the documents IAM holds, one after the other.
+async fn role_policies(bed: &Bed, role: &str) -> anyhow::Result<String> {
+    let listed = bed
+        .moto
+        .query("iam", "ListRolePolicies", &[("RoleName", role)])
+        .await?;
+    let mut all = String::new();
+    for name in xml_all(&listed, "member") {
+        let policy = bed
+            .moto
+            .query(
+                "iam",
+                "GetRolePolicy",
+                &[("RoleName", role), ("PolicyName", name)],
+            )
+            .await?;
+        all.push_str(&urlencoding_decode(
+            xml(&policy, "PolicyDocument").unwrap_or_default(),
+        ));
+        all.push('\n');
+    }
+    Ok(all)
+}
+
+/// The runtime config the stack wrote, as JSON.
+async fn runtime_config(bed: &Bed) -> anyhow::Result<serde_json::Value> {
+    let json = bed
+        .moto
+        .get_parameter(&format!("/agent-fleet/{}/config", bed.stack))
+        .await?
+        .unwrap_or_default();
+    Ok(serde_json::from_str(&json)?)
+}
+
+/// What only the leader does: the agent role holds none of it unless agents lead.
+const LEADER_ACTIONS: [&str; 5] = [
+    "autoscaling:SetDesiredCapacity",
+    "autoscaling:SuspendProcesses",
+    "cloudwatch:PutMetricData",
+    "ssm:PutParameter",
+    "ec2:DescribeInstances",
+];
 
 async fn parameter_version(bed: &Bed, name: &str) -> anyhow::Result<Option<i64>> {
     match bed.moto.ssm().await.get_parameter().name(name).send().await {
@@ -149,7 +211,7 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
     );
     assert!(out.contains("CREATE_COMPLETE"), "{out}");
 
-    // Groups as configured; the scaler group exists because min is 0 with dynamic scaling.
+    // Groups as configured; the scaler group exists because dynamic scaling is on.
     let g = bed.moto.group(&agents).await?;
     assert_eq!((g.min, g.max, g.desired), (0, 3, 0), "{g:?}");
     let s = bed.moto.group(&scaler).await?;
@@ -183,10 +245,21 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
         Some("AGENT_FLEET_ROLE=scaler")
     );
     let lt_version = xml(&lt, "versionNumber").map(str::to_string);
+    // Both launch templates encrypt the root volume.
+    for template in [&agents, &scaler] {
+        let lt = launch_template(&bed, template).await?;
+        assert!(
+            lt.contains("<deviceName>/dev/sda1</deviceName>")
+                && xml(&lt, "encrypted") == Some("true"),
+            "{template}: root volume not encrypted:\n{lt}"
+        );
+    }
 
-    // The role and its inline policy: the token parameter's ARN, the leader prefix.
-    let role = physical_id(&bed, "InstanceRole").await?;
-    let profile = physical_id(&bed, "InstanceProfile").await?;
+    // Two instance roles. The agent role reads its config and the token, decrypts only that
+    // parameter, may assume the stack's job roles and steers nothing; the scaler role leads.
+    let role = physical_id(&bed, "AgentRole").await?;
+    let profile = physical_id(&bed, "AgentProfile").await?;
+    let scaler_role = physical_id(&bed, "ScalerRole").await?;
     let security_group = physical_id(&bed, "SecurityGroup").await?;
     let sg = bed
         .moto
@@ -200,29 +273,37 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
         !sg.contains("<fromPort>22</fromPort>"),
         "SSH open without a key and CIDR:\n{sg}"
     );
-    let policies = bed
-        .moto
-        .query("iam", "ListRolePolicies", &[("RoleName", &role)])
-        .await?;
-    let policy_name = xml(&policies, "member")
-        .unwrap_or("agent-fleet-instance")
-        .to_string();
-    let policy = bed
-        .moto
-        .query(
-            "iam",
-            "GetRolePolicy",
-            &[("RoleName", &role), ("PolicyName", &policy_name)],
-        )
-        .await?;
-    let policy = urlencoding_decode(xml(&policy, "PolicyDocument").unwrap_or_default());
+    let policy = role_policies(&bed, &role).await?;
+    let token_arn = format!(":parameter{}", bed.token_parameter);
     assert!(
-        policy.contains(&format!(":parameter{}", bed.token_parameter)),
+        policy.contains(&token_arn) && policy.contains("kms:EncryptionContext:PARAMETER_ARN"),
         "{policy}"
     );
     assert!(
-        policy.contains(&format!(":parameter/agent-fleet/{stack}/leader/*")),
+        policy.contains(&format!(":role/agent-fleet/{stack}/*")),
         "{policy}"
+    );
+    for action in LEADER_ACTIONS
+        .iter()
+        .chain(&["\"ssm:GetParameters\"", "s3:"])
+    {
+        assert!(
+            !policy.contains(action),
+            "the agent role holds {action}:\n{policy}"
+        );
+    }
+    let scaler_policy = role_policies(&bed, &scaler_role).await?;
+    for action in LEADER_ACTIONS {
+        assert!(scaler_policy.contains(action), "{scaler_policy}");
+    }
+    assert!(
+        scaler_policy.contains(&format!(":parameter/agent-fleet/{stack}/leader/*"))
+            && scaler_policy.contains(&token_arn),
+        "{scaler_policy}"
+    );
+    assert!(
+        !scaler_policy.contains("sts:AssumeRole") && !scaler_policy.contains("s3:"),
+        "{scaler_policy}"
     );
 
     // The runtime config parses with the supervisor's own type and says what was deployed.
@@ -242,6 +323,15 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
         settings.election.prefix,
         format!("/agent-fleet/{stack}/leader")
     );
+    let doc = runtime_config(&bed).await?;
+    assert_eq!(
+        doc["agents_lead"], false,
+        "the scaler instance leads:\n{doc}"
+    );
+    assert_eq!(doc["job_role_arn"], serde_json::Value::Null, "{doc}");
+    assert_eq!(doc["job_isolation"], "vm", "{doc}");
+    assert_eq!(doc["use_pre_signed_url"], false, "{doc}");
+    assert_eq!(doc["scaler"]["agent_lifetime_cap_secs"], 93_600, "{doc}");
     let config_version = parameter_version(&bed, &config_parameter).await?;
 
     // Stack tags from SEMAPHORE_AGENT_TAGS.
@@ -286,7 +376,7 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
     assert!(out.contains("UPDATE_COMPLETE"), "{out}");
     assert_eq!(bed.moto.group(&agents).await?.max, 5);
     assert_eq!(
-        physical_id(&bed, "InstanceRole").await?,
+        physical_id(&bed, "AgentRole").await?,
         role,
         "the role was replaced"
     );
@@ -356,7 +446,9 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
         "launch template left behind"
     );
     let roles = bed.moto.query("iam", "ListRoles", &[]).await?;
-    assert!(!roles.contains(&role), "role {role} left behind");
+    for role in [&role, &scaler_role] {
+        assert!(!roles.contains(role.as_str()), "role {role} left behind");
+    }
     assert!(
         bed.moto
             .query(
@@ -428,6 +520,117 @@ fn urlencoding_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).replace("&quot;", "\"")
+}
+
+/// Jobs are hostile. With a cache bucket the stack makes a job role, which only the agent
+/// role may assume, and names it in the runtime config; the scaler instance leads at any
+/// minimum; the hardening settings reach the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_get_a_job_role_and_the_scaler_leads_at_any_minimum() -> R {
+    let bed = Bed::start("hostile").await?;
+    let endpoint = bed.hub.endpoint();
+    let stack = bed.stack.clone();
+    let scaler = format!("{stack}-scaler");
+    let v = vars(
+        &bed,
+        &endpoint,
+        &[
+            ("SEMAPHORE_AGENT_ASG_MIN_SIZE", "1"),
+            ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "2"),
+            ("SEMAPHORE_AGENT_CACHE_BUCKET_NAME", "ci-cache"),
+            ("SEMAPHORE_AGENT_JOB_ISOLATION", "strict"),
+            ("SEMAPHORE_AGENT_LIFETIME_CAP", "7200"),
+            ("SEMAPHORE_AGENT_USE_PRE_SIGNED_URL", "true"),
+        ],
+    );
+    let out = cli(&bed, &v, &["deploy"], None).await?;
+    ok("deploy", &out);
+    let (_, e) = text(&out);
+    assert!(!e.contains("agents lead"), "{e}");
+
+    let s = bed.moto.group(&scaler).await?;
+    assert_eq!(
+        (s.min, s.max, s.desired),
+        (1, 1, 1),
+        "a scaler at min 1 too: {s:?}"
+    );
+    let doc = runtime_config(&bed).await?;
+    assert_eq!(doc["agents_lead"], false, "{doc}");
+    assert_eq!(doc["job_isolation"], "strict", "{doc}");
+    assert_eq!(doc["use_pre_signed_url"], true, "{doc}");
+    assert_eq!(doc["scaler"]["agent_lifetime_cap_secs"], 7200, "{doc}");
+
+    // The job role: named in the config, under the stack's path, an hour at most, trusting
+    // the agent role only; the cache is its, no longer the agent role's.
+    let job_role = physical_id(&bed, "JobRole").await?;
+    let described = bed
+        .moto
+        .query("iam", "GetRole", &[("RoleName", &job_role)])
+        .await?;
+    let arn = xml(&described, "Arn").unwrap_or_default();
+    assert_eq!(doc["job_role_arn"], arn, "{doc}");
+    assert!(
+        arn.contains(&format!(":role/agent-fleet/{stack}/")),
+        "{described}"
+    );
+    assert_eq!(xml(&described, "MaxSessionDuration"), Some("3600"));
+    let agent_role = physical_id(&bed, "AgentRole").await?;
+    let trust = urlencoding_decode(xml(&described, "AssumeRolePolicyDocument").unwrap_or_default());
+    assert!(
+        trust.contains(&format!(":role/{agent_role}")) && !trust.contains("ec2.amazonaws.com"),
+        "{trust}"
+    );
+    let job_policy = role_policies(&bed, &job_role).await?;
+    assert!(
+        job_policy.contains("arn:aws:s3:::ci-cache/*") && job_policy.contains("s3:PutObject"),
+        "{job_policy}"
+    );
+    let agent_policy = role_policies(&bed, &agent_role).await?;
+    assert!(!agent_policy.contains("s3:"), "{agent_policy}");
+    for action in LEADER_ACTIONS {
+        assert!(!agent_policy.contains(action), "{agent_policy}");
+    }
+    Ok(())
+}
+
+/// `SCALER_INSTANCE_TYPE=none` is warned about at diff and deploy; then there is no scaler
+/// instance, the agents lead, and the agent role carries the leader's powers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_lead_only_when_asked_and_the_cli_says_what_that_costs() -> R {
+    let bed = Bed::start("leading").await?;
+    let endpoint = bed.hub.endpoint();
+    let v = vars(
+        &bed,
+        &endpoint,
+        &[
+            ("SEMAPHORE_AGENT_ASG_MIN_SIZE", "1"),
+            ("SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE", "none"),
+        ],
+    );
+    let warning =
+        "warning: SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE=none with dynamic scaling: agents lead";
+    for command in ["diff", "deploy"] {
+        let out = cli(&bed, &v, &[command], None).await?;
+        ok(command, &out);
+        let (_, e) = text(&out);
+        assert!(
+            e.contains(warning) && e.contains("can steer the fleet"),
+            "{command}: {e}"
+        );
+    }
+    assert_eq!(runtime_config(&bed).await?["agents_lead"], true);
+    assert!(
+        bed.moto
+            .group(&format!("{}-scaler", bed.stack))
+            .await
+            .is_err(),
+        "a scaler group although agents lead"
+    );
+    let agent_policy = role_policies(&bed, &physical_id(&bed, "AgentRole").await?).await?;
+    for action in LEADER_ACTIONS {
+        assert!(agent_policy.contains(action), "{agent_policy}");
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
