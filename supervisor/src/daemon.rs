@@ -117,7 +117,9 @@ async fn run_in(
         return Ok(());
     }
 
-    // Before the first agent: job code never reaches the instance role through IMDS.
+    // Before the first agent: the job isolation level, and job code never reaches the
+    // instance role through IMDS.
+    crate::isolation::apply(&opts.isolation_script, settings.job_isolation).await?;
     crate::firewall::close_for(&opts)?;
 
     // Boot timing: once per instance (the marker survives a restart of the supervisor).

@@ -121,6 +121,9 @@ struct RunArgs {
     /// The nft binary that closes IMDS to the agent user.
     #[arg(long, env = "AGENT_SUPERVISOR_NFT", default_value = "nft")]
     nft: PathBuf,
+    /// The script that applies the job isolation level (vm or strict) before the first agent.
+    #[arg(long, env = "AGENT_SUPERVISOR_ISOLATION_SCRIPT", default_value = agent_supervisor::isolation::DEFAULT_SCRIPT)]
+    isolation_script: PathBuf,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -164,6 +167,7 @@ impl RunArgs {
             aws_retry_backoff: Duration::from_millis(self.aws_retry_ms.max(1)),
             imds_firewall: !self.no_imds_firewall,
             nft: self.nft,
+            isolation_script: self.isolation_script,
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub imds_firewall: bool,
     /// The `nft` binary (a path, or a name looked up in `PATH`).
     pub nft: PathBuf,
+    /// The AMI's script that applies the job isolation level ([`crate::isolation`]).
+    pub isolation_script: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -221,6 +221,7 @@ fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
         aws_retry_backoff: Duration::from_millis(100),
         imds_firewall: false,
         nft: "nft".into(),
+        isolation_script: "/nonexistent/apply-isolation".into(),
     }
 }
 
