@@ -11,6 +11,7 @@ use crate::aws::ssm::SdkParameterStore;
 use crate::config::Role;
 use crate::coordinator::{Channels, Coordinator, Ports};
 use crate::election::LeaderWork;
+use crate::jobcreds::JobAws;
 use crate::notify::Notifier;
 use crate::reload::Reloader;
 use crate::{boot, interrupt, shutdown_hook, AbortOnDrop, Shutdown};
@@ -137,7 +138,13 @@ async fn run_in(
         settings_tx,
         token,
         boot,
-    )?;
+    )?
+    .with_job_aws(
+        // Before the first agent: the job role's credentials endpoint (`crate::jobcreds`).
+        JobAws::start(&sdk, &settings, &instance_id)
+            .await
+            .map_err(DaemonError::Runtime)?,
+    );
     tracing::info!(
         group = %settings.agent_group,
         endpoint = %settings.endpoint,

@@ -48,6 +48,7 @@ pub mod daemon;
 pub mod election;
 pub mod firewall;
 pub mod interrupt;
+pub mod jobcreds;
 pub mod isolation;
 pub mod lifecycle;
 pub mod notify;

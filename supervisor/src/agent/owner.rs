@@ -12,6 +12,7 @@ use super::{progress_changed, AgentExit, Launch, Progress, RunAs, RunningAgent, 
 use crate::aws::imds::Metadata;
 use crate::aws::ssm::ParameterStore;
 use crate::config::Settings;
+use crate::jobcreds::{JobAws, JobCredentials, JobEnv};
 use crate::lifecycle::describe_status;
 use crate::startup::{DaemonError, RunOptions};
 use crate::{boot, interrupt, shutdown_hook, AbortOnDrop};
@@ -82,6 +83,8 @@ pub struct AgentOwner<P, M> {
     /// The current (or last) run's agent name.
     name: String,
     spot: Option<bool>,
+    /// The region and job role credentials jobs are told about ([`Self::with_job_aws`]).
+    job_aws: JobAws,
 }
 
 impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
@@ -143,7 +146,14 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
             cgroup,
             name: String::new(),
             spot: None,
+            job_aws: JobAws::default(),
         })
+    }
+
+    /// Tells every run's jobs about AWS (see [`jobs_env`]).
+    pub fn with_job_aws(mut self, job_aws: JobAws) -> Self {
+        self.job_aws = job_aws;
+        self
     }
 
     /// Serves the coordinator's commands until it hangs up (a running agent's group is
@@ -217,7 +227,19 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
                 "spot instance: the agent's interruption grace is cut so that a drain after a two-minute spot notice ends before the reclaim"
             );
         }
-        let env_vars = cache_env(&settings);
+        // A token for this run's jobs only: the previous run's stops working.
+        let credentials = self
+            .job_aws
+            .credentials
+            .as_ref()
+            .map(JobCredentials::issue)
+            .transpose()
+            .map_err(DaemonError::Runtime)?;
+        let env_vars = jobs_env(
+            &settings,
+            self.job_aws.region.as_deref(),
+            credentials.as_ref(),
+        );
         let rendered = AgentConfig {
             endpoint: &settings.endpoint,
             token: &self.token,
@@ -324,6 +346,9 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
             }
         };
         self.sweep("after the agent exited").await;
+        if let Some(c) = &self.job_aws.credentials {
+            c.revoke();
+        }
         // What the agent said last (a job handed to it just before it exited) reaches the
         // coordinator before the exit does.
         if progress.has_changed().unwrap_or(false) {
@@ -494,19 +519,90 @@ fn agent_env(opts: &RunOptions, run_as: Option<&RunAs>) -> Vec<(String, String)>
     env
 }
 
-fn cache_env(settings: &Settings) -> Vec<String> {
-    match &settings.cache_bucket {
-        Some(b) => vec![
-            "SEMAPHORE_CACHE_BACKEND=s3".into(),
-            format!("SEMAPHORE_CACHE_S3_BUCKET={b}"),
-            "SEMAPHORE_CACHE_USE_EC2_INSTANCE_PROFILE=true".into(),
-        ],
-        None => vec![],
+/// The `env-vars` every job of a run gets: the cache bucket, the job role's credentials
+/// endpoint with this run's token, and with either the region (`AWS_REGION`, and
+/// `AWS_DEFAULT_REGION` for the AWS CLI v1): an SDK in a job cannot ask IMDS for it.
+///
+/// No `SEMAPHORE_CACHE_USE_EC2_INSTANCE_PROFILE`: it pins the cache CLI to IMDS (the instance
+/// profile's credentials and IMDS's region), which jobs may not reach. Without it the CLI
+/// loads the AWS SDK's default chain, which finds the endpoint (and, where IMDS is open to
+/// jobs, the instance profile last).
+fn jobs_env(
+    settings: &Settings,
+    region: Option<&str>,
+    credentials: Option<&JobEnv>,
+) -> Vec<String> {
+    let mut env = Vec::new();
+    if let Some(b) = &settings.cache_bucket {
+        env.push("SEMAPHORE_CACHE_BACKEND=s3".to_string());
+        env.push(format!("SEMAPHORE_CACHE_S3_BUCKET={b}"));
     }
+    if let Some(c) = credentials {
+        env.extend(c.vars());
+    }
+    if let (false, Some(r)) = (env.is_empty(), region) {
+        env.push(format!("AWS_REGION={r}"));
+        env.push(format!("AWS_DEFAULT_REGION={r}"));
+    }
+    env
 }
 
 fn random_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", fastrand::u8(..)))
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &str) -> Settings {
+        let json = format!(
+            r#"{{"endpoint":"org.semaphoreci.com","token_parameter":"/s/token","agent_group":"s-agents"{extra}}}"#
+        );
+        Settings::parse("/s/config", &json).expect("settings")
+    }
+
+    #[tokio::test]
+    async fn jobs_get_the_cache_the_endpoint_and_the_region_and_never_the_instance_profile() {
+        let plain = settings("");
+        assert!(jobs_env(&plain, Some("eu-west-1"), None).is_empty());
+
+        let cache = settings(r#","cache_bucket":"ci-cache""#);
+        assert_eq!(
+            jobs_env(&cache, Some("eu-west-1"), None),
+            [
+                "SEMAPHORE_CACHE_BACKEND=s3",
+                "SEMAPHORE_CACHE_S3_BUCKET=ci-cache",
+                "AWS_REGION=eu-west-1",
+                "AWS_DEFAULT_REGION=eu-west-1",
+            ]
+        );
+
+        let listener = crate::jobcreds::bind_loopback().await.expect("bind");
+        struct Never;
+        impl crate::jobcreds::CredentialSource for Never {
+            async fn fetch(
+                &self,
+            ) -> Result<crate::aws::sts::SessionCredentials, crate::aws::query::QueryError>
+            {
+                std::future::pending().await
+            }
+        }
+        let endpoint = JobCredentials::start(listener, Never).expect("endpoint");
+        let issued = endpoint.issue().expect("token");
+        let env = jobs_env(&cache, Some("eu-west-1"), Some(&issued));
+        assert_eq!(env[2..4], issued.vars());
+        assert_eq!(env.len(), 6);
+        assert!(
+            !env.iter().any(|e| e.contains("INSTANCE_PROFILE")),
+            "{env:?}"
+        );
+        // The agent refuses a value with `=` in its env-vars.
+        assert!(env
+            .iter()
+            .all(|e| !e.split_once('=').expect("NAME=VALUE").1.contains('=')));
+    }
 }

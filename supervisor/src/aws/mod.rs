@@ -12,6 +12,7 @@ pub mod imds;
 pub mod query;
 pub mod s3;
 pub mod ssm;
+pub mod sts;
 
 use aws_config::{timeout::TimeoutConfig, BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ssm::config::http::HttpResponse;

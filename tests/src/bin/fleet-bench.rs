@@ -25,7 +25,11 @@
 //!   leader (scaler role, default timings) makes in `--calls-mins` (5) minutes with no
 //!   jobs, per minute, after its first term's set-up; each kind of call is printed too.
 //!
-//! `--only boot,idle,rss,scale,failover,ssm,real,calls` picks sections; `--runs`, `--rss-secs`,
+//! - `job_credentials_refresh_ms_p50`: a forced refresh of the job credentials endpoint
+//!   (`agent_supervisor::jobcreds`, in this process) → the new credentials served to a
+//!   client holding the token: STS `AssumeRole` against moto plus one GET, `--runs` rounds.
+//!
+//! `--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds` picks sections; `--runs`, `--rss-secs`,
 //! `--kills`, `--trials`, `--drains` change the counts; `--rss-no-leader` measures RSS
 //! without leader work. The `real` section needs the real agent (`make real-agent`, or
 //! `AGENT_FLEET_REAL_AGENT=PATH`); without it, it says so and is skipped.
@@ -53,7 +57,7 @@ fn arg_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real,calls] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--calls-mins N] [--rss-no-leader]";
+const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--calls-mins N] [--rss-no-leader]";
 
 /// Refuses what it does not know (a mistyped flag must not start a 15-minute run).
 fn check_args() -> Result<(), String> {
@@ -112,6 +116,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if want("failover") {
         failover(&bed, arg_usize("--kills", 10)).await?;
+    }
+    if want("jobcreds") {
+        job_credentials_refresh(&bed, runs).await?;
     }
     if want("calls") {
         leader_calls(arg_usize("--calls-mins", 5).max(1) as u64).await?;
@@ -628,6 +635,69 @@ fn ssm_simulation() -> anyhow::Result<()> {
             report.ssm_calls_per_sec
         );
     }
+    Ok(())
+}
+
+/// A forced refresh of the job credentials endpoint → the new credentials served, `rounds`
+/// times after one warm-up round: the endpoint runs in this process, on loopback, and
+/// assumes a role made in the bed's moto.
+async fn job_credentials_refresh(bed: &Bed, rounds: usize) -> anyhow::Result<()> {
+    use agent_supervisor::aws::sts::QuerySts;
+    use agent_supervisor::jobcreds::{bind_loopback, JobCredentials, JobRole};
+    let trust = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"arn:aws:iam::123456789012:root"},"Action":"sts:AssumeRole"}]}"#;
+    bed.moto
+        .query(
+            "iam",
+            "CreateRole",
+            &[
+                ("RoleName", "bench-job"),
+                ("AssumeRolePolicyDocument", trust),
+            ],
+        )
+        .await?;
+    let sts = QuerySts::new(&bed.moto.sdk_config().await)?;
+    let role = JobRole::new(sts, "arn:aws:iam::123456789012:role/bench-job", "i-0bench");
+    let endpoint = JobCredentials::start(bind_loopback().await?, role)?;
+    let env = endpoint.issue().map_err(anyhow::Error::msg)?;
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let served = || async {
+        let answer = http
+            .get(endpoint.uri())
+            .header("Authorization", env.token.as_str())
+            .send()
+            .await
+            .ok()?;
+        let body: serde_json::Value = answer.json().await.ok()?;
+        body["AccessKeyId"].as_str().map(str::to_string)
+    };
+    let mut key = eventually(
+        "the first credentials served",
+        Duration::from_secs(20),
+        served,
+    )
+    .await?;
+    let mut ms = Vec::new();
+    for round in 0..rounds + 1 {
+        let t0 = Instant::now();
+        endpoint.refresh_now().await.map_err(anyhow::Error::msg)?;
+        let new = eventually(
+            "the new credentials served",
+            Duration::from_secs(20),
+            || async { served().await.filter(|k| *k != key) },
+        )
+        .await?;
+        if round > 0 {
+            ms.push(t0.elapsed().as_secs_f64() * 1e3); // round 0 warms moto's STS paths
+        }
+        key = new;
+    }
+    let p50 = percentile(&mut ms, 0.5);
+    println!(
+        "job credentials: forced AssumeRole → served over {} rounds: p50 {p50:.1} ms, max {:.1} ms",
+        ms.len(),
+        ms.last().copied().unwrap_or(f64::NAN)
+    );
+    println!("BENCH job_credentials_refresh_ms_p50 {p50:.1} ms");
     Ok(())
 }
 
