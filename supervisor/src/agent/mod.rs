@@ -25,6 +25,7 @@
 pub mod cgroup;
 pub mod config_file;
 pub mod containers;
+pub mod netns;
 pub mod owner;
 pub mod presign;
 
@@ -291,6 +292,9 @@ pub struct Launch {
     pub shutdown_hook: Option<PathBuf>,
     /// The agent's own cgroup, joined before exec (see [`cgroup`]).
     pub cgroup: Option<cgroup::Joiner>,
+    /// Under `strict`, rootless Docker's network namespace, joined before the privilege
+    /// drop (see [`netns`]).
+    pub netns: Option<netns::NetNs>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -353,6 +357,9 @@ impl RunningAgent {
         // First into its cgroup (as root), then down to the agent user.
         if let Some(cgroup) = &launch.cgroup {
             cgroup.join_on_spawn(&mut cmd);
+        }
+        if let Some(ns) = &launch.netns {
+            ns.join_on_spawn(&mut cmd);
         }
         if let Some(run_as) = &launch.run_as {
             cmd.current_dir(&run_as.home);
@@ -836,6 +843,7 @@ mod tests {
             secret: "tok-SECRET-123".into(),
             shutdown_hook: Some("/w/hook.sh".into()),
             cgroup: None,
+            netns: None,
         };
         let shown = format!("{launch:?}");
         assert!(!shown.contains("tok-SECRET-123"), "{shown}");

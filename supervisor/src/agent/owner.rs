@@ -282,6 +282,7 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
                 })?),
                 None => None,
             },
+            netns: self.netns(&settings)?,
         };
         let agent = RunningAgent::spawn(&launch).map_err(|e| {
             DaemonError::Input(format!(
@@ -437,6 +438,24 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
 impl<P, M> AgentOwner<P, M> {
     /// Kills whatever is left in the agent's cgroup (processes a job moved out of the
     /// agent's process group), and says so.
+    /// Under `strict`, rootless Docker's network namespace, looked up at every start (a
+    /// job may have restarted rootless dockerd). Without it the agent does not start: its
+    /// jobs' `--net=host` containers would be out of their reach.
+    fn netns(&self, settings: &Settings) -> Result<Option<super::netns::NetNs>, DaemonError> {
+        match (settings.job_isolation, &self.run_as) {
+            (crate::config::JobIsolation::Strict, Some(r)) => {
+                super::netns::NetNs::rootless_docker(r.uid.as_raw())
+                    .map(Some)
+                    .map_err(|e| {
+                        DaemonError::Runtime(format!(
+                            "job isolation strict: {e}; the agent does not start outside rootless Docker's network"
+                        ))
+                    })
+            }
+            _ => Ok(None),
+        }
+    }
+
     async fn sweep(&self, when: &str) {
         let Some(cgroup) = &self.cgroup else {
             return;
