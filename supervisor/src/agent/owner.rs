@@ -150,7 +150,8 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
         })
     }
 
-    /// Tells every run's jobs about AWS (see [`jobs_env`]).
+    /// Tells every run's jobs about AWS: the region and the job role's credentials
+    /// endpoint, with a new token for each run.
     pub fn with_job_aws(mut self, job_aws: JobAws) -> Self {
         self.job_aws = job_aws;
         self

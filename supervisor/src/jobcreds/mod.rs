@@ -30,8 +30,9 @@
 //!
 //! One token opens the endpoint at a time: [`JobCredentials::issue`] makes a new one for
 //! each agent start (32 bytes of the crypto provider's CSPRNG, hex — no `=`, which the
-//! agent's `env-vars` cannot carry) and the previous one stops working at once. It is
-//! compared in constant time and never logged. Before the first agent, no token opens it.
+//! agent's `env-vars` cannot carry) and the previous one stops working at once; when the
+//! agent exits, its token is revoked ([`JobCredentials::revoke`]). It is compared in
+//! constant time and never logged. Before the first agent, no token opens it.
 //!
 //! ## Refresh
 //!
