@@ -45,6 +45,22 @@ pub async fn run(opts: &RunOptions) -> i32 {
             p.settings.endpoint, p.settings.agent_group
         ),
     );
+    r.ok(
+        "job isolation",
+        match p.settings.job_isolation {
+            crate::config::JobIsolation::Vm => {
+                "vm: jobs get passwordless sudo and Docker; the VM is the boundary"
+            }
+            crate::config::JobIsolation::Strict => {
+                "strict: no sudo, rootless Docker as the agent user"
+            }
+        },
+    );
+    if p.settings.agents_lead && p.settings.scaler.enabled {
+        println!(
+            "WARN  leadership: agent instances stand for leader, so a job that is root on its VM (job isolation vm) can use the leader's powers to steer the fleet (desired capacity, suspended processes, the lease); fix: deploy with the scaler instance (leave SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE unset, not none)"
+        );
+    }
     if !p.settings.ignored_keys.is_empty() {
         println!(
             "WARN  runtime config: keys this agent-supervisor does not know are ignored: {}; fix: rebuild the AMI (agent-fleet ami build) if the stack template is newer, or correct the key",
