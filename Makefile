@@ -76,10 +76,13 @@ test: lint venv build real-agent ami-test
 
 # The hostile-jobs suite (README, "Hostile jobs"): every attack of the table, at each level.
 # `make test` runs all of it too.
-redteam: venv build real-agent
-	$(CARGO) test -p agent-fleet-tests --test redteam --test secrets
+redteam: venv tools build real-agent
+	$(CARGO) test -p agent-fleet-tests --test redteam --test secrets --test job_credentials
 	$(CARGO) test -p agent-fleet-tests --test agents -- a_job_that_kills_its_agent a_process_a_job_moves_out
-	$(CARGO) test -p agent-supervisor --lib -- shutdown_hook:: firewall:: agent::containers:: scaler::tests::the_cap lifecycle::
+	$(CARGO) test -p agent-fleet-tests --test stack -- jobs_get_a_job_role agents_lead_only_when_asked
+	$(CARGO) test -p agent-supervisor --lib -- shutdown_hook:: firewall:: agent::containers:: agent::netns:: scaler::tests::the_cap lifecycle:: isolation:: jobcreds::
+	$(CFN_GUARD) test --rules-file cfn/rules/agent-fleet.guard --test-data cfn/rules/agent-fleet.tests.yaml
+	VENV=$(VENV) TOOLS_DIR=$(TOOLS_DIR) bootstrap/test.sh
 
 # Failure drills with the Semaphore outage at 150 s (make test runs them at 20 s); prints DRILL figures.
 drills: venv build
