@@ -8,6 +8,7 @@
 
 use super::cgroup::AgentCgroup;
 use super::config_file::{write_private, AgentConfig};
+use super::presign::{AgentName, Presigner};
 use super::{progress_changed, AgentExit, Launch, Progress, RunAs, RunningAgent, ShutdownReason};
 use crate::aws::imds::Metadata;
 use crate::aws::ssm::ParameterStore;
@@ -214,7 +215,7 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
         // agent that had no job, see `lifecycle::one_job_per_vm`) starts in an empty cgroup.
         self.sweep("before the agent starts").await;
         let settings = self.settings.borrow().clone();
-        let name = format!("{}__{}", self.instance_id, random_hex(6));
+        let name = self.agent_name(&settings).await?;
         let on_spot = self.on_spot().await;
         let grace = interrupt::registered_grace(
             settings.interruption_grace,
@@ -245,7 +246,7 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
             endpoint: &settings.endpoint,
             token: &self.token,
             no_https: settings.no_https,
-            name: &name,
+            name: name.for_agent(),
             disconnect_after_job: settings.disconnect_after_job,
             idle_timeout: settings.idle_timeout,
             interruption_grace: grace,
@@ -270,7 +271,7 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
             config_path: self.config_path.clone(),
             run_as: self.run_as.clone(),
             env: agent_env(&self.opts, self.run_as.as_ref()),
-            agent_name: name.clone(),
+            agent_name: name.label().to_string(),
             instance_id: self.instance_id.clone(),
             secret: self.token.clone(),
             shutdown_hook: Some(self.hook_path.clone()),
@@ -294,16 +295,38 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
         if self.runs == 1 {
             self.boot.spawned(Instant::now());
         }
-        self.name = name.clone();
-        tracing::info!(agent_name = %name, pid = agent.pid, run = self.runs, "agent started");
+        self.name = name.label().to_string();
+        tracing::info!(agent_name = %self.name, pid = agent.pid, run = self.runs, "agent started");
         let started = Started {
-            name,
+            name: self.name.clone(),
             pid: agent.pid,
             run: self.runs,
             grace,
             settings,
         };
         Ok((agent, started))
+    }
+
+    /// This run's agent name: `<instance id>__<random>`, or with `use_pre_signed_url` a
+    /// fresh signed URL (see [`super::presign`]). No signed name, no start: a name Semaphore
+    /// cannot verify is not what the operator asked for.
+    async fn agent_name(&self, settings: &Settings) -> Result<AgentName, DaemonError> {
+        if !settings.use_pre_signed_url {
+            let name = format!("{}__{}", self.instance_id, random_hex(6));
+            return Ok(AgentName::plain(name));
+        }
+        let backoff = self.opts.aws_retry_backoff;
+        let signed = match Presigner::for_instance(&self.imds, backoff).await {
+            Ok(p) => p.name(&self.instance_id, backoff).await,
+            Err(e) => Err(e),
+        };
+        signed.map_err(|e| {
+            if e.is_input() {
+                DaemonError::Input(e.to_string())
+            } else {
+                DaemonError::Runtime(e.to_string())
+            }
+        })
     }
 
     /// Watches one run to its end; obeys drain and kill. `None`: the coordinator hung up.
