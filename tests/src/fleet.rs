@@ -157,8 +157,11 @@ pub struct InstanceOptions {
     /// Run the agent (and so its jobs) as this unprivileged user, as on an instance;
     /// `None`: as the bed's own user. With a user the supervisor gets
     /// `--no-imds-firewall`: its table would land in this machine's netfilter (the
-    /// firewall has its own test in a network namespace).
+    /// firewall has its own test in a network namespace) unless `imds_firewall`.
     pub agent_user: Option<String>,
+    /// With `agent_user`: let the supervisor load its IMDS firewall into this machine's
+    /// netfilter (the benchmark of the boot path; remove the table afterwards).
+    pub imds_firewall: bool,
 }
 
 impl InstanceOptions {
@@ -179,6 +182,7 @@ impl InstanceOptions {
             launch_time_unix_ms: None,
             agent: AgentKind::Fake,
             agent_user: None,
+            imds_firewall: false,
         }
     }
 }
@@ -293,7 +297,9 @@ impl Instance {
                     .flat_map(|(k, v)| ["--agent-env".to_string(), format!("{k}={v}")]),
             )
             .args(&opts.args)
-            .args(opts.agent_user.iter().map(|_| "--no-imds-firewall"))
+            .args(
+                (opts.agent_user.is_some() && !opts.imds_firewall).then_some("--no-imds-firewall"),
+            )
             .args(
                 cgroup
                     .iter()

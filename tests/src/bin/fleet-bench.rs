@@ -2,7 +2,11 @@
 //! Prints one `BENCH <name> <value> <unit>` line per figure.
 //!
 //! - `boot_to_spawn_ms_p50`: daemon spawned → agent process started (the fake agent's
-//!   first act is to note CLOCK_MONOTONIC), ≥ 20 runs after moto's warm-up.
+//!   first act is to note CLOCK_MONOTONIC), ≥ 20 runs after moto's warm-up. As on an
+//!   instance: the agent runs as another user (`nobody`), so the IMDS firewall is loaded
+//!   (into this machine's netfilter, where it only rejects `nobody`'s packets to the IMDS
+//!   addresses; the table is deleted afterwards) and the agent's cgroup made, both on the
+//!   path.
 //! - `idle_exit_to_terminate_ms_p50`: the agent wrapper's last act before exiting
 //!   after an IDLE shutdown → the
 //!   TerminateInstanceInAutoScalingGroup request arriving at the emulator (same clock).
@@ -269,6 +273,8 @@ async fn boot_to_spawn(bed: &Bed, runs: usize) -> anyhow::Result<()> {
     for run in 0..runs + 1 {
         let mut o = bed.instance(&id, group);
         o.root = bed.root.join(format!("boot-{run}"));
+        o.agent_user = Some("nobody".into());
+        o.imds_firewall = true;
         let inst = Instance::start(o, None).await?;
         let ev = inst
             .wait_for_event("agent start", Duration::from_secs(20), |e| {
@@ -287,6 +293,23 @@ async fn boot_to_spawn(bed: &Bed, runs: usize) -> anyhow::Result<()> {
         inst.kill_all();
         let _ = inst.wait_exit(Duration::from_secs(5)).await;
     }
+    let firewall_loaded = std::process::Command::new("nft")
+        .args(["delete", "table", "inet", "agent_fleet"])
+        .status()
+        .is_ok_and(|s| s.success());
+    println!(
+        "boot path: agent as nobody, IMDS firewall {}, agent cgroup {}",
+        if firewall_loaded {
+            "loaded (table deleted now)"
+        } else {
+            "NOT loaded"
+        },
+        if agent_fleet_tests::fleet::cgroup_root().is_some() {
+            "made"
+        } else {
+            "unavailable"
+        }
+    );
     let p50 = percentile(&mut boot, 0.5);
     let p95 = percentile(&mut boot, 0.95);
     println!(
