@@ -85,12 +85,7 @@ pub async fn run(opts: &RunOptions) -> i32 {
         Err(e) => r.fail("group", format!("{e}; fix: the instance role needs autoscaling:DescribeAutoScalingInstances")),
     }
 
-    if let Some(bucket) = &p.settings.cache_bucket {
-        match crate::aws::s3::head_bucket(&p.sdk, bucket).await {
-            Ok(()) => r.ok("cache bucket", bucket),
-            Err(e) => r.fail("cache bucket", format!("{bucket}: {e}; fix: create the bucket or grant the instance role s3:ListBucket on it")),
-        }
-    }
+    check_job_role(&mut r, &p).await;
 
     match crate::agent::RunAs::lookup(&opts.agent_user) {
         Ok(_) => r.ok("agent user", &opts.agent_user),
@@ -128,6 +123,63 @@ pub async fn run(opts: &RunOptions) -> i32 {
         );
     }
     i32::from(r.failed)
+}
+
+/// The job role, assumed as the supervisor does for jobs, and the cache bucket reached
+/// with its credentials (the agent role has no S3 access of its own).
+async fn check_job_role(r: &mut Report, p: &crate::startup::Prepared) {
+    use crate::jobcreds::{CredentialSource, JobRole};
+    let bucket = p.settings.cache_bucket.as_deref();
+    let Some(arn) = &p.settings.job_role_arn else {
+        if let Some(b) = bucket {
+            r.fail("cache bucket", format!("{b} is named but the runtime config has no job role, so jobs have no credentials for it; fix: update the stack (agent-fleet deploy), which gives jobs a job role with the bucket"));
+        }
+        return;
+    };
+    let sts = match crate::aws::sts::QuerySts::new(&p.sdk) {
+        Ok(s) => s,
+        Err(e) => return r.fail("job role", e),
+    };
+    let creds = match JobRole::new(sts, arn, &p.instance_id).fetch().await {
+        Ok(c) => {
+            r.ok(
+                "job role",
+                format!("{arn} assumed (jobs get its credentials on loopback)"),
+            );
+            c
+        }
+        Err(e) => {
+            return r.fail("job role", format!("{arn}: {e}; fix: the agent role may sts:AssumeRole the job role, and the job role trusts the agent role (agent-fleet deploy sets both)"));
+        }
+    };
+    let Some(bucket) = bucket else { return };
+    let as_job = p
+        .sdk
+        .to_builder()
+        .credentials_provider(
+            aws_credential_types::provider::SharedCredentialsProvider::new(
+                aws_credential_types::Credentials::new(
+                    creds.access_key_id.clone(),
+                    creds.secret_access_key.clone(),
+                    Some(creds.session_token.clone()),
+                    Some(creds.expiration),
+                    "job-role",
+                ),
+            ),
+        )
+        .build();
+    match crate::aws::s3::head_bucket(&as_job, bucket).await {
+        Ok(()) => r.ok(
+            "cache bucket",
+            format!("{bucket} (reached with the job role)"),
+        ),
+        Err(e) => r.fail(
+            "cache bucket",
+            format!(
+                "{bucket}: {e}; fix: create the bucket, or grant the job role s3:ListBucket on it"
+            ),
+        ),
+    }
 }
 
 /// Whether IMDS is closed to the agent user (see [`crate::firewall`]).

@@ -2,7 +2,7 @@
 
 use crate::fleet::{Fleet, FleetOptions, InstanceOptions};
 use crate::hub::{Hub, HubOptions, JobState};
-use crate::moto::Moto;
+use crate::moto::{Moto, ACCOUNT_ID};
 use agent_supervisor::config::{ElectionConfig, RuntimeConfig, ScalerConfig};
 use anyhow::bail;
 use std::future::Future;
@@ -62,6 +62,32 @@ impl Bed {
             .put_parameter(&bed.token_parameter, TOKEN, true)
             .await?;
         Ok(bed)
+    }
+
+    /// The job role in the emulator, as the stack would make it: `<path><name>`.
+    pub async fn create_job_role(&self, name: &str) -> anyhow::Result<String> {
+        let trust = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{
+                "Effect": "Allow",
+                "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT_ID}:root")},
+                "Action": "sts:AssumeRole"
+            }]
+        })
+        .to_string();
+        let path = format!("/agent-fleet/{}/", self.stack);
+        self.moto
+            .query(
+                "iam",
+                "CreateRole",
+                &[
+                    ("RoleName", name),
+                    ("Path", &path),
+                    ("AssumeRolePolicyDocument", &trust),
+                ],
+            )
+            .await?;
+        Ok(format!("arn:aws:iam::{ACCOUNT_ID}:role{path}{name}"))
     }
 
     /// The runtime config a stack would write, aimed at the hub.

@@ -39,32 +39,6 @@ mod a_job_is_the_job_role_through_the_default_chain {
     }
 }
 
-/// The job role in the emulator, as the stack would make it: `<path><name>`.
-async fn create_job_role(bed: &Bed, name: &str) -> anyhow::Result<String> {
-    let trust = serde_json::json!({
-        "Version": "2012-10-17",
-        "Statement": [{
-            "Effect": "Allow",
-            "Principal": {"AWS": format!("arn:aws:iam::{ACCOUNT_ID}:root")},
-            "Action": "sts:AssumeRole"
-        }]
-    })
-    .to_string();
-    let path = format!("/agent-fleet/{}/", bed.stack);
-    bed.moto
-        .query(
-            "iam",
-            "CreateRole",
-            &[
-                ("RoleName", name),
-                ("Path", &path),
-                ("AssumeRolePolicyDocument", &trust),
-            ],
-        )
-        .await?;
-    Ok(format!("arn:aws:iam::{ACCOUNT_ID}:role{path}{name}"))
-}
-
 /// What the job prints, one `KEY=value` per line: the variables it was given (the token
 /// by its length only) and, from boto3's default chain, where its credentials came from
 /// and who they make it.
@@ -111,7 +85,7 @@ async fn a_job_is_the_job_role_through_the_default_chain(agent: AgentKind) -> R 
     let bed = Bed::start(&format!("jobrole-{}", agent.label())).await?;
     let group = format!("{}-agents", bed.stack);
     bed.moto.create_group(&group, 0, 2, 1).await?;
-    let role_arn = create_job_role(&bed, "job").await?;
+    let role_arn = bed.create_job_role("job").await?;
     let mut cfg = bed.runtime_config(&group);
     cfg.job_role_arn = Some(role_arn.clone());
     cfg.cache_bucket = Some(format!("{}-cache", bed.stack));

@@ -292,6 +292,29 @@ async fn check_reports_each_item_with_its_fix() -> R {
     assert!(!out.contains("one job per VM"), "{out}");
     assert_no_token(&out);
 
+    // Jobs' credentials: the job role is assumed as the supervisor would for jobs, and the
+    // cache bucket is tried with its credentials (the agent role has no S3 access), here a
+    // bucket that does not exist: FAIL with the fix, naming the job role.
+    let mut cfg = bed.runtime_config(group);
+    cfg.job_role_arn = Some(bed.create_job_role("job").await?);
+    cfg.cache_bucket = Some("preflight-no-such-bucket".into());
+    bed.put_config(&cfg).await?;
+    let mut o3 = o.clone();
+    o3.root = bed.root.join("third");
+    let inst = Instance::start(o3, None).await?;
+    let status = inst.wait_exit(Duration::from_secs(30)).await?;
+    let out = inst.output();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains("ok    job role: arn:aws:iam::"), "{out}");
+    assert!(
+        out.lines().any(
+            |l| l.starts_with("FAIL  cache bucket: preflight-no-such-bucket")
+                && l.contains("grant the job role")
+        ),
+        "{out}"
+    );
+    bed.put_config(&bed.runtime_config(group)).await?;
+
     // A missing token: one FAIL line with the fix, exit 1, still no secret printed.
     let mut cfg = bed.runtime_config(group);
     cfg.token_parameter = "/agent-fleet/preflight/missing".into();
