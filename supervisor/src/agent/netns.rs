@@ -11,7 +11,7 @@
 //! the restarted one has a new namespace.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -64,9 +64,17 @@ impl NetNs {
         }
     }
 
-    /// The descriptor (for a listener bound inside the namespace).
-    pub fn raw_fd(&self) -> i32 {
-        self.0.as_raw_fd()
+    /// Moves the calling thread (only it) into this namespace: for a thread that then
+    /// binds a socket there and ends.
+    pub fn join_this_thread(&self) -> std::io::Result<()> {
+        nix::sched::setns(self.0.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)
+    }
+
+    /// The namespace's inode: equal inodes, same namespace.
+    pub fn inode(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.0.metadata()?.ino())
     }
 }
 

@@ -13,7 +13,7 @@ use super::{progress_changed, AgentExit, Launch, Progress, RunAs, RunningAgent, 
 use crate::aws::imds::Metadata;
 use crate::aws::ssm::ParameterStore;
 use crate::config::Settings;
-use crate::jobcreds::{JobAws, JobCredentials, JobEnv};
+use crate::jobcreds::{JobAws, JobEnv};
 use crate::lifecycle::describe_status;
 use crate::startup::{DaemonError, RunOptions};
 use crate::{boot, interrupt, shutdown_hook, AbortOnDrop};
@@ -229,14 +229,18 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
                 "spot instance: the agent's interruption grace is cut so that a drain after a two-minute spot notice ends before the reclaim"
             );
         }
-        // A token for this run's jobs only: the previous run's stops working.
-        let credentials = self
-            .job_aws
-            .credentials
-            .as_ref()
-            .map(JobCredentials::issue)
-            .transpose()
-            .map_err(DaemonError::Runtime)?;
+        // Under strict, the agent and its jobs live in rootless Docker's network.
+        let netns = self.netns(&settings)?;
+        // A token for this run's jobs only: the previous run's stops working. Served where
+        // the jobs' loopback is.
+        let credentials = match &self.job_aws.credentials {
+            Some(c) => Some(
+                c.issue_in(netns.as_ref())
+                    .await
+                    .map_err(DaemonError::Runtime)?,
+            ),
+            None => None,
+        };
         let env_vars = jobs_env(
             &settings,
             self.job_aws.region.as_deref(),
@@ -284,7 +288,7 @@ impl<P: ParameterStore, M: Metadata> AgentOwner<P, M> {
                 })?),
                 None => None,
             },
-            netns: self.netns(&settings)?,
+            netns,
         };
         let agent = RunningAgent::spawn(&launch).map_err(|e| {
             DaemonError::Input(format!(
@@ -600,6 +604,7 @@ fn random_hex(bytes: usize) -> String {
 #[allow(clippy::expect_used)]
 mod tests {
     use super::*;
+    use crate::jobcreds::JobCredentials;
 
     fn settings(extra: &str) -> Settings {
         let json = format!(

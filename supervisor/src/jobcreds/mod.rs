@@ -53,6 +53,7 @@ mod tests;
 pub use refresh::{REFRESH_MARGIN, SERVE_MIN_LEFT};
 pub use role::{JobRole, SESSION};
 
+use crate::agent::netns::NetNs;
 use crate::aws::query::QueryError;
 use crate::aws::sts::{QuerySts, SessionCredentials};
 use crate::AbortOnDrop;
@@ -157,6 +158,10 @@ pub struct JobCredentials {
     uri: String,
     force: mpsc::Sender<Ack>,
     _tasks: (AbortOnDrop<()>, AbortOnDrop<()>),
+    /// A second server inside the network namespace `strict` jobs run in (rootless
+    /// Docker's), where the first one's loopback is not theirs: the namespace (by its
+    /// inode), the address jobs there are given, and the server task.
+    netns_server: std::sync::Mutex<Option<(u64, String, AbortOnDrop<()>)>>,
 }
 
 impl std::fmt::Debug for JobCredentials {
@@ -216,6 +221,25 @@ pub async fn bind_loopback() -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await
 }
 
+/// 127.0.0.1 on a port the kernel picks, inside `ns`: a socket stays in the namespace it
+/// was made in, so a short-lived thread joins `ns` (only that thread changes namespace),
+/// binds, and hands the listener back.
+pub async fn bind_loopback_in(ns: NetNs) -> std::io::Result<TcpListener> {
+    let std_listener = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || -> std::io::Result<std::net::TcpListener> {
+            ns.join_this_thread()?;
+            let l = std::net::TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("the binding thread panicked"))?
+    })
+    .await
+    .map_err(std::io::Error::other)??;
+    TcpListener::from_std(std_listener)
+}
+
 impl JobCredentials {
     /// Serves on `listener` (its address is the one jobs are given) and starts fetching
     /// from `source` at once. Fails only if the listener has no local address.
@@ -239,7 +263,45 @@ impl JobCredentials {
             uri,
             force,
             _tasks: (AbortOnDrop(server), AbortOnDrop(refreshing)),
+            netns_server: std::sync::Mutex::new(None),
         })
+    }
+
+    /// [`issue`](Self::issue) for jobs that run in the network namespace `netns` (under
+    /// `strict`, rootless Docker's): the same credentials and token, served by a second
+    /// server bound to 127.0.0.1 inside that namespace — made the first time, and again
+    /// when the namespace changes (a job may restart rootless dockerd).
+    pub async fn issue_in(&self, netns: Option<&NetNs>) -> Result<JobEnv, String> {
+        let mut env = self.issue()?;
+        let Some(ns) = netns else {
+            return Ok(env);
+        };
+        let inode = ns
+            .inode()
+            .map_err(|e| format!("the jobs' network namespace: {e}"))?;
+        let known = self.netns_server.lock().ok().and_then(|slot| {
+            slot.as_ref()
+                .filter(|(i, ..)| *i == inode)
+                .map(|(_, uri, _)| uri.clone())
+        });
+        env.uri = match known {
+            Some(uri) => uri,
+            None => {
+                let listener = bind_loopback_in(ns.clone()).await.map_err(|e| {
+                    format!("cannot listen on 127.0.0.1 in the jobs' network namespace: {e}")
+                })?;
+                let addr = listener.local_addr().map_err(|e| e.to_string())?;
+                let uri = format!("http://{addr}{PATH}");
+                let server =
+                    tokio::spawn(http::serve(listener, self.shared.clone()).in_current_span());
+                tracing::info!(endpoint = %uri, "job credentials endpoint listening in the jobs' network namespace");
+                if let Ok(mut slot) = self.netns_server.lock() {
+                    *slot = Some((inode, uri.clone(), AbortOnDrop(server)));
+                }
+                uri
+            }
+        };
+        Ok(env)
     }
 
     /// `http://<address>/v1/job-credentials`.

@@ -406,3 +406,60 @@ async fn a_client_that_sends_half_a_request_is_cut_off_after_5_s() {
         "{waited:?}"
     );
 }
+
+/// Under `strict` the jobs live in rootless Docker's network namespace: the endpoint is
+/// served there too, at an address of that namespace's loopback, with the same token rule.
+#[tokio::test]
+async fn jobs_in_another_network_namespace_get_an_endpoint_on_their_own_loopback() {
+    // Loopback up, as in rootlesskit's namespace.
+    let Ok(mut holder) = std::process::Command::new("unshare")
+        .args(["-n", "sh", "-c", "ip link set lo up && exec sleep 30"])
+        .spawn()
+    else {
+        eprintln!("SKIP: unshare -n is not available");
+        return;
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ns = NetNs::of_pid(holder.id()).unwrap();
+    let creds = started(Script::lasting(HOUR)).await;
+    let env = creds.issue_in(Some(&ns)).await.unwrap();
+    assert_ne!(env.uri, creds.uri(), "a second server, not the host's");
+    // A client inside the namespace (as a job there would be).
+    let (uri, token) = (env.uri.clone(), env.token.0.clone());
+    let ns2 = ns.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(move || {
+            ns2.join_this_thread().unwrap();
+            let addr = uri
+                .strip_prefix("http://")
+                .and_then(|r| r.split('/').next())
+                .unwrap()
+                .to_string();
+            let mut conn = std::net::TcpStream::connect(addr).unwrap();
+            std::io::Write::write_all(
+                &mut conn,
+                &[get_head(Some(&token)), b"\r\n\r\n".to_vec()].concat(),
+            )
+            .unwrap();
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut conn, &mut text).unwrap();
+            text
+        })
+        .join()
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"AccessKeyId\":\"ASIA0001\""), "{answer}");
+    // The same namespace again: the same server; the next token revokes this one there too.
+    let again = creds.issue_in(Some(&ns)).await.unwrap();
+    assert_eq!(again.uri, env.uri);
+    assert_eq!(
+        key_served(&creds, &env),
+        None,
+        "the previous token stops working"
+    );
+    let _ = holder.kill();
+    let _ = holder.wait();
+}
