@@ -1041,14 +1041,14 @@ mod tests {
         );
         let off = with(r#""scaler":{"agent_lifetime_cap_secs":0}"#).expect("valid");
         assert_eq!(off.scaler.agent_lifetime_cap, None);
-        let e = with(r#""job_isolation":"none""#).unwrap_err();
+        let e = with(r#""job_isolation":"none""#).expect_err("refused");
         assert!(e.contains("job_isolation") && e.contains("vm"), "{e}");
-        let e = with(r#""scaler":{"agent_lifetime_cap_secs":60}"#).unwrap_err();
+        let e = with(r#""scaler":{"agent_lifetime_cap_secs":60}"#).expect_err("refused");
         assert!(
             e.contains("scaler.agent_lifetime_cap_secs") && e.contains("3600"),
             "{e}"
         );
-        let e = with(r#""job_role_arn":"my-role""#).unwrap_err();
+        let e = with(r#""job_role_arn":"my-role""#).expect_err("refused");
         assert!(e.contains("job_role_arn"), "{e}");
     }
 

@@ -166,7 +166,7 @@ mod tests {
     fn verification_reads_nfts_listing() {
         let listing = "table inet agent_fleet {\n\tchain output {\n\t\ttype filter hook output priority filter; policy accept;\n\t\tmeta skuid 1001 ip daddr 169.254.169.254 counter packets 3 bytes 180 reject with icmp port-unreachable\n\t\tmeta skuid 1001 ip6 daddr fd00:ec2::254 counter packets 0 bytes 0 reject with icmpv6 port-unreachable\n\t}\n}\n";
         assert_eq!(missing_rules(listing, 1001), Ok(()));
-        let e = missing_rules(listing, 1002).unwrap_err();
+        let e = missing_rules(listing, 1002).expect_err("refused");
         assert!(
             e.contains("169.254.169.254 and fd00:ec2::254") && e.contains("uid 1002"),
             "{e}"
@@ -176,7 +176,7 @@ mod tests {
             .filter(|l| !l.contains("ip6"))
             .collect::<Vec<_>>()
             .join("\n");
-        let e = missing_rules(&v4_only, 1001).unwrap_err();
+        let e = missing_rules(&v4_only, 1001).expect_err("refused");
         assert!(
             e.contains("fd00:ec2::254") && !e.contains("169.254.169.254 and"),
             "{e}"

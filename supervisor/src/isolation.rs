@@ -92,7 +92,10 @@ mod tests {
             &dir,
             "echo 'rootless docker did not start; fix: journalctl' >&2; exit 1",
         );
-        let e = apply(&bad, JobIsolation::Vm).await.unwrap_err().to_string();
+        let e = apply(&bad, JobIsolation::Vm)
+            .await
+            .expect_err("refused")
+            .to_string();
         assert!(
             e.contains("job isolation vm") && e.contains("rootless docker did not start"),
             "{e}"
@@ -104,7 +107,7 @@ mod tests {
             .expect("vm goes on without the script");
         let e = apply(&missing, JobIsolation::Strict)
             .await
-            .unwrap_err()
+            .expect_err("refused")
             .to_string();
         assert!(
             e.contains("no agent starts") && e.contains("--isolation-script"),

@@ -121,9 +121,9 @@ mod tests {
         assert_ne!(theirs, ours, "the holder's namespace is not ours");
 
         std::fs::write(&pid_file, "nonsense").expect("pid file");
-        let e = NetNs::from_pid_file(&pid_file).unwrap_err();
+        let e = NetNs::from_pid_file(&pid_file).expect_err("refused");
         assert!(e.contains("not a pid"), "{e}");
-        let e = NetNs::from_pid_file(&dir.join("absent")).unwrap_err();
+        let e = NetNs::from_pid_file(&dir.join("absent")).expect_err("refused");
         assert!(e.contains("rootless Docker is not running"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -1116,7 +1116,10 @@ const HOUR: Duration = Duration::from_secs(3600);
 
 /// Launch times by id; `fail` makes every describe fail; `asked` counts ids described.
 #[derive(Clone, Default)]
-struct FakeEc2(Arc<Mutex<(BTreeMap<String, SystemTime>, bool, Vec<String>)>>);
+struct FakeEc2(Arc<Mutex<Ec2State>>);
+
+/// (launch times by id, every describe fails, ids described in order).
+type Ec2State = (BTreeMap<String, SystemTime>, bool, Vec<String>);
 
 impl Ec2 for FakeEc2 {
     async fn describe_instances(&self, ids: &[String]) -> Result<Vec<Ec2Instance>, QueryError> {
