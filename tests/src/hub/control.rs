@@ -28,6 +28,32 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
         .route("/control/token", post(control_token))
         .route("/control/outage", post(control_outage))
         .route("/control/logs", post(control_logs))
+        .route("/control/sts", post(control_sts))
+}
+
+/// `POST /control/sts` `{"endpoint": "http://127.0.0.1:PORT"}` (or `null`): see
+/// [`Hub::verify_sts_names_with`](super::Hub::verify_sts_names_with).
+async fn control_sts(State(s): S, body: Bytes) -> Response {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Sts {
+        endpoint: Option<String>,
+    }
+    let endpoint = match serde_json::from_slice::<Sts>(&body) {
+        Ok(Sts { endpoint: None }) => None,
+        Ok(Sts { endpoint: Some(e) }) => match super::sts::endpoint(&e) {
+            Ok(url) => Some(url),
+            Err(e) => return message(StatusCode::BAD_REQUEST, &e.to_string()),
+        },
+        Err(e) => {
+            return message(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"endpoint\": \"http://127.0.0.1:PORT\" or null}}: {e}"),
+            )
+        }
+    };
+    s.lock().sts_endpoint = endpoint;
+    (StatusCode::OK, Json(serde_json::json!({ "ok": true }))).into_response()
 }
 
 async fn control_jobs(State(s): S, body: Bytes) -> Response {

@@ -49,33 +49,57 @@ fn outage() -> Response {
 }
 
 async fn register(State(s): S, headers: HeaderMap, body: Bytes) -> Response {
+    let (req, sts_endpoint) = {
+        let inner = s.state();
+        if inner.api_outage {
+            return outage();
+        }
+        let Some(token) = auth_token(&headers) else {
+            return message(StatusCode::UNAUTHORIZED, "missing token");
+        };
+        if token != inner.registration_token {
+            return message(StatusCode::NOT_FOUND, "not found");
+        }
+        let req: RegisterRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return message(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
+        };
+        (req, inner.sts_endpoint.clone())
+    };
+    let is_url = req.name.starts_with("https://") || req.name.starts_with("http://");
+    if !valid_agent_name(&req.name) {
+        // A URL is never quoted back: it may carry a session token.
+        let shown = if is_url { "(a URL)" } else { req.name.as_str() };
+        return message(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid agent name {shown:?}"),
+        );
+    }
+    // A URL name is verified before the hub's state is touched (the lock is not held
+    // across the request to the emulator).
+    let verified =
+        match (is_url, sts_endpoint) {
+            (false, _) => None,
+            (true, None) => return message(
+                StatusCode::BAD_REQUEST,
+                "agent name is a URL, but this hub verifies no STS names (no STS endpoint given)",
+            ),
+            (true, Some(endpoint)) => {
+                match super::sts::verify(&req.name, &endpoint, std::time::SystemTime::now()).await {
+                    Ok(identity) => Some(identity),
+                    Err(refusal) => return refusal.response(),
+                }
+            }
+        };
+    let name = match &verified {
+        Some(identity) => identity.agent_name(&random_hex(6)),
+        None => req.name.clone(),
+    };
     let mut inner = s.state();
     if inner.api_outage {
         return outage();
     }
-    let Some(token) = auth_token(&headers) else {
-        return message(StatusCode::UNAUTHORIZED, "missing token");
-    };
-    if token != inner.registration_token {
-        return message(StatusCode::NOT_FOUND, "not found");
-    }
-    let req: RegisterRequest = match serde_json::from_slice(&body) {
-        Ok(r) => r,
-        Err(e) => return message(StatusCode::BAD_REQUEST, &format!("bad request: {e}")),
-    };
-    if !valid_agent_name(&req.name) {
-        return message(
-            StatusCode::BAD_REQUEST,
-            &format!("invalid agent name {:?}", req.name),
-        );
-    }
     let now = Instant::now();
-    let name = if req.name.starts_with("http") {
-        inner.sts_seq += 1;
-        format!("sts-agent-{}", inner.sts_seq)
-    } else {
-        req.name.clone()
-    };
     let clash: Vec<usize> = inner
         .agents
         .iter()
@@ -108,6 +132,7 @@ async fn register(State(s): S, headers: HeaderMap, body: Bytes) -> Response {
             disconnect_requested: false,
             shutdown_reason: None,
             disconnected: None,
+            verified,
         },
         token: token.clone(),
         idle_since: now,

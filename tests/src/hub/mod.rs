@@ -83,8 +83,15 @@
 //! dropped (`disconnected = "stale"`) and its unfinished job fails, like the
 //! real server deleting agents that stop syncing. A new registration with the
 //! name of a live agent replaces it (`disconnected = "replaced"`, its job
-//! fails). A name that is a URL (server-verified AWS STS name) is accepted and
-//! the agent is named `sts-agent-<n>`.
+//! fails).
+//!
+//! A name that is a URL must be a pre-signed STS `GetCallerIdentity` URL for the
+//! emulator the hub was given ([`Hub::verify_sts_names_with`], `POST /control/sts`): the
+//! hub checks it, GETs it and names the agent `<last part of the ARN>__<hex>` (an
+//! instance id on EC2); [`AgentInfo::verified`] keeps the ARN and account. What this
+//! proves, and what it cannot (moto checks no signature): the `sts` module docs. A URL
+//! name that fails is refused with 400 (503 when the emulator cannot be reached); with no
+//! emulator given, every URL name is refused.
 //!
 //! # Control API (no auth), for other processes
 //!
@@ -96,6 +103,8 @@
 //! * `POST /control/fault` JSON [`Fault`] or `null` (e.g. `"ServerError"`,
 //!   `{"TooMany":{"retry_after_secs":3}}`, `{"Slow":{"ms":500}}`)
 //! * `POST /control/token` `{"token": "…"}` (a bare JSON string or plain text also work)
+//! * `POST /control/sts` `{"endpoint": "http://127.0.0.1:PORT"}` or `{"endpoint": null}`:
+//!   [`Hub::verify_sts_names_with`]
 //! * `POST /control/outage` `true`/`false`: the agent API (register, sync,
 //!   jobs, disconnect) answers 503 while on; `/metrics` is unaffected. Or
 //!   `{"agent_api": bool, "metrics": bool}` (either may be left out): with
@@ -114,6 +123,7 @@ mod control;
 mod http;
 mod records;
 mod state;
+mod sts;
 #[cfg(test)]
 mod tests;
 
@@ -127,6 +137,7 @@ pub use records::{
     output_lines, AgentInfo, AgentMetrics, AgentState, Epilogues, Fault, HubEvent, HubState,
     JobInfo, JobMetrics, JobSpec, JobState, LogPush, Metrics,
 };
+pub use sts::VerifiedIdentity;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -224,7 +235,7 @@ impl Hub {
                 metrics_poll_ms: Vec::new(),
                 log_tokens: std::collections::HashMap::new(),
                 max_log_events: opts.max_log_events_per_job,
-                sts_seq: 0,
+                sts_endpoint: None,
             }),
             events,
             opts,
@@ -320,6 +331,15 @@ impl Hub {
     /// live agent has that name.
     pub fn disconnect_agent(&self, name: &str) -> bool {
         self.shared.disconnect_by_name(name)
+    }
+
+    /// Verify URL names (pre-signed STS `GetCallerIdentity`, see `sts`) against the
+    /// emulator at `endpoint` (an http(s) URL on a loopback address: the hub fetches no
+    /// other host); `None`: refuse them (the default).
+    pub fn verify_sts_names_with(&self, endpoint: Option<&str>) -> anyhow::Result<()> {
+        let url = endpoint.map(sts::endpoint).transpose()?;
+        self.shared.lock().sts_endpoint = url;
+        Ok(())
     }
 
     /// Fault for `GET /metrics` (None = healthy).

@@ -204,6 +204,10 @@ pub struct AgentInfo {
     /// Set once the agent is gone: the shutdown reason it was sent, or
     /// `unsolicited` (it called `/disconnect` on its own), `stale`, `replaced`.
     pub disconnected: Option<String>,
+    /// For an agent that registered with a pre-signed STS URL: the identity STS answered
+    /// with (its name is made from it).
+    #[serde(default)]
+    pub verified: Option<super::VerifiedIdentity>,
 }
 
 /// `/metrics` body.

@@ -54,7 +54,9 @@ pub(super) struct Inner {
     pub(super) log_tokens: std::collections::HashMap<String, Vec<String>>,
     /// Log space per job in events (0 = unlimited).
     pub(super) max_log_events: u64,
-    pub(super) sts_seq: u64,
+    /// Where URL names are verified ([`Hub::verify_sts_names_with`](super::Hub::verify_sts_names_with));
+    /// `None`: URL names are refused.
+    pub(super) sts_endpoint: Option<reqwest::Url>,
 }
 
 pub(super) struct Shared {
