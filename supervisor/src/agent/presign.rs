@@ -18,6 +18,13 @@
 //!   every agent start.
 //! - Region from IMDS, credentials from the SDK's chain: the same the daemon's AWS clients
 //!   use. GetCallerIdentity needs no IAM permission.
+//! - No signed name, no start. A glitch (IMDS, the credential chain) is tried three times;
+//!   then the agent owner reports the start failed, and the daemon exits (2 when the region
+//!   or the credentials are missing, 1 otherwise) for systemd to restart it 30 s later. Not
+//!   a random name instead: Semaphore could not verify it, which is what the operator asked
+//!   for. Not the registration failure's restart in place either: that path is for an agent
+//!   that ran and exited, and like it, this never replaces the instance (a missing instance
+//!   profile is the whole fleet's).
 //!
 //! The URL carries the session token of the instance's credentials. It only authorizes
 //! GetCallerIdentity, for 15 minutes, but it belongs in `config.yaml` and nowhere else:
@@ -188,8 +195,8 @@ impl Presigner {
         })
     }
 
-    /// The region's own config: the instance's region from IMDS (a few tries), the SDK's
-    /// credential chain and endpoint overrides, as the daemon's clients have them.
+    /// For this instance: its region from IMDS (three tries), and the SDK's credential
+    /// chain and endpoint overrides, as the daemon's clients have them.
     pub async fn for_instance<M: Metadata>(
         imds: &M,
         first_backoff: Duration,
