@@ -10,7 +10,7 @@
 //!
 //! | call | token | answer |
 //! |---|---|---|
-//! | `POST /register` | registration | 201 `{name, token}`; no header 401, wrong token 404, bad body/name 400 |
+//! | `POST /register` | registration | 201 `{name, token}`; no header 401, wrong token 404, bad body/name 400; a URL name while the emulator is unreachable 503 |
 //! | `POST /sync` | access | 200 [`SyncResponse`]; unknown/disconnected token 401 |
 //! | `GET /jobs/{id}` | access | 200 [`JobPayload`]; 404 when the job is not assigned to that agent |
 //! | `POST /refresh` | access | 200 `{"token": …}`: a new token for the log of the agent's current job; 404 without a job |
