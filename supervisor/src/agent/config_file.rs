@@ -93,7 +93,16 @@ const TOKEN_KEY: &str = "token:";
 pub const TOKEN_REMOVED: &str =
     "# token: removed once the agent registered; written again at the next agent start";
 
-/// Rewrites the config at `path` without its `token:` line, atomically (a reader sees
+/// A `name:` line holding a pre-signed STS URL (`SEMAPHORE_AGENT_USE_PRE_SIGNED_URL`): it
+/// proves this instance's identity to whoever presents it for 15 minutes, so it goes with
+/// the token.
+const URL_NAME_KEY: &str = "name: \"http";
+
+/// What takes a pre-signed URL name's place once the agent has registered.
+pub const URL_NAME_REMOVED: &str =
+    "# name: the pre-signed URL was removed once the agent registered (Semaphore named it)";
+
+/// Rewrites the config at `path` without its `token:` line (nor a pre-signed URL name), atomically (a reader sees
 /// the old file or the new one, never a partial one) and with the file's mode and owner
 /// kept. Returns whether there was a token to remove.
 ///
@@ -112,6 +121,8 @@ pub fn remove_token(path: &Path) -> std::io::Result<bool> {
         .map(|l| {
             if l.starts_with(TOKEN_KEY) {
                 TOKEN_REMOVED
+            } else if l.starts_with(URL_NAME_KEY) {
+                URL_NAME_REMOVED
             } else {
                 l
             }
@@ -245,6 +256,21 @@ mod tests {
         assert_eq!(mode, 0o600, "mode kept");
         assert!(!remove_token(&p).expect("again"), "nothing left to remove");
         assert!(!dir.join("config.tmp").exists(), "no temp file left");
+        assert_eq!(
+            read_value(&after, "name").as_deref(),
+            Some("i-1__ab"),
+            "a plain name stays"
+        );
+
+        // A pre-signed URL name goes with the token.
+        let url =
+            "https://sts.us-east-1.amazonaws.com/?Action=GetCallerIdentity&X-Amz-Signature=ab";
+        let signed = text.replace("\"i-1__ab\"", &format!("{url:?}"));
+        write_private(&p, signed.as_bytes(), 0o600, None).expect("write");
+        assert!(remove_token(&p).expect("scrub"));
+        let after = std::fs::read_to_string(&p).expect("read");
+        assert!(!after.contains("X-Amz-Signature"), "{after}");
+        assert!(after.contains(URL_NAME_REMOVED), "{after}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
