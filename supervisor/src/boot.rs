@@ -230,6 +230,8 @@ struct Pending {
     marker: std::path::PathBuf,
     stack: String,
     sdk: aws_config::SdkConfig,
+    /// Publish `BootPhaseMs` (else the journal alone has the figures).
+    publish: bool,
 }
 
 impl Report {
@@ -275,8 +277,19 @@ impl Report {
                 marker,
                 stack: stack.to_string(),
                 sdk: sdk.clone(),
+                publish: true,
             }),
         }
+    }
+
+    /// Whether to publish the metric: an agent instance of a fleet its scaler instance
+    /// leads has no `cloudwatch:PutMetricData` (a job, root on its VM, could use it), so
+    /// its boot timing stays in the journal.
+    pub fn metrics(mut self, publish: bool) -> Self {
+        if let Some(p) = self.pending.as_mut() {
+            p.publish = publish;
+        }
+        self
     }
 
     /// The first agent was spawned at `at`.
@@ -340,7 +353,10 @@ impl Report {
         let finished = t.first_job.is_some();
         let sdk = p.sdk.clone();
         use tracing::Instrument;
-        tokio::spawn(
+        if !p.publish {
+            tracing::debug!("boot timing not published: this agent's role has no PutMetricData (the scaler instance leads)");
+        } else {
+            tokio::spawn(
             async move {
                 match crate::aws::cloudwatch::QueryCloudWatch::new(&sdk) {
                     Ok(cw) => publish(&cw, data).await,
@@ -349,6 +365,7 @@ impl Report {
             }
             .in_current_span(),
         );
+        }
         if finished {
             self.pending = None;
         }

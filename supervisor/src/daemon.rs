@@ -130,7 +130,8 @@ async fn run_in(
         &sdk,
         SdkImds::new(),
         (start, config_read, token_read),
-    );
+    )
+    .metrics(settings.agents_lead);
     let owner = AgentOwner::new(
         &opts,
         &instance_id,
