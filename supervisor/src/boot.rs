@@ -11,6 +11,11 @@
 //! | `registered_to_job` | registered → first job handed to the agent (its "SYNC response (action: run-job" line) |
 //! | `launch_to_registered`, `launch_to_job` | totals from the launch |
 //!
+//! Every line and datum also says how the instance started (log field `start`, dimension
+//! `Start`): `warm` when it was taken from the warm pool, `cold` otherwise (see
+//! [`crate::pool`]). For an instance that waited in a running pool the supervisor's start
+//! is when it was taken into service.
+//!
 //! The line `boot timing` is logged twice: with `boot_stage=registered` when the agent
 //! registered (what is known then; an agent may never get a job), and with
 //! `boot_stage=first_job` with every phase. Each phase is published once, as metric
@@ -23,6 +28,7 @@
 //! the launch time is unknown or after the start (clock skew).
 
 use crate::aws::cloudwatch::{Datum, MetricsSink, Unit};
+use crate::pool::StartKind;
 use std::time::{Duration, Instant, SystemTime};
 
 /// The CloudWatch metric.
@@ -117,6 +123,8 @@ pub struct Timeline {
     pub spawned: Instant,
     pub registered: Option<Instant>,
     pub first_job: Option<Instant>,
+    /// Warm (from the pool) or cold.
+    pub kind: StartKind,
 }
 
 impl Timeline {
@@ -152,6 +160,7 @@ impl Timeline {
         use Phase::*;
         tracing::info!(
             boot_stage = stage.as_str(),
+            start = self.kind.as_str(),
             launch_to_start_ms = self.ms(LaunchToStart),
             start_to_config_ms = self.ms(StartToConfig),
             config_to_token_ms = self.ms(ConfigToToken),
@@ -175,6 +184,7 @@ impl Timeline {
                     dimensions: vec![
                         ("StackName", stack.to_string()),
                         ("Phase", p.as_str().to_string()),
+                        ("Start", self.kind.as_str().to_string()),
                     ],
                     value: self.ms(*p)? as f64,
                     unit: Unit::Milliseconds,
@@ -232,6 +242,7 @@ struct Pending {
     sdk: aws_config::SdkConfig,
     /// Publish `BootPhaseMs` (else the journal alone has the figures).
     publish: bool,
+    kind: StartKind,
 }
 
 impl Report {
@@ -278,6 +289,7 @@ impl Report {
                 stack: stack.to_string(),
                 sdk: sdk.clone(),
                 publish: true,
+                kind: StartKind::Cold,
             }),
         }
     }
@@ -288,6 +300,14 @@ impl Report {
     pub fn metrics(mut self, publish: bool) -> Self {
         if let Some(p) = self.pending.as_mut() {
             p.publish = publish;
+        }
+        self
+    }
+
+    /// How the instance started (default cold).
+    pub fn start_kind(mut self, kind: StartKind) -> Self {
+        if let Some(p) = self.pending.as_mut() {
+            p.kind = kind;
         }
         self
     }
@@ -303,6 +323,7 @@ impl Report {
                 spawned: at,
                 registered: None,
                 first_job: None,
+                kind: p.kind,
             });
         }
     }
@@ -390,6 +411,7 @@ mod tests {
             spawned: at + ms(60),
             registered: Some(at + ms(1_060)),
             first_job: None,
+            kind: StartKind::Cold,
         }
     }
 
@@ -479,6 +501,26 @@ mod tests {
         );
         let job = t.data(Stage::FirstJob, "ci");
         assert_eq!(job[0].value, 2_500.0);
+    }
+
+    #[test]
+    fn every_datum_says_how_the_instance_started() {
+        let mut t = timeline();
+        let starts = |t: &Timeline| {
+            t.data(Stage::Registered, "ci")
+                .iter()
+                .map(|d| d.dimensions[2].clone())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(
+            starts(&t).into_iter().collect::<Vec<_>>(),
+            [("Start", "cold".to_string())]
+        );
+        t.kind = StartKind::Warm;
+        assert_eq!(
+            starts(&t).into_iter().collect::<Vec<_>>(),
+            [("Start", "warm".to_string())]
+        );
     }
 
     struct Sink(Mutex<Vec<(String, usize)>>);

@@ -193,6 +193,19 @@ pub struct RuntimeConfig {
     /// (`SEMAPHORE_AGENT_USE_PRE_SIGNED_URL`).
     #[serde(default)]
     pub use_pre_signed_url: bool,
+    /// The agents group's launch lifecycle hook (`agent-fleet-warm`), present only with a
+    /// warm pool: a pooled instance completes it once warmed, and again on its way into
+    /// service (see [`crate::pool`]).
+    #[serde(default)]
+    pub launch_hook: Option<LifecycleHookConfig>,
+    /// Docker images a pooled instance pulls while warming (`SEMAPHORE_AGENT_WARM_IMAGES`).
+    #[serde(default)]
+    pub warm_images: Vec<String>,
+    /// The SSM parameter the launch template's `resolve:ssm:` image names
+    /// (`/agent-fleet/ami/<os>/<arch>`); absent when the stack names an AMI id. A pooled
+    /// instance whose AMI is not the parameter's replaces itself.
+    #[serde(default)]
+    pub image_parameter: Option<String>,
 }
 
 /// How much a job may do on its VM (`SEMAPHORE_AGENT_JOB_ISOLATION`).
@@ -216,7 +229,8 @@ impl JobIsolation {
     }
 }
 
-/// The termination lifecycle hook the template puts on the agents group.
+/// A lifecycle hook the template puts on the agents group (the termination hook, or with
+/// a warm pool the launch hook).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LifecycleHookConfig {
@@ -378,6 +392,11 @@ pub struct Settings {
     pub job_isolation: JobIsolation,
     pub job_role_arn: Option<String>,
     pub use_pre_signed_url: bool,
+    /// The launch lifecycle hook (warm pool only).
+    pub launch_hook: Option<LifecycleHook>,
+    /// Images pulled while warming in the pool, each a plain reference (never an option).
+    pub warm_images: Vec<String>,
+    pub image_parameter: Option<String>,
     /// Keys of the parameter this version does not know (`scaler.foo`), ignored.
     pub ignored_keys: Vec<String>,
 }
@@ -403,6 +422,9 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "job_isolation",
             "job_role_arn",
             "use_pre_signed_url",
+            "launch_hook",
+            "warm_images",
+            "image_parameter",
         ],
     ),
     (
@@ -420,6 +442,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
         &["lease_ms", "renew_deadline_ms", "retry_ms", "prefix"],
     ),
     ("lifecycle_hook", &["name", "heartbeat_timeout_secs"]),
+    ("launch_hook", &["name", "heartbeat_timeout_secs"]),
 ];
 
 /// Drops the keys [`KNOWN_KEYS`] does not list; returns their paths.
@@ -533,30 +556,40 @@ impl Settings {
             }
             other => other,
         };
-        let lifecycle_hook = match raw.lifecycle_hook {
-            None => None,
-            Some(h) => {
-                let name_ok = (1..=255).contains(&h.name.len())
-                    && h.name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/'));
-                if !name_ok {
-                    return Err(invalid(
-                        "lifecycle_hook.name",
-                        "is not a lifecycle hook name (1-255 of A-Z a-z 0-9 - _ /)",
-                    ));
-                }
-                if !(1..=7200).contains(&h.heartbeat_timeout_secs) {
-                    return Err(invalid(
-                        "lifecycle_hook.heartbeat_timeout_secs",
-                        "must be between 1 and 7200 (Auto Scaling allows 30-7200)",
-                    ));
-                }
-                Some(LifecycleHook {
-                    name: h.name,
-                    heartbeat_timeout: Duration::from_secs(h.heartbeat_timeout_secs),
-                })
+        let lifecycle_hook = validate_hook(
+            raw.lifecycle_hook,
+            (
+                "lifecycle_hook.name",
+                "lifecycle_hook.heartbeat_timeout_secs",
+            ),
+        )
+        .map_err(|(key, p)| invalid(key, p))?;
+        let launch_hook = validate_hook(
+            raw.launch_hook,
+            ("launch_hook.name", "launch_hook.heartbeat_timeout_secs"),
+        )
+        .map_err(|(key, p)| invalid(key, p))?;
+        if raw.warm_images.len() > MAX_WARM_IMAGES {
+            return Err(invalid(
+                "warm_images",
+                &format!("names more than {MAX_WARM_IMAGES} images; keep the ones most jobs use"),
+            ));
+        }
+        if let Some(bad) = raw.warm_images.iter().find(|i| !valid_image_reference(i)) {
+            return Err(invalid(
+                "warm_images",
+                &format!("has {bad:?}, not an image reference (e.g. ruby:3.3 or registry.example/team/app@sha256:…); fix SEMAPHORE_AGENT_WARM_IMAGES"),
+            ));
+        }
+        let image_parameter = match raw.image_parameter {
+            Some(p) if p.trim().is_empty() => None,
+            Some(p) if !valid_parameter_name(&p) => {
+                return Err(invalid(
+                    "image_parameter",
+                    "is not a valid SSM parameter name",
+                ))
             }
+            other => other,
         };
         if raw.max_uptime_secs > 999_999_999 {
             return Err(invalid(
@@ -596,8 +629,52 @@ impl Settings {
             job_isolation: raw.job_isolation,
             job_role_arn,
             use_pre_signed_url: raw.use_pre_signed_url,
+            launch_hook,
+            warm_images: raw.warm_images,
+            image_parameter,
         })
     }
+}
+
+/// The most images a pooled instance pulls while warming.
+pub const MAX_WARM_IMAGES: usize = 20;
+
+/// A lifecycle hook's name and heartbeat timeout; `keys` name the two in errors.
+fn validate_hook(
+    hook: Option<LifecycleHookConfig>,
+    (name_key, timeout_key): (&'static str, &'static str),
+) -> Result<Option<LifecycleHook>, (&'static str, &'static str)> {
+    let Some(h) = hook else { return Ok(None) };
+    let name_ok = (1..=255).contains(&h.name.len())
+        && h.name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '/'));
+    if !name_ok {
+        return Err((
+            name_key,
+            "is not a lifecycle hook name (1-255 of A-Z a-z 0-9 - _ /)",
+        ));
+    }
+    if !(1..=7200).contains(&h.heartbeat_timeout_secs) {
+        return Err((
+            timeout_key,
+            "must be between 1 and 7200 (Auto Scaling allows 30-7200)",
+        ));
+    }
+    Ok(Some(LifecycleHook {
+        name: h.name,
+        heartbeat_timeout: Duration::from_secs(h.heartbeat_timeout_secs),
+    }))
+}
+
+/// A Docker image reference as `docker pull` takes it: `[registry[:port]/]path[:tag][@digest]`
+/// of `A-Za-z0-9._-/:@`, at most 255 characters, starting with a letter or digit (so it
+/// can never be read as an option).
+pub fn valid_image_reference(s: &str) -> bool {
+    (1..=255).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/' | ':' | '@'))
 }
 
 fn validate_scaler(c: &ScalerConfig) -> Result<ScalerSettings, (&'static str, String)> {
@@ -1011,6 +1088,12 @@ mod tests {
             job_isolation: JobIsolation::Strict,
             job_role_arn: Some("arn:aws:iam::123456789012:role/agent-fleet/s/job".into()),
             use_pre_signed_url: true,
+            launch_hook: Some(LifecycleHookConfig {
+                name: "agent-fleet-warm".into(),
+                heartbeat_timeout_secs: 600,
+            }),
+            warm_images: vec!["ruby:3.3".into()],
+            image_parameter: Some("/agent-fleet/ami/ubuntu-noble/x86_64".into()),
         };
         let mut doc = serde_json::to_value(&full).expect("serialize");
         assert_eq!(drop_unknown_keys(&mut doc), Vec::<String>::new());
@@ -1050,6 +1133,63 @@ mod tests {
         );
         let e = with(r#""job_role_arn":"my-role""#).expect_err("refused");
         assert!(e.contains("job_role_arn"), "{e}");
+    }
+
+    #[test]
+    fn the_warm_pool_keys_are_read_and_checked() {
+        let d = Settings::parse("/p", GOOD).expect("valid");
+        assert_eq!(
+            (d.launch_hook, d.warm_images.len(), d.image_parameter),
+            (None, 0, None),
+            "no warm pool by default"
+        );
+        let s = with(
+            r#""launch_hook":{"name":"agent-fleet-warm","heartbeat_timeout_secs":600},"warm_images":["ruby:3.3","registry.example:5000/team/app@sha256:0a1b"],"image_parameter":"/agent-fleet/ami/ubuntu-noble/x86_64""#,
+        )
+        .expect("valid");
+        assert_eq!(
+            s.launch_hook,
+            Some(LifecycleHook {
+                name: "agent-fleet-warm".into(),
+                heartbeat_timeout: Duration::from_secs(600)
+            })
+        );
+        assert_eq!(
+            s.warm_images,
+            ["ruby:3.3", "registry.example:5000/team/app@sha256:0a1b"]
+        );
+        assert_eq!(
+            s.image_parameter.as_deref(),
+            Some("/agent-fleet/ami/ubuntu-noble/x86_64")
+        );
+        let null = with(r#""launch_hook":null,"image_parameter":"""#).expect("valid");
+        assert_eq!((null.launch_hook, null.image_parameter), (None, None));
+        for (patch, key) in [
+            (
+                r#""launch_hook":{"name":"a b","heartbeat_timeout_secs":600}"#,
+                "launch_hook.name",
+            ),
+            (
+                r#""launch_hook":{"name":"w","heartbeat_timeout_secs":7201}"#,
+                "launch_hook.heartbeat_timeout_secs",
+            ),
+            (r#""warm_images":["--config=/etc/x"]"#, "warm_images"),
+            (r#""warm_images":["ruby 3"]"#, "warm_images"),
+            (r#""warm_images":[""]"#, "warm_images"),
+            (r#""image_parameter":"has space""#, "image_parameter"),
+        ] {
+            let m = with(patch).expect_err(patch);
+            assert!(m.contains(&format!("`{key}`")), "{patch}: {m}");
+        }
+        let many = format!(
+            r#""warm_images":[{}]"#,
+            vec![r#""a:1""#; MAX_WARM_IMAGES + 1].join(",")
+        );
+        assert!(with(&many)
+            .expect_err("too many")
+            .contains("`warm_images` names more than 20"));
+        let m = with(r#""warm_images":["--x"]"#).expect_err("option");
+        assert!(m.contains("SEMAPHORE_AGENT_WARM_IMAGES"), "{m}");
     }
 
     fn with(patch: &str) -> Result<Settings, String> {

@@ -11,8 +11,10 @@ use crate::aws::ssm::SdkParameterStore;
 use crate::config::Role;
 use crate::coordinator::{Channels, Coordinator, Ports};
 use crate::election::LeaderWork;
+use crate::interrupt::LifecycleWait;
 use crate::jobcreds::JobAws;
 use crate::notify::Notifier;
+use crate::pool::{self, StartKind, Target};
 use crate::reload::Reloader;
 use crate::{boot, interrupt, shutdown_hook, AbortOnDrop, Shutdown};
 use std::sync::Arc;
@@ -52,30 +54,107 @@ pub async fn run(
 async fn run_in(
     opts: RunOptions,
     shutdown: Shutdown,
-    notify: Notifier,
-    start: boot::Start,
+    mut notify: Notifier,
+    mut start: boot::Start,
     span: tracing::Span,
 ) -> Result<(), DaemonError> {
     notify.status("starting: reading instance metadata, runtime config and token");
     let Prepared {
         instance_id,
         identity,
-        settings,
+        mut settings,
         sdk,
     } = prepare(&opts).await?;
-    let config_read = Instant::now();
+    let mut config_read = Instant::now();
     span.record("instance_id", instance_id.as_str());
     span.record("stack", identity.stack_name.as_str());
     let ssm = SdkParameterStore::new(&sdk);
-    let token = read_token(&ssm, &settings, opts.aws_retry_backoff).await?;
-    let token_read = Instant::now();
     let role = opts.role.or(identity.role).unwrap_or_default();
     span.record("role", role.as_str());
+    let mut start_kind = StartKind::Cold;
+    let mut jobs_prepared = false;
     if role == Role::Agent {
         // Before anything runs: a socket path that cannot be bound would stop the agent's
         // start much later.
         shutdown_hook::socket_path(&opts.work_dir).map_err(DaemonError::Input)?;
+        let imds = SdkImds::new();
+        let target = pool::target(&imds, settings.launch_hook.is_some()).await;
+        if let Target::Warmed(state) = &target {
+            // Token-free, so done in the pool: off the warm start's path.
+            crate::isolation::apply(&opts.isolation_script, settings.job_isolation).await?;
+            crate::firewall::close_for(&opts)?;
+            jobs_prepared = true;
+            let asg = SdkAutoScaling::new(&sdk);
+            let warmup = host_warmup(&opts, &settings);
+            let stay = pool::Pool {
+                asg: &asg,
+                imds: &imds,
+                warmup: &warmup,
+                launch: launch_wait(&settings, &instance_id),
+                work_dir: &opts.work_dir,
+                aws_retry_backoff: opts.aws_retry_backoff,
+            }
+            .stay(state, &shutdown, &mut notify)
+            .await;
+            if stay == pool::Left::Stopped {
+                notify.stopping("stopping in the warm pool");
+                return Ok(());
+            }
+            // Taken into service while running (a running pool, or resumed from
+            // hibernation): the start counts from now, and the config is read afresh.
+            start = boot::Start::now();
+            settings = prepare(&opts).await?.settings;
+            config_read = Instant::now();
+        }
+        start_kind = StartKind::of(&opts.work_dir);
+        tracing::info!(
+            start = start_kind.as_str(),
+            target_state = ?target,
+            "starting {} (target lifecycle state {target:?})",
+            match start_kind {
+                StartKind::Warm => "warm: taken from the warm pool",
+                StartKind::Cold => "cold",
+            }
+        );
     }
+    // The way into service may hold the instance in Pending:Wait (the launch hook): done
+    // in the background, the agent's start does not wait for it.
+    let launched = match (role, launch_wait(&settings, &instance_id)) {
+        (Role::Agent, Some(wait)) => Some(pool::complete_in_background(
+            SdkAutoScaling::new(&sdk),
+            wait,
+            opts.aws_retry_backoff,
+        )),
+        _ => None,
+    };
+    let token = if start_kind == StartKind::Warm {
+        let (asg, imds) = (SdkAutoScaling::new(&sdk), SdkImds::new());
+        let (stale, token) = tokio::join!(
+            pool::stale(
+                &asg,
+                &imds,
+                &ssm,
+                &settings.agent_group,
+                &instance_id,
+                settings.image_parameter.as_deref(),
+            ),
+            read_token(&ssm, &settings, opts.aws_retry_backoff)
+        );
+        if let Some(why) = stale {
+            let ending = pool::Ending {
+                instance_id: &instance_id,
+                launched,
+                poweroff: &opts.poweroff_command,
+                terminate_timeout: opts.terminate_timeout,
+                aws_retry_backoff: opts.aws_retry_backoff,
+            };
+            return ending.stale(&asg, &why, shutdown, notify).await;
+        }
+        token?
+    } else {
+        read_token(&ssm, &settings, opts.aws_retry_backoff).await?
+    };
+    let token_read = Instant::now();
 
     let (settings_tx, settings_rx) = watch::channel(settings.clone());
     let settings_tx = Arc::new(settings_tx);
@@ -120,8 +199,10 @@ async fn run_in(
 
     // Before the first agent: the job isolation level, and job code never reaches the
     // instance role through IMDS.
-    crate::isolation::apply(&opts.isolation_script, settings.job_isolation).await?;
-    crate::firewall::close_for(&opts)?;
+    if !jobs_prepared {
+        crate::isolation::apply(&opts.isolation_script, settings.job_isolation).await?;
+        crate::firewall::close_for(&opts)?;
+    }
 
     // Boot timing: once per instance (the marker survives a restart of the supervisor).
     let boot = boot::Report::new(
@@ -131,7 +212,8 @@ async fn run_in(
         SdkImds::new(),
         (start, config_read, token_read),
     )
-    .metrics(settings.agents_lead);
+    .metrics(settings.agents_lead)
+    .start_kind(start_kind);
     let owner = AgentOwner::new(
         &opts,
         &instance_id,
@@ -194,6 +276,41 @@ async fn run_in(
     )
     .run()
     .await
+}
+
+/// The launch hook's wait for this instance, if the group has a warm pool.
+fn launch_wait(settings: &crate::config::Settings, instance_id: &str) -> Option<LifecycleWait> {
+    settings.launch_hook.clone().map(|hook| LifecycleWait {
+        group: settings.agent_group.clone(),
+        hook,
+        instance_id: instance_id.to_string(),
+    })
+}
+
+/// What a pooled instance warms: the Docker daemon and the warm images (the root daemon's:
+/// under `strict` jobs use the agent user's rootless one, so none are pulled), the agent's
+/// binary and the agent user's toolbox.
+fn host_warmup(opts: &RunOptions, settings: &crate::config::Settings) -> pool::HostWarmup {
+    let strict = settings.job_isolation == crate::config::JobIsolation::Strict;
+    if strict && !settings.warm_images.is_empty() {
+        tracing::info!("job isolation strict: jobs use rootless Docker, so the warm images are not pulled into the root daemon");
+    }
+    let mut files = vec![opts.agent_binary.clone()];
+    if let Ok(Some(user)) = nix::unistd::User::from_name(&opts.agent_user) {
+        files.push(user.dir.join(".toolbox"));
+    }
+    pool::HostWarmup {
+        docker: opts.docker.clone(),
+        docker_wait: opts.warm_docker_wait,
+        images: if strict {
+            vec![]
+        } else {
+            settings.warm_images.clone()
+        },
+        pull_bound: std::time::Duration::from_secs(600),
+        files,
+        read_budget: pool::READ_BUDGET,
+    }
 }
 
 /// Publishes one `SpotInterruptions` datum in the background (never delays the drain).

@@ -52,6 +52,7 @@ pub mod isolation;
 pub mod jobcreds;
 pub mod lifecycle;
 pub mod notify;
+pub mod pool;
 pub mod reload;
 pub mod retry;
 pub mod scaler;

@@ -124,6 +124,16 @@ struct RunArgs {
     /// The script that applies the job isolation level (vm or strict) before the first agent.
     #[arg(long, env = "AGENT_SUPERVISOR_ISOLATION_SCRIPT", default_value = agent_supervisor::isolation::DEFAULT_SCRIPT)]
     isolation_script: PathBuf,
+    /// The docker CLI a pooled instance warms the daemon and the warm images with.
+    #[arg(long, env = "AGENT_SUPERVISOR_DOCKER", default_value = "docker")]
+    docker: PathBuf,
+    /// Seconds a pooled instance waits for the Docker daemon to answer while warming (0: no wait).
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_WARM_DOCKER_WAIT_SECS",
+        default_value_t = 120
+    )]
+    warm_docker_wait_secs: u64,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -168,6 +178,8 @@ impl RunArgs {
             imds_firewall: !self.no_imds_firewall,
             nft: self.nft,
             isolation_script: self.isolation_script,
+            docker: self.docker,
+            warm_docker_wait: Duration::from_secs(self.warm_docker_wait_secs.min(MAX_SECS)),
         }
     }
 }

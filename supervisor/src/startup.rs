@@ -36,6 +36,11 @@ pub struct RunOptions {
     pub nft: PathBuf,
     /// The AMI's script that applies the job isolation level ([`crate::isolation`]).
     pub isolation_script: PathBuf,
+    /// The `docker` CLI a pooled instance warms the Docker daemon and images with
+    /// ([`crate::pool`]).
+    pub docker: PathBuf,
+    /// How long a pooled instance waits for the Docker daemon to answer (zero: not at all).
+    pub warm_docker_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]

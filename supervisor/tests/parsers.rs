@@ -194,6 +194,9 @@ fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
                     job_isolation: Default::default(),
                     job_role_arn: None,
                     use_pre_signed_url: false,
+                    launch_hook: None,
+                    warm_images: vec![],
+                    image_parameter: None,
                 }
             },
         )

@@ -111,6 +111,9 @@ impl Bed {
             job_isolation: Default::default(),
             job_role_arn: None,
             use_pre_signed_url: false,
+            launch_hook: None,
+            warm_images: vec![],
+            image_parameter: None,
         }
     }
 

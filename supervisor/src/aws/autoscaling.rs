@@ -103,6 +103,56 @@ pub trait LifecycleActions: Send + Sync {
     ) -> impl Future<Output = Result<(), AsgError>> + Send;
 }
 
+/// A launch template as a group or an instance names it (`LaunchTemplateSpecification`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TemplateRef {
+    pub id: Option<String>,
+    pub name: Option<String>,
+    /// A number, `$Latest` or `$Default`.
+    pub version: Option<String>,
+}
+
+impl TemplateRef {
+    /// The name, else the id.
+    pub fn label(&self) -> &str {
+        self.name
+            .as_deref()
+            .or(self.id.as_deref())
+            .unwrap_or("(unnamed)")
+    }
+}
+
+/// A group's warm pool, as `DescribeWarmPool` tells it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WarmPool {
+    /// `Stopped`, `Running` or `Hibernated`.
+    pub pool_state: Option<String>,
+    pub min_size: Option<i32>,
+    pub max_prepared: Option<i32>,
+    /// (instance id, lifecycle state such as `Warmed:Stopped`), in the pool.
+    pub instances: Vec<(String, String)>,
+}
+
+/// What a pooled instance and the leader read about launches: the launch template the
+/// group launches with now, the one an instance came from, and the warm pool.
+pub trait LaunchTemplates: Send + Sync {
+    /// The group's launch template (plain or in a mixed instances policy).
+    fn group_template(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Option<TemplateRef>, AsgError>> + Send;
+    /// The launch template this instance was launched from.
+    fn instance_template(
+        &self,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<Option<TemplateRef>, AsgError>> + Send;
+    /// The group's warm pool (`None`: it has none).
+    fn warm_pool(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Option<WarmPool>, AsgError>> + Send;
+}
+
 #[derive(Clone)]
 pub struct SdkAutoScaling {
     client: aws_sdk_autoscaling::Client,
@@ -205,8 +255,12 @@ where
     }
 }
 
-impl LifecycleActions for SdkAutoScaling {
-    async fn capacity_rebalance(&self, group: &str) -> Result<Option<bool>, AsgError> {
+impl SdkAutoScaling {
+    /// `DescribeAutoScalingGroups` for one group (`None`: no such group).
+    async fn describe_group(
+        &self,
+        group: &str,
+    ) -> Result<Option<aws_sdk_autoscaling::types::AutoScalingGroup>, AsgError> {
         let out = self
             .client
             .describe_auto_scaling_groups()
@@ -214,9 +268,30 @@ impl LifecycleActions for SdkAutoScaling {
             .send()
             .await
             .map_err(|e| err("DescribeAutoScalingGroups", e))?;
-        Ok(out
-            .auto_scaling_groups()
-            .first()
+        Ok(out.auto_scaling_groups().first().cloned())
+    }
+
+    /// `DescribeAutoScalingInstances` for one instance (`None`: in no group).
+    async fn describe_instance(
+        &self,
+        instance_id: &str,
+    ) -> Result<Option<aws_sdk_autoscaling::types::AutoScalingInstanceDetails>, AsgError> {
+        let out = self
+            .client
+            .describe_auto_scaling_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map_err(|e| err("DescribeAutoScalingInstances", e))?;
+        Ok(out.auto_scaling_instances().first().cloned())
+    }
+}
+
+impl LifecycleActions for SdkAutoScaling {
+    async fn capacity_rebalance(&self, group: &str) -> Result<Option<bool>, AsgError> {
+        Ok(self
+            .describe_group(group)
+            .await?
             .map(|g| g.capacity_rebalance().unwrap_or(false)))
     }
 
@@ -257,6 +332,74 @@ impl LifecycleActions for SdkAutoScaling {
     }
 }
 
+fn template_ref(t: &aws_sdk_autoscaling::types::LaunchTemplateSpecification) -> TemplateRef {
+    TemplateRef {
+        id: t.launch_template_id().map(str::to_string),
+        name: t.launch_template_name().map(str::to_string),
+        version: t.version().map(str::to_string),
+    }
+}
+
+/// Pages of `DescribeWarmPool` followed before giving up.
+const WARM_POOL_PAGES: usize = 50;
+
+impl LaunchTemplates for SdkAutoScaling {
+    async fn group_template(&self, group: &str) -> Result<Option<TemplateRef>, AsgError> {
+        Ok(self.describe_group(group).await?.and_then(|g| {
+            g.launch_template().map(template_ref).or_else(|| {
+                g.mixed_instances_policy()
+                    .and_then(|m| m.launch_template())
+                    .and_then(|l| l.launch_template_specification())
+                    .map(template_ref)
+            })
+        }))
+    }
+
+    async fn instance_template(&self, instance_id: &str) -> Result<Option<TemplateRef>, AsgError> {
+        Ok(self
+            .describe_instance(instance_id)
+            .await?
+            .and_then(|i| i.launch_template().map(template_ref)))
+    }
+
+    async fn warm_pool(&self, group: &str) -> Result<Option<WarmPool>, AsgError> {
+        let mut pool: Option<WarmPool> = None;
+        let mut token: Option<String> = None;
+        for _ in 0..WARM_POOL_PAGES {
+            let out = self
+                .client
+                .describe_warm_pool()
+                .auto_scaling_group_name(group)
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| err("DescribeWarmPool", e))?;
+            let Some(c) = out.warm_pool_configuration() else {
+                return Ok(None);
+            };
+            let p = pool.get_or_insert_with(|| WarmPool {
+                pool_state: c.pool_state().map(|s| s.as_str().to_string()),
+                min_size: c.min_size(),
+                max_prepared: c.max_group_prepared_capacity(),
+                instances: vec![],
+            });
+            p.instances.extend(out.instances().iter().filter_map(|i| {
+                Some((
+                    i.instance_id()?.to_string(),
+                    i.lifecycle_state()
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or_default(),
+                ))
+            }));
+            match out.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(pool)
+    }
+}
+
 impl AutoScaling for SdkAutoScaling {
     async fn terminate_instance(&self, instance_id: &str, decrement: bool) -> Result<(), AsgError> {
         self.client
@@ -282,28 +425,14 @@ impl AutoScaling for SdkAutoScaling {
     }
 
     async fn group_of(&self, instance_id: &str) -> Result<Option<String>, AsgError> {
-        let out = self
-            .client
-            .describe_auto_scaling_instances()
-            .instance_ids(instance_id)
-            .send()
-            .await
-            .map_err(|e| err("DescribeAutoScalingInstances", e))?;
-        Ok(out
-            .auto_scaling_instances()
-            .iter()
-            .find_map(|i| i.auto_scaling_group_name().map(str::to_string)))
+        Ok(self
+            .describe_instance(instance_id)
+            .await?
+            .and_then(|i| i.auto_scaling_group_name().map(str::to_string)))
     }
 
     async fn group(&self, name: &str) -> Result<Option<GroupSizes>, AsgError> {
-        let out = self
-            .client
-            .describe_auto_scaling_groups()
-            .auto_scaling_group_names(name)
-            .send()
-            .await
-            .map_err(|e| err("DescribeAutoScalingGroups", e))?;
-        Ok(out.auto_scaling_groups().first().map(|g| GroupSizes {
+        Ok(self.describe_group(name).await?.map(|g| GroupSizes {
             name: g.auto_scaling_group_name().unwrap_or(name).to_string(),
             min: g.min_size().unwrap_or_default(),
             max: g.max_size().unwrap_or_default(),

@@ -267,7 +267,7 @@ fn log_notice(
     }
 }
 
-pub(super) async fn poweroff(cmd: &[String]) {
+pub(crate) async fn poweroff(cmd: &[String]) {
     let Some((prog, args)) = cmd.split_first() else {
         tracing::error!("no poweroff command configured; the instance stays up");
         return;

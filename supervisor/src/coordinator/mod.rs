@@ -22,7 +22,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use ending::poweroff;
+pub(crate) use ending::poweroff;
 use leader::hand_on;
 pub use leader::{leading_term, scaler_only, scaler_status, Leader};
 use state::{Drain, EndState, Event, Phase, Run, Timer};

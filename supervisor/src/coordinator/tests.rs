@@ -222,6 +222,8 @@ fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
         imds_firewall: false,
         nft: "nft".into(),
         isolation_script: "/nonexistent/apply-isolation".into(),
+        docker: "/nonexistent/docker".into(),
+        warm_docker_wait: Duration::ZERO,
     }
 }
 

@@ -51,6 +51,10 @@
 //! | `ScalingTarget`   | `StackName`                                     | the size the demand asks for (after overprovision, min and max) |
 //! | `DesiredCapacity` | `StackName`                                     | the group's desired capacity after this poll |
 //! | `ScaleUps`        | `StackName`                                     | `SetDesiredCapacity` calls this poll (0 or 1; `Sum` counts them) |
+//! | `WarmPoolSize`    | `StackName`                                     | instances in the warm pool (`DescribeWarmPool`), with a warm pool only |
+//!
+//! Desired capacity counts only instances in service, never the warm pool's, so the
+//! scaling rule is the same with a pool: a raise takes pooled instances first.
 //!
 //! `JobCount`/`AgentCount` are left out of a poll whose Semaphore answer failed (a gap,
 //! not a false zero); `ScalingTarget`/`DesiredCapacity` when the group could not be
@@ -91,7 +95,7 @@ pub use semaphore::{Demand, DemandError, DemandMetrics, HttpDemand, Token};
 pub use target::determine_target;
 pub use token::{SsmTokenSource, TokenError, TokenSource};
 
-use crate::aws::autoscaling::{AutoScaling, GroupSizes};
+use crate::aws::autoscaling::{AutoScaling, GroupSizes, LaunchTemplates};
 use crate::aws::cloudwatch::{CloudWatchError, Datum, MetricsSink, Unit};
 use crate::config::Settings;
 use crate::election::Leadership;
@@ -193,12 +197,15 @@ struct Report {
     /// Why the poll could not decide (Semaphore, the token or the group unreadable,
     /// scaling off).
     skipped: Option<String>,
+    /// Instances in the warm pool, read only when metrics are published and the group
+    /// has a pool.
+    warm_pool: Option<usize>,
 }
 
 impl<D, A, T, M> Scaler<D, A, T, M>
 where
     D: Demand,
-    A: AutoScaling,
+    A: AutoScaling + LaunchTemplates,
     T: TokenSource,
     M: MetricsSink,
 {
@@ -441,6 +448,9 @@ where
         let due = st.last_metrics.is_none_or(|t| t.elapsed() >= METRICS_EVERY);
         if due || report.scale_ups > 0 {
             st.last_metrics = Some(Instant::now());
+            if settings.launch_hook.is_some() {
+                report.warm_pool = self.warm_pool_size(group).await;
+            }
             self.publish(st.term, leadership, group, &report).await;
         }
         next
@@ -650,6 +660,32 @@ where
         }
     }
 
+    /// The warm pool's size for the metric (a read: no lease check needed); `None`, logged
+    /// once, when it cannot be read.
+    async fn warm_pool_size(&mut self, group: &str) -> Option<usize> {
+        match self.asg.warm_pool(group).await {
+            Ok(pool) => {
+                self.quiet.warm_pool.recovered("DescribeWarmPool");
+                let pool = pool?;
+                tracing::debug!(
+                    group,
+                    size = pool.instances.len(),
+                    pool_state = pool.pool_state.as_deref().unwrap_or("unknown"),
+                    "warm pool"
+                );
+                Some(pool.instances.len())
+            }
+            Err(e) => {
+                self.quiet.warm_pool.error(
+                    "DescribeWarmPool",
+                    &e.to_string(),
+                    format_args!("cannot read the warm pool of {group} (scaling goes on): {e}"),
+                );
+                None
+            }
+        }
+    }
+
     async fn publish(
         &mut self,
         term: u64,
@@ -768,6 +804,9 @@ impl Report {
             f64::from(self.scale_ups),
             Unit::Count,
         ));
+        if let Some(n) = self.warm_pool {
+            data.push(datum("WarmPoolSize", &[], n as f64, Unit::Count));
+        }
         data
     }
 }
@@ -830,6 +869,7 @@ struct Quiet {
     scale: Repeats,
     suspend: Repeats,
     metrics: Repeats,
+    warm_pool: Repeats,
 }
 
 #[derive(Debug, Default)]

@@ -1,7 +1,7 @@
 //! The scaler's loop against fakes, on paused tokio time.
 
 use super::*;
-use crate::aws::autoscaling::AsgError;
+use crate::aws::autoscaling::{AsgError, TemplateRef, WarmPool};
 use crate::config::{ElectionSettings, Overprovision, ScalerSettings};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -40,6 +40,9 @@ fn settings(overprovision: Overprovision) -> Settings {
         job_isolation: Default::default(),
         job_role_arn: None,
         use_pre_signed_url: false,
+        launch_hook: None,
+        warm_images: vec![],
+        image_parameter: None,
     }
 }
 
@@ -127,6 +130,8 @@ struct AsgState {
     /// Describe keeps answering the old desired after a raise (eventual consistency).
     stale: bool,
     calls: Vec<(Instant, AsgCall)>,
+    /// The warm pool's instances (`None`: no pool).
+    warm_pool: Option<Vec<(String, String)>>,
 }
 
 #[derive(Clone)]
@@ -144,6 +149,7 @@ impl FakeAsg {
             },
             stale: false,
             calls: vec![],
+            warm_pool: None,
         })))
     }
     fn desired(&self) -> i32 {
@@ -230,6 +236,24 @@ impl AutoScaling for FakeAsg {
             ),
         ));
         Ok(())
+    }
+}
+
+impl LaunchTemplates for FakeAsg {
+    async fn group_template(&self, _: &str) -> Result<Option<TemplateRef>, AsgError> {
+        unreachable!("the scaler reads no launch template")
+    }
+    async fn instance_template(&self, _: &str) -> Result<Option<TemplateRef>, AsgError> {
+        unreachable!("the scaler reads no launch template")
+    }
+    async fn warm_pool(&self, group: &str) -> Result<Option<WarmPool>, AsgError> {
+        let s = self.0.lock().expect("lock");
+        assert_eq!(group, s.sizes.name);
+        Ok(s.warm_pool.clone().map(|instances| WarmPool {
+            pool_state: Some("Stopped".into()),
+            instances,
+            ..WarmPool::default()
+        }))
     }
 }
 
@@ -875,6 +899,50 @@ async fn settings_apply_live() {
     sleep(Duration::from_secs(60)).await;
     assert_eq!(bed.demand.calls().len(), polls, "disabled: no polls");
     assert_eq!(bed.asg.desired(), 3);
+    bed.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_warm_pool_the_metrics_carry_its_size_and_desired_counts_only_in_service() {
+    let bed = start(Setup {
+        body: body(2, 0),
+        ..Setup::default()
+    });
+    bed.asg.0.lock().expect("lock").warm_pool = Some(vec![
+        ("i-w1".into(), "Warmed:Stopped".into()),
+        ("i-w2".into(), "Warmed:Pending:Wait".into()),
+        ("i-w3".into(), "Warmed:Stopped".into()),
+    ]);
+    // Without a launch hook in the config the group has no pool: no call, no datum.
+    bed.lead(7, LONG);
+    sleep(Duration::from_millis(10)).await;
+    let sizes = |bed: &Bed| {
+        bed.sink
+            .puts()
+            .iter()
+            .flat_map(|(_, d)| d.iter().filter(|d| d.metric == "WarmPoolSize"))
+            .map(|d| (d.dimensions.clone(), d.value))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sizes(&bed), vec![]);
+    assert_eq!(
+        bed.asg.sets(),
+        vec![2],
+        "the pool changes nothing in the rule"
+    );
+    bed.settings.send_modify(|s| {
+        s.launch_hook = Some(crate::config::LifecycleHook {
+            name: "agent-fleet-warm".into(),
+            heartbeat_timeout: Duration::from_secs(600),
+        })
+    });
+    sleep(super::METRICS_EVERY + POLL).await;
+    assert_eq!(
+        sizes(&bed),
+        vec![(vec![("StackName", "s1".to_string())], 3.0)],
+        "one datum a minute"
+    );
+    assert_eq!(bed.asg.sets(), vec![2]);
     bed.stop().await;
 }
 
