@@ -91,6 +91,11 @@ async fn run_in(
                 imds: &imds,
                 warmup: &warmup,
                 launch: launch_wait(&settings, &instance_id),
+                termination: settings.lifecycle_hook.clone().map(|hook| LifecycleWait {
+                    group: settings.agent_group.clone(),
+                    hook,
+                    instance_id: instance_id.clone(),
+                }),
                 work_dir: &opts.work_dir,
                 aws_retry_backoff: opts.aws_retry_backoff,
             }

@@ -136,6 +136,9 @@ pub struct Pool<'a, A, M, W> {
     pub warmup: &'a W,
     /// The launch hook's wait (`None`: the runtime config names none).
     pub launch: Option<LifecycleWait>,
+    /// The termination hook's wait: Auto Scaling may end a pooled instance (the pool
+    /// shrinks, an instance refresh), and holds it in `Warmed:Terminating:Wait` too.
+    pub termination: Option<LifecycleWait>,
     pub work_dir: &'a Path,
     pub aws_retry_backoff: Duration,
 }
@@ -222,9 +225,11 @@ where
         }
     }
 
-    /// Polls the target lifecycle state until `InService`.
+    /// Polls the target lifecycle state until `InService`. A pooled instance Auto Scaling
+    /// terminates has nothing to drain: its termination action is completed at once.
     async fn wait_in_service(&self, shutdown: &Shutdown, notify: &mut Notifier) -> Left {
         let mut last = None;
+        let mut terminating = false;
         loop {
             match self
                 .imds
@@ -235,6 +240,11 @@ where
                 Ok(Target::InService) => {
                     tracing::info!("taken from the warm pool into service");
                     return Left::InService;
+                }
+                Ok(Target::Warmed(s) | Target::Other(s)) if s == "Terminated" && !terminating => {
+                    terminating = true;
+                    notify.status("in the warm pool: Auto Scaling is terminating this instance");
+                    self.complete_termination().await;
                 }
                 Ok(t) => {
                     if last.as_ref() != Some(&t) {
@@ -256,6 +266,30 @@ where
                     _ = tokio::time::sleep_until(next) => break,
                 }
             }
+        }
+    }
+}
+
+impl<A, M, W> Pool<'_, A, M, W>
+where
+    A: LifecycleActions,
+{
+    async fn complete_termination(&self) {
+        let Some(wait) = &self.termination else {
+            tracing::info!("Auto Scaling is terminating this pooled instance: no agent to drain");
+            return;
+        };
+        match wait.complete(self.asg, self.aws_retry_backoff).await {
+            Ok(_) => tracing::info!(
+                lifecycle_hook = %wait.hook.name,
+                result = "CONTINUE",
+                "Auto Scaling is terminating this pooled instance: no agent to drain, lifecycle action completed"
+            ),
+            Err(e) => tracing::warn!(
+                lifecycle_hook = %wait.hook.name,
+                error = %e,
+                "could not complete the termination lifecycle action of this pooled instance; Auto Scaling moves on after the heartbeat timeout"
+            ),
         }
     }
 }

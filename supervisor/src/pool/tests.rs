@@ -210,6 +210,14 @@ fn stay(state: &'static str, warm_up_takes: Duration) -> Stay {
             imds: &i,
             warmup: &warmup,
             launch: launch_wait(),
+            termination: Some(LifecycleWait {
+                group: "s-agents".into(),
+                hook: LifecycleHook {
+                    name: "agent-fleet-drain".into(),
+                    heartbeat_timeout: HEARTBEAT_TIMEOUT,
+                },
+                instance_id: "i-pooled".into(),
+            }),
             work_dir: &d,
             aws_retry_backoff: Duration::from_millis(500),
         };
@@ -267,6 +275,24 @@ async fn a_stop_in_the_pool_never_ends_the_instance() {
     assert_eq!(s.log.count("terminate"), 0, "{:?}", s.log.all());
     assert_eq!(s.log.count("unhealthy"), 0);
     assert_eq!(s.log.count("set desired"), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pooled_instance_auto_scaling_terminates_completes_the_termination_action_once() {
+    let s = stay("Stopped", Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    s.imds.set("Warmed:Terminated");
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        s.log.count("complete s-agents agent-fleet-drain CONTINUE"),
+        1,
+        "{:?}",
+        s.log.all()
+    );
+    assert_eq!(s.log.count("terminate"), 0, "Auto Scaling ends it, not us");
+    assert!(!s.task.is_finished(), "waits for the SIGTERM");
+    s.shutdown.drain.cancel();
+    assert_eq!(s.task.await.expect("joins"), Left::Stopped);
 }
 
 #[tokio::test(start_paused = true)]
