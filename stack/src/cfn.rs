@@ -103,10 +103,11 @@ pub async fn plan(
     out: &mut impl Write,
 ) -> anyhow::Result<Planned> {
     let name = &cfg.stack_name;
-    if crate::TEMPLATE.len() > crate::TEMPLATE_BODY_LIMIT {
+    let body = crate::template::body();
+    if body.len() > crate::TEMPLATE_BODY_LIMIT {
         bail!(
-            "the template is {} bytes, above CloudFormation's {} for an inline template",
-            crate::TEMPLATE.len(),
+            "the template is {} bytes without its comments, above CloudFormation's {} for an inline template",
+            body.len(),
             crate::TEMPLATE_BODY_LIMIT
         );
     }
@@ -165,7 +166,7 @@ pub async fn plan(
         } else {
             ChangeSetType::Update
         })
-        .template_body(crate::TEMPLATE)
+        .template_body(body)
         .set_parameters(Some(parameters))
         .set_tags((!tags.is_empty()).then_some(tags))
         .capabilities(Capability::CapabilityIam)

@@ -308,6 +308,29 @@ impl StackConfig {
                         .unwrap_or_default();
                     parameters.insert("ManagedPolicyArns".into(), String::new());
                 }
+                Target::Schedule => {
+                    let max = parameters
+                        .get("AsgMaxSize")
+                        .and_then(|m| vars::parse_uint(m))
+                        .unwrap_or(1);
+                    match crate::schedule::parse(value.unwrap_or_default()) {
+                        Ok(entries) => {
+                            for (i, e) in entries.iter().enumerate() {
+                                if e.max.is_none() && e.min > max {
+                                    problems.push(problem(
+                                        var.name,
+                                        format!("entry {} ({}): min={} is above SEMAPHORE_AGENT_ASG_MAX_SIZE {max}: add max=N to the entry or raise the maximum", i + 1, e.when, e.min),
+                                    ));
+                                }
+                            }
+                            for (i, name) in vars::SCHEDULE_PARAMETERS.iter().enumerate() {
+                                let v = entries.get(i).map(|e| e.parameter(max));
+                                parameters.insert(name.to_string(), v.unwrap_or_default());
+                            }
+                        }
+                        Err(why) => problems.push(problem(var.name, why)),
+                    }
+                }
                 Target::Overrides => match value.map(parse_override).transpose() {
                     Ok(o) => {
                         let o = o.unwrap_or_default();
@@ -532,6 +555,8 @@ fn cross_checks(
         ));
     }
 
+    warm_pool_checks(src, p, problems);
+
     if get("UseDynamicScaling") == "true" && get("ScalerInstanceType") == "none" {
         warnings.push(
             "SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE=none with dynamic scaling: agents lead, so the agent role can set desired capacity, suspend processes and end other agents, and a job that is root on its agent (SEMAPHORE_AGENT_JOB_ISOLATION=vm, the default) can steer the fleet; unset SEMAPHORE_AGENT_SCALER_INSTANCE_TYPE to have a scaler instance, which runs no jobs, lead instead"
@@ -552,6 +577,98 @@ fn cross_checks(
             "SEMAPHORE_AGENT_DISCONNECT_AFTER_IDLE_TIMEOUT=0 with SEMAPHORE_AGENT_DISCONNECT_AFTER_JOB=false: agents never leave, so the fleet never scales in"
                 .into(),
         );
+    }
+}
+
+/// What AWS would refuse of a warm pool (`crate::warm_pool`). DISCONNECT_AFTER_JOB=false is
+/// allowed: the pool only changes how an instance starts, and a used one never returns to it.
+fn warm_pool_checks(src: &Sources, p: &BTreeMap<String, String>, problems: &mut Vec<Problem>) {
+    let get = |k: &str| p.get(k).map_or("", String::as_str);
+    let num = |k: &str| vars::parse_uint(get(k));
+    let size = num("WarmPoolSize").unwrap_or(0);
+    if size == 0 {
+        for var in [
+            "SEMAPHORE_AGENT_WARM_POOL_MAX_PREPARED",
+            "SEMAPHORE_AGENT_WARM_IMAGES",
+        ] {
+            if src.get(var).is_some() {
+                problems.push(problem(
+                    var,
+                    "applies to a warm pool only: set SEMAPHORE_AGENT_WARM_POOL_SIZE too, or unset it",
+                ));
+            }
+        }
+        if src.get("SEMAPHORE_AGENT_WARM_POOL_STATE").is_some() && get("WarmPoolState") != "Stopped"
+        {
+            problems.push(problem(
+                "SEMAPHORE_AGENT_WARM_POOL_STATE",
+                "applies to a warm pool only: set SEMAPHORE_AGENT_WARM_POOL_SIZE too, or unset it",
+            ));
+        }
+        return;
+    }
+    if let Some(max) = num("AsgMaxSize") {
+        if size > max {
+            problems.push(problem(
+                "SEMAPHORE_AGENT_WARM_POOL_SIZE",
+                format!(
+                    "{} is above SEMAPHORE_AGENT_ASG_MAX_SIZE {max}: a pool larger than the group can never be taken into service; lower it or raise the maximum",
+                    src.shown("SEMAPHORE_AGENT_WARM_POOL_SIZE")
+                ),
+            ));
+        }
+    }
+    if let Some(prepared) = num("WarmPoolMaxPrepared") {
+        if prepared < size {
+            problems.push(problem(
+                "SEMAPHORE_AGENT_WARM_POOL_MAX_PREPARED",
+                format!(
+                    "{} is below SEMAPHORE_AGENT_WARM_POOL_SIZE {size}: set it to at least the pool size, or unset it for a pool of exactly that size",
+                    src.shown("SEMAPHORE_AGENT_WARM_POOL_MAX_PREPARED")
+                ),
+            ));
+        }
+    }
+    // Auto Scaling: no warm pool with a mixed instances policy or Spot Instances.
+    let mixed = [
+        (
+            "SEMAPHORE_AGENT_ON_DEMAND_PERCENTAGE_ABOVE_BASE",
+            get("OnDemandPercentageAboveBase") != "100",
+        ),
+        (
+            "SEMAPHORE_AGENT_ON_DEMAND_BASE_CAPACITY",
+            get("OnDemandBaseCapacity") != "0",
+        ),
+        (
+            "SEMAPHORE_AGENT_ON_DEMAND_ALLOCATION_STRATEGY",
+            !get("OnDemandAllocationStrategy").is_empty(),
+        ),
+        (
+            "SEMAPHORE_AGENT_SPOT_ALLOCATION_STRATEGY",
+            !get("SpotAllocationStrategy").is_empty(),
+        ),
+        (
+            "SEMAPHORE_AGENT_ASG_LAUNCH_TEMPLATE_OVERRIDES_JSON",
+            vars::OVERRIDE_PARAMETERS.iter().any(|o| !get(o).is_empty()),
+        ),
+    ];
+    for (var, set) in mixed {
+        if set {
+            problems.push(problem(
+                "SEMAPHORE_AGENT_WARM_POOL_SIZE",
+                format!("Auto Scaling adds no warm pool to a group with spot or a mixed instances policy, which {var} asks for: unset one of the two"),
+            ));
+        }
+    }
+    if get("WarmPoolState") == "Hibernated" {
+        let volume = num("VolumeSize").unwrap_or(0);
+        if let Some((var, why)) = crate::warm_pool::hibernation_problem(get("InstanceType"), volume)
+        {
+            problems.push(problem(
+                var,
+                format!("with SEMAPHORE_AGENT_WARM_POOL_STATE=Hibernated: {why}"),
+            ));
+        }
     }
 }
 

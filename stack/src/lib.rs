@@ -6,11 +6,14 @@ pub mod ami;
 pub mod cfn;
 pub mod config;
 pub use agent_supervisor::aws::ec2;
+pub mod schedule;
 pub mod status;
+pub mod template;
 pub mod token;
 pub mod vars;
+pub mod warm_pool;
 
-/// The template, as deployed.
+/// The template as written (deploys send [`template::body`]).
 pub const TEMPLATE: &str = include_str!("../../cfn/agent-fleet.yaml");
 
 /// CloudFormation's limit for a template passed in the request body.

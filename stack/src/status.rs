@@ -188,6 +188,8 @@ pub async fn print(
     if let Some(e) = ec2_note {
         writeln!(out, "  (instance state and age unavailable: {e})")?;
     }
+    warm_pool(&asg, &names[0], out).await?;
+    next_scheduled_change(&asg, &names[0], out).await?;
 
     // The runtime config says where the leader lease and Semaphore are.
     let config_parameter = agent_supervisor::config::StackIdentity::default_config_parameter(stack);
@@ -286,6 +288,179 @@ pub async fn print(
             m.jobs.queued, m.jobs.running, m.agents.idle, m.agents.occupied, settings.endpoint
         )?,
         Err(e) => writeln!(out, "jobs: unavailable: {e}")?,
+    }
+    Ok(())
+}
+
+/// The agents group's warm pool, if it has one: size, state and its instances.
+async fn warm_pool(
+    asg: &aws_sdk_autoscaling::Client,
+    group: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut instances = vec![];
+    let mut config = None;
+    let mut token = None;
+    loop {
+        let page = match asg
+            .describe_warm_pool()
+            .auto_scaling_group_name(group)
+            .set_next_token(token)
+            .send()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                writeln!(out, "warm pool: unavailable: {}", describe(&e))?;
+                return Ok(());
+            }
+        };
+        config = config.or(page.warm_pool_configuration().cloned());
+        instances.extend(page.instances().iter().cloned());
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            break;
+        }
+    }
+    let Some(c) = config else {
+        return Ok(());
+    };
+    let prepared = match c.max_group_prepared_capacity() {
+        Some(p) if p >= 0 => format!(", max prepared {p}"),
+        _ => String::new(),
+    };
+    writeln!(
+        out,
+        "warm pool: {} instance(s) (min {}{prepared}), {}, reuse on scale-in {}{}",
+        instances.len(),
+        c.min_size().unwrap_or_default(),
+        c.pool_state().map(|s| s.as_str()).unwrap_or("Stopped"),
+        if c.instance_reuse_policy()
+            .and_then(|r| r.reuse_on_scale_in())
+            .unwrap_or(false)
+        {
+            "on"
+        } else {
+            "off"
+        },
+        c.status()
+            .map(|s| format!("; {}", s.as_str()))
+            .unwrap_or_default(),
+    )?;
+    for i in &instances {
+        writeln!(
+            out,
+            "  {}  {:<22} {}",
+            i.instance_id().unwrap_or("?"),
+            i.lifecycle_state().map(|s| s.as_str()).unwrap_or("?"),
+            i.instance_type().unwrap_or_default(),
+        )?;
+    }
+    Ok(())
+}
+
+/// The next of the agents group's scheduled actions. AWS returns each recurring action's
+/// next StartTime; moto does not, so a recurrence of the shape the CLI writes is also
+/// computed here (in the action's time zone) and the earlier of the two is shown.
+async fn next_scheduled_change(
+    asg: &aws_sdk_autoscaling::Client,
+    group: &str,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut actions = vec![];
+    let mut token = None;
+    loop {
+        let page = match asg
+            .describe_scheduled_actions()
+            .auto_scaling_group_name(group)
+            .set_next_token(token)
+            .send()
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                writeln!(out, "schedule: unavailable: {}", describe(&e))?;
+                return Ok(());
+            }
+        };
+        actions.extend(page.scheduled_update_group_actions().iter().cloned());
+        token = page.next_token().map(str::to_string);
+        if token.is_none() {
+            break;
+        }
+    }
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let now = jiff::Timestamp::now();
+    let mut next: Option<(jiff::Timestamp, String, String)> = None;
+    for a in &actions {
+        let zone_name = a.time_zone().unwrap_or("UTC");
+        let Ok(tz) = crate::schedule::time_zone(zone_name) else {
+            continue;
+        };
+        let recurrence = a
+            .recurrence()
+            .and_then(crate::schedule::Recurrence::from_cron);
+        let computed = recurrence.and_then(|r| r.next_after(now, &tz));
+        let given = a
+            .start_time()
+            .and_then(|t| jiff::Timestamp::from_second(t.secs()).ok())
+            .filter(|t| *t > now);
+        let Some(at) = [computed.map(|z| z.timestamp()), given]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
+            continue;
+        };
+        if next.as_ref().is_some_and(|(t, _, _)| *t <= at) {
+            continue;
+        }
+        let local = at
+            .to_zoned_datetime(tz)
+            .strftime("%a %Y-%m-%d %H:%M %Z")
+            .to_string();
+        let mut change = vec![];
+        if let Some(m) = a.min_size() {
+            change.push(format!("min {m}"));
+        }
+        if let Some(m) = a.max_size() {
+            change.push(format!("max {m}"));
+        }
+        if let Some(d) = a.desired_capacity() {
+            change.push(format!("desired {d}"));
+        }
+        let what = format!(
+            "{} ({}{})",
+            change.join(", "),
+            recurrence.map_or_else(
+                || a.recurrence().unwrap_or("once").to_string(),
+                |r| r.to_string()
+            ),
+            if zone_name == "UTC" {
+                String::new()
+            } else {
+                format!(" {zone_name}")
+            }
+        );
+        next = Some((at, local, what));
+    }
+    match next {
+        Some((at, local, what)) => {
+            let secs = at.as_second() - now.as_second();
+            writeln!(
+                out,
+                "next scheduled change: {local} (in {}): {what}; {} scheduled action(s)",
+                age(Duration::from_secs(secs.max(0) as u64)),
+                actions.len()
+            )?
+        }
+        None => writeln!(
+            out,
+            "schedule: {} scheduled action(s), none upcoming",
+            actions.len()
+        )?,
     }
     Ok(())
 }

@@ -15,6 +15,8 @@ pub enum Target {
     ManagedPolicies,
     /// One launch-template override (JSON) spread over the `AsgLaunchTemplateOverride*` parameters.
     Overrides,
+    /// Scheduled changes (`crate::schedule`), one per `ScheduleN` slot.
+    Schedule,
 }
 
 impl Target {
@@ -28,6 +30,7 @@ impl Target {
             },
             Target::ManagedPolicies => &["ManagedPolicyArns"],
             Target::Overrides => &OVERRIDE_PARAMETERS,
+            Target::Schedule => &SCHEDULE_PARAMETERS,
         }
     }
 }
@@ -38,6 +41,15 @@ pub const OVERRIDE_PARAMETERS: [&str; 5] = [
     "AsgLaunchTemplateOverrideVCpuMax",
     "AsgLaunchTemplateOverrideMemoryMiBMin",
     "AsgLaunchTemplateOverrideMemoryMiBMax",
+];
+
+pub const SCHEDULE_PARAMETERS: [&str; crate::schedule::SLOTS] = [
+    "Schedule1",
+    "Schedule2",
+    "Schedule3",
+    "Schedule4",
+    "Schedule5",
+    "Schedule6",
 ];
 
 /// How a value is checked (before any deploy; the template re-checks the same shapes).
@@ -198,6 +210,18 @@ pub const VARS: &[Var] = &[
         "`vm`: jobs get passwordless sudo and Docker, as in the reference (the VM is the boundary); `strict`: no sudo, rootless Docker"),
     ours("SEMAPHORE_AGENT_LIFETIME_CAP", Param("LifetimeCap"), Some("93600"), Int { min: 3600, max: 999_999_999 },
         "seconds: the leader ends (without decrementing) any agent in service longer, so a job that kills its supervisor cannot keep its VM; above Semaphore's 24 h job limit and `SEMAPHORE_AGENT_MAX_UPTIME`"),
+    ours("SEMAPHORE_AGENT_WARM_POOL_SIZE", Param("WarmPoolSize"), Some("0"), Int { min: 0, max: 9999 },
+        "instances kept warmed (Docker up, `SEMAPHORE_AGENT_WARM_IMAGES` pulled, no token, no agent) in a warm pool, at most the group maximum; they start in seconds instead of booting; `0` = no pool. Not with spot or a mixed instances policy"),
+    ours("SEMAPHORE_AGENT_WARM_POOL_STATE", Param("WarmPoolState"), Some("Stopped"), OneOf(&["Stopped", "Hibernated", "Running"]),
+        "pooled instances: `Stopped` (disk only is paid), `Hibernated` (memory kept on disk: supported types, RAM ≤ 150 GiB, a root volume of RAM + 16 GiB), `Running`"),
+    ours("SEMAPHORE_AGENT_WARM_POOL_MAX_PREPARED", Param("WarmPoolMaxPrepared"), None, Int { min: 0, max: 9999 },
+        "Auto Scaling's MaxGroupPreparedCapacity: in service + warm; the pool grows into it above `SEMAPHORE_AGENT_WARM_POOL_SIZE`; unset = the pool is exactly that size"),
+    ours("SEMAPHORE_AGENT_WARM_IMAGES", Param("WarmImages"), None, List(valid_image, "container image references, comma-separated, no spaces"),
+        "images a pooled instance pulls while warming (runtime config `warm_images`)"),
+    ours("SEMAPHORE_AGENT_SCHEDULE", Schedule, None, Any,
+        "recurring minimum (and maximum) changes, e.g. `Mon-Fri 08:00 min=4; Mon-Fri 19:00 min=0`: up to 6 `;`-separated entries of days (`Mon-Fri`, `Sat,Sun`, `daily`), `HH:MM`, `min=N` and optionally `max=N` (default: the group maximum); scheduled actions; `status` shows the next"),
+    ours("SEMAPHORE_AGENT_SCHEDULE_TIMEZONE", Param("ScheduleTimeZone"), Some("UTC"), Shape(valid_time_zone, "an IANA time zone name such as Europe/Berlin"),
+        "time zone of `SEMAPHORE_AGENT_SCHEDULE` (daylight saving followed)"),
 ];
 
 /// Every template parameter a variable can set (the table's `Param` targets plus the
@@ -246,6 +270,11 @@ const PARAM_NAMES: &[&str] = &[
     "MaxUptime",
     "JobIsolation",
     "LifetimeCap",
+    "WarmPoolSize",
+    "WarmPoolState",
+    "WarmPoolMaxPrepared",
+    "WarmImages",
+    "ScheduleTimeZone",
 ];
 
 pub fn lookup(name: &str) -> Option<&'static Var> {
@@ -486,6 +515,16 @@ fn valid_az(s: &str) -> bool {
         && body
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+fn valid_image(s: &str) -> bool {
+    s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/:@-".contains(c))
+}
+
+fn valid_time_zone(s: &str) -> bool {
+    crate::schedule::time_zone(s).is_ok()
 }
 
 fn valid_max_uptime(s: &str) -> bool {
