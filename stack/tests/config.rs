@@ -439,3 +439,70 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn a_warm_pool_and_a_schedule_become_parameters() {
+    let c = load(&[
+        ("SEMAPHORE_AGENT_ASG_MAX_SIZE", "10"),
+        ("SEMAPHORE_AGENT_WARM_POOL_SIZE", "3"),
+        ("SEMAPHORE_AGENT_WARM_IMAGES", "alpine:3,ruby:3.3"),
+        (
+            "SEMAPHORE_AGENT_SCHEDULE",
+            "Mon-Fri 08:00 min=4; Mon-Fri 19:00 min=0",
+        ),
+        ("SEMAPHORE_AGENT_SCHEDULE_TIMEZONE", "Europe/Berlin"),
+    ])
+    .expect("valid");
+    assert_eq!(c.param("WarmPoolSize"), "3");
+    assert_eq!(c.param("WarmPoolState"), "Stopped");
+    assert_eq!(c.param("WarmPoolMaxPrepared"), "");
+    assert_eq!(c.param("WarmImages"), "alpine:3,ruby:3.3");
+    assert_eq!(c.param("Schedule1"), "0 8 * * 1-5|4|10");
+    assert_eq!(c.param("Schedule2"), "0 19 * * 1-5|0|10");
+    assert_eq!(c.param("Schedule3"), "");
+    assert_eq!(c.param("ScheduleTimeZone"), "Europe/Berlin");
+    let c = load(&[]).expect("defaults");
+    assert_eq!(c.param("WarmPoolSize"), "0");
+    assert_eq!(c.param("ScheduleTimeZone"), "UTC");
+    assert_eq!(c.param("Schedule1"), "");
+}
+
+#[test]
+fn what_aws_refuses_of_a_warm_pool_is_refused_with_the_variable() {
+    for (pairs, says) in [
+        (
+            &[("SEMAPHORE_AGENT_WARM_POOL_SIZE", "2"), ("SEMAPHORE_AGENT_ON_DEMAND_PERCENTAGE_ABOVE_BASE", "0")][..],
+            "SEMAPHORE_AGENT_WARM_POOL_SIZE: Auto Scaling adds no warm pool to a group with spot or a mixed instances policy, which SEMAPHORE_AGENT_ON_DEMAND_PERCENTAGE_ABOVE_BASE asks for",
+        ),
+        (&[("SEMAPHORE_AGENT_WARM_POOL_SIZE", "2")][..], "is above SEMAPHORE_AGENT_ASG_MAX_SIZE 1"),
+        (
+            &[("SEMAPHORE_AGENT_ASG_MAX_SIZE", "5"), ("SEMAPHORE_AGENT_WARM_POOL_SIZE", "3"), ("SEMAPHORE_AGENT_WARM_POOL_MAX_PREPARED", "2")][..],
+            "SEMAPHORE_AGENT_WARM_POOL_MAX_PREPARED: \"2\" is below SEMAPHORE_AGENT_WARM_POOL_SIZE 3",
+        ),
+        (&[("SEMAPHORE_AGENT_WARM_IMAGES", "alpine:3")][..], "SEMAPHORE_AGENT_WARM_IMAGES: applies to a warm pool only"),
+        (
+            &[("SEMAPHORE_AGENT_WARM_POOL_SIZE", "1"), ("SEMAPHORE_AGENT_WARM_POOL_STATE", "Hibernated"), ("SEMAPHORE_AGENT_INSTANCE_TYPE", "x2iedn.xlarge")][..],
+            "SEMAPHORE_AGENT_INSTANCE_TYPE: with SEMAPHORE_AGENT_WARM_POOL_STATE=Hibernated: \"x2iedn.xlarge\" is not a type agent-fleet knows EC2 can hibernate",
+        ),
+        (
+            &[("SEMAPHORE_AGENT_WARM_POOL_SIZE", "1"), ("SEMAPHORE_AGENT_WARM_POOL_STATE", "Hibernated"), ("SEMAPHORE_AGENT_INSTANCE_TYPE", "m6i.4xlarge")][..],
+            "SEMAPHORE_AGENT_VOLUME_SIZE: with SEMAPHORE_AGENT_WARM_POOL_STATE=Hibernated: 64 GiB cannot hold the 64 GiB of RAM",
+        ),
+        (
+            &[("SEMAPHORE_AGENT_WARM_POOL_SIZE", "1"), ("SEMAPHORE_AGENT_WARM_POOL_STATE", "Hibernated"), ("SEMAPHORE_AGENT_INSTANCE_TYPE", "r6i.8xlarge"), ("SEMAPHORE_AGENT_VOLUME_SIZE", "512")][..],
+            "EC2 hibernates at most 150 GiB",
+        ),
+        (&[("SEMAPHORE_AGENT_SCHEDULE", "Mon-Fri 8am min=4")][..], "SEMAPHORE_AGENT_SCHEDULE: entry 1 (\"Mon-Fri 8am min=4\"): \"8am\" is not a time"),
+        (&[("SEMAPHORE_AGENT_SCHEDULE", "Mon-Fri 08:00 min=4")][..], "min=4 is above SEMAPHORE_AGENT_ASG_MAX_SIZE 1: add max=N"),
+        (&[("SEMAPHORE_AGENT_SCHEDULE_TIMEZONE", "Mars/Olympus")][..], "SEMAPHORE_AGENT_SCHEDULE_TIMEZONE: \"Mars/Olympus\" must be an IANA time zone name"),
+    ] {
+        let e = refused(pairs);
+        assert!(e.contains(says), "{pairs:?}:\n{e}");
+    }
+    load(&[
+        ("SEMAPHORE_AGENT_WARM_POOL_SIZE", "1"),
+        ("SEMAPHORE_AGENT_WARM_POOL_STATE", "Hibernated"),
+        ("SEMAPHORE_AGENT_INSTANCE_TYPE", "t3.large"),
+    ])
+    .expect("t3.large (8 GiB) hibernates on the default 64 GiB root volume");
+}
