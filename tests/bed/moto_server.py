@@ -8,7 +8,9 @@ What this adds to `moto_server`:
    lifecycle hook, an instance leaving the group (TerminateInstanceInAutoScalingGroup, a lower
    SetDesiredCapacity, UpdateAutoScalingGroup lowering MaxSize) waits in Terminating:Wait until
    CompleteLifecycleAction, its heartbeat timeout (heartbeats restart it) or the global timeout;
-   LifecycleHookSpecificationList of a CloudFormation group creates its hooks.
+   LifecycleHookSpecificationList of a CloudFormation group creates its hooks. Warm pools
+   (PutWarmPool, AWS::AutoScaling::WarmPool) move instances through their lifecycle, launch
+   hooks hold launches in Pending:Wait / Warmed:Pending:Wait (see `apply_warm_pool_patches`).
 2. A WSGI middleware (`Bed`) in front of moto that
    - serialises AWS requests into moto (moto's backends check-then-insert without locks; the
      leader election relies on PutParameter(Overwrite=false) being atomic, as it is in AWS),
@@ -35,6 +37,12 @@ Control API (JSON in, JSON out; never logged as AWS calls):
                         or {"instance_id": "i-…", "ago_secs": 93600}
                                         -> {"instance_id", "launch_time"}  (ages an instance:
                                            DescribeInstances then shows that launch time)
+  GET    /_bed/warm_pool?group=<asg>  -> {"group", "configured", "pool_state", "min_size",
+                                           "max_group_prepared_capacity", "target", "desired",
+                                           "instances": [{"instance_id", "lifecycle_state",
+                                           "ec2_state", "launch_template_version"}]}
+                                          (the warm pool as the launcher needs it; moves
+                                           lifecycle waits on like an Auto Scaling call, unlogged)
   POST   /_bed/cfn_failure {"resource": "AgentGroup", "reason": "..."}
                                         -> {"armed": true}  (the next change set execution that
                                            touches that resource fails and rolls back)
@@ -109,8 +117,9 @@ def apply_patches() -> None:
         )
 
     def find_instance(backend: Any, instance_id: str | None) -> tuple[Any, Any]:
+        """(group, state) of an instance in a group or in its warm pool; (None, None)."""
         for group in backend.autoscaling_groups.values():
-            for state in group.instance_states:
+            for state in list(group.instance_states) + pool_of(group):
                 if state.instance.id == instance_id:
                     return group, state
         return None, None
@@ -160,24 +169,26 @@ def apply_patches() -> None:
         # HeartbeatTimeout, whichever is smaller."
         return min(172800, 100 * hook.heartbeat_timeout)
 
+    def wait_expired(state: Any, now: float) -> bool:
+        hook = getattr(state, "bed_hook", None)
+        return (
+            hook is None
+            or now >= state.bed_heartbeat + hook.heartbeat_timeout
+            or now >= state.bed_wait_started + global_timeout(hook)
+        )
+
     def expire_lifecycle_actions(backend: Any) -> None:
         # PutLifecycleHook, HeartbeatTimeout: "If the lifecycle hook times out, Amazon EC2 Auto
         # Scaling performs the action that you specified in the DefaultResult property." For
         # the terminating transition both CONTINUE and ABANDON end in termination. Heartbeats
-        # restart the timeout, never past the global timeout. Checked lazily, before every
-        # Auto Scaling API call.
+        # restart the timeout, never past the global timeout. Checked lazily, before and after
+        # every Auto Scaling API call; launch waits (warm pools) are advanced the same way.
         now = time.time()
         for group in list(backend.autoscaling_groups.values()):
             for state in list(group.instance_states):
-                if state.lifecycle_state != "Terminating:Wait":
-                    continue
-                hook = getattr(state, "bed_hook", None)
-                if (
-                    hook is None
-                    or now >= state.bed_heartbeat + hook.heartbeat_timeout
-                    or now >= state.bed_wait_started + global_timeout(hook)
-                ):
+                if state.lifecycle_state == "Terminating:Wait" and wait_expired(state, now):
                     finish_termination(backend, group, state)
+            advance_launches(backend, group, now)
 
     # -- Scale-in through a termination lifecycle hook --------------------------------------
     # With a hook for autoscaling:EC2_INSTANCE_TERMINATING, an instance Auto Scaling removes on
@@ -195,6 +206,9 @@ def apply_patches() -> None:
     _orig_group_set_desired_capacity = M.FakeAutoScalingGroup.set_desired_capacity
 
     def group_set_desired_capacity(self: Any, new_capacity: Any) -> None:
+        if bed_managed(self):
+            bed_set_desired_capacity(self, new_capacity)
+            return
         hooks = (
             terminating_hooks(self.autoscaling_backend, self.name)
             if getattr(api_action, "name", None) in scale_in_actions
@@ -232,6 +246,7 @@ def apply_patches() -> None:
                 timeout=int(timeout) if timeout is not None else None,
                 result=spec.get("DefaultResult"),
             )
+        hold_launched(group)
         return group
 
     M.FakeAutoScalingGroup.create_from_cloudformation_json = classmethod(cfn_create)
@@ -295,6 +310,13 @@ def apply_patches() -> None:
         if group is None:
             raise not_found(instance_id)
         original = group.desired_capacity
+        if state in pool_of(group):
+            # A warm pool instance: terminated at once (Warmed:Terminated), never counted in
+            # desired capacity; the pool refills (User Guide, "Warm pools": Auto Scaling
+            # "maintains" the pool's size). ShouldDecrementDesiredCapacity does not apply.
+            terminate_pool_instance(backend, group, state)
+            fill_pool(group)
+            return ActionResult({"Activity": M.TerminateInstanceActivity(state.instance, original)})
         if state.lifecycle_state.startswith("Terminating"):
             # Not documented by AWS; we answer a repeated request as a no-op (no second
             # decrement, no second replacement) rather than inventing an error.
@@ -312,7 +334,10 @@ def apply_patches() -> None:
                 group.desired_capacity = original - 1
             # Launches the replacement when not decrementing: the waiting instance no longer
             # counts as active (moto counts only InService instances).
-            _orig_group_set_desired_capacity(group, group.desired_capacity)
+            if bed_managed(group):
+                bed_set_desired_capacity(group, group.desired_capacity)
+            else:
+                _orig_group_set_desired_capacity(group, group.desired_capacity)
             activity = M.TerminateInstanceActivity(state.instance, original)
         else:
             activity = backend.terminate_instance(instance_id, should_decrement)
@@ -350,10 +375,15 @@ def apply_patches() -> None:
         if hook is None:
             raise ValidationError(f"No Lifecycle Hook found with name {hook_name} for group {group_name}")
         group, state = find_instance(backend, instance_id)
+        waiting_for = getattr(state, "bed_hook", None) if state is not None else None
         if (
             group is None
             or group.name != group_name
             or not state.lifecycle_state.endswith(":Wait")
+            or (
+                waiting_for is not None
+                and waiting_for.lifecycle_transition != hook.lifecycle_transition
+            )
         ):
             raise ValidationError(f"No active Lifecycle Action found with instance ID {instance_id}")
         return backend, group, state
@@ -365,6 +395,8 @@ def apply_patches() -> None:
         backend, group, state = pending_action(self)
         if state.lifecycle_state == "Terminating:Wait":
             finish_termination(backend, group, state)
+        else:
+            end_launch_wait(backend, group, state, result)
         return EmptyResult()
 
     def record_lifecycle_action_heartbeat(self: Any) -> Any:
@@ -381,6 +413,7 @@ def apply_patches() -> None:
             return _orig_call_action(self)
         finally:
             api_action.name = None
+            expire_lifecycle_actions(self.autoscaling_backend)
 
     R.AutoScalingResponse.set_desired_capacity = set_desired_capacity
     R.AutoScalingResponse.terminate_instance_in_auto_scaling_group = (
@@ -391,7 +424,438 @@ def apply_patches() -> None:
     R.AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
     R.AutoScalingResponse.call_action = call_action
 
+    warm_pools = apply_warm_pool_patches(
+        M,
+        R,
+        ValidationError,
+        EmptyResult,
+        ActionResult,
+        {
+            "terminating_hooks": terminating_hooks,
+            "finish_termination": finish_termination,
+            "begin_termination_wait": begin_termination_wait,
+            "wait_expired": wait_expired,
+            "scale_in_actions": scale_in_actions,
+            "api_action": api_action,
+            "group_or_error": group_or_error,
+        },
+    )
+    pool_of = warm_pools["pool_of"]
+    bed_managed = warm_pools["bed_managed"]
+    bed_set_desired_capacity = warm_pools["bed_set_desired_capacity"]
+    advance_launches = warm_pools["advance_launches"]
+    end_launch_wait = warm_pools["end_launch_wait"]
+    terminate_pool_instance = warm_pools["terminate_pool_instance"]
+    fill_pool = warm_pools["fill_pool"]
+    hold_launched = warm_pools["hold_launched"]
+    WARM_POOLS.update(warm_pools, advance=expire_lifecycle_actions)
+
     apply_ec2_patches()
+
+
+# Handles the /_bed/ control API uses (pool_of, fill_pool...), filled by apply_patches.
+WARM_POOLS: dict[str, Any] = {}
+
+# Where an instance in a warm pool stays once warmed, per PoolState.
+WARMED_STATES = ("Warmed:Stopped", "Warmed:Running", "Warmed:Hibernated")
+LAUNCHING = "autoscaling:EC2_INSTANCE_LAUNCHING"
+
+
+def apply_warm_pool_patches(
+    M: Any, R: Any, ValidationError: Any, EmptyResult: Any, ActionResult: Any, h: dict[str, Any]
+) -> dict[str, Any]:
+    """Warm pools as Auto Scaling runs them; moto 5.2.5 stores PutWarmPool and nothing more.
+
+    User Guide, "Warm pools for Amazon EC2 Auto Scaling" and "Use lifecycle hooks with a warm
+    pool": a warm pool is "a pool of pre-initialized EC2 instances that sits alongside the Auto
+    Scaling group". What is emulated:
+
+    - Size: PutWarmPool's MaxGroupPreparedCapacity: "If a value for MaxGroupPreparedCapacity is
+      not specified, Amazon EC2 Auto Scaling launches and maintains the difference between the
+      group's maximum capacity and its desired capacity. If you specify a value ..., Amazon EC2
+      Auto Scaling uses the difference between the MaxGroupPreparedCapacity and the desired
+      capacity instead." "If the desired capacity ... is higher than the
+      MaxGroupPreparedCapacity, the capacity of the warm pool is 0, unless you specify a value
+      for MinSize" (-1 removes a value). So: max(MinSize, max(0, (MGPC or MaxSize) - desired)),
+      kept filled before and after every Auto Scaling call.
+    - A pool instance launches as Warmed:Pending; with a launch hook
+      (autoscaling:EC2_INSTANCE_LAUNCHING) it "pause[s] ... when it reaches the
+      Warmed:Pending:Wait state" until CompleteLifecycleAction or the heartbeat timeout
+      (DefaultResult; ABANDON terminates it), then Warmed:Pending:Proceed, then Warmed:Stopped,
+      Warmed:Hibernated or Warmed:Running per PoolState (its EC2 state stopped for the first
+      two). Without a hook it goes there at once ("As soon as an instance finishes launching
+      into the warm pool, Amazon EC2 Auto Scaling stops or hibernates the instance").
+    - Scale-out draws on the pool first: a warmed instance leaves it for Pending (EC2: started),
+      then with a launch hook "again when the instance restarts and reaches the Pending:Wait
+      state", then Pending:Proceed, InService; "If the demand on your application depletes the
+      warm pool, Amazon EC2 Auto Scaling can launch instances directly into your Auto Scaling
+      group" (those pause only in Pending:Wait). Instances still warming are not drawn on.
+    - Scale-in terminates (InstanceReusePolicy.ReuseOnScaleIn false, the default: "The default
+      is to terminate instances in the Auto Scaling group when the group scales in"); with
+      ReuseOnScaleIn true the instance returns to the pool (Warmed:Pending:Wait for a
+      termination hook, then the pool state).
+    - DescribeWarmPool lists "the instances that are currently in the warm pool";
+      DescribeAutoScalingGroups lists only the group's own instances (and WarmPoolSize); the
+      pool never counts in desired capacity. DescribeAutoScalingInstances lists both.
+    - PutWarmPool "cannot be called on an Auto Scaling group that has a mixed instances policy
+      or a launch template or launch configuration that requests Spot Instances" (API
+      reference); DeleteWarmPool and DeleteAutoScalingGroup terminate the pool's instances.
+    - CloudFormation AWS::AutoScaling::WarmPool (AutoScalingGroupName, MinSize,
+      MaxGroupPreparedCapacity, PoolState, InstanceReusePolicy) calls PutWarmPool.
+
+    A group with a warm pool or a launch hook ("bed-managed") has its capacity kept here: moto
+    counts only InService instances and would launch extra ones for every Pending:Wait. Groups
+    with neither keep moto's behaviour (and the termination-hook patches) unchanged.
+    Each instance records the launch template version it was launched from (an Auto Scaling
+    instance's LaunchTemplate.Version), so a pooled instance can tell it is stale.
+    """
+    terminating_hooks = h["terminating_hooks"]
+    finish_termination = h["finish_termination"]
+    begin_termination_wait = h["begin_termination_wait"]
+    wait_expired = h["wait_expired"]
+    group_or_error = h["group_or_error"]
+
+    def pool_of(group: Any) -> list[Any]:
+        pool = getattr(group, "bed_pool", None)
+        if pool is None:
+            pool = []
+            group.bed_pool = pool
+        return pool
+
+    def launching_hooks(backend: Any, group_name: str) -> list[Any]:
+        return [
+            hk
+            for hk in backend.lifecycle_hooks.values()
+            if hk.auto_scaling_group_name == group_name and hk.lifecycle_transition == LAUNCHING
+        ]
+
+    def bed_managed(group: Any) -> bool:
+        if getattr(group, "warm_pool", None) is not None or getattr(group, "bed_pool", None):
+            return True
+        backend = group.autoscaling_backend
+        return bool(launching_hooks(backend, group.name))
+
+    def pool_target(group: Any) -> int:
+        wp = group.warm_pool
+        if wp is None:
+            return 0
+        ceiling = wp.max_group_prepared_capacity
+        if ceiling is None or int(ceiling) < 0:
+            ceiling = group.max_size or 0
+        return max(int(wp.min_size or 0), max(0, int(ceiling) - int(group.desired_capacity or 0)))
+
+    def launched_version(group: Any) -> Any:
+        template = group.ec2_launch_template
+        if template is None:
+            return None
+        try:
+            return template.get_version(group.launch_template_version or "$Default").number
+        except Exception:  # an unknown version: moto launched anyway
+            return None
+
+    def launch(group: Any, count: int) -> list[Any]:
+        """Launches `count` instances as moto does and returns their states, taken out of the
+        group's list (the caller puts them where they belong)."""
+        before = {id(s) for s in group.instance_states}
+        group.replace_autoscaling_group_instances(count, group.get_propagated_tags())
+        new = [s for s in group.instance_states if id(s) not in before]
+        group.instance_states = [s for s in group.instance_states if id(s) in before]
+        version = launched_version(group)
+        for s in new:
+            s.bed_lt_version = version
+        return new
+
+    def begin_wait(state: Any, lifecycle_state: str, hook: Any) -> None:
+        state.lifecycle_state = lifecycle_state
+        state.bed_hook = hook
+        state.bed_heartbeat = time.time()
+        state.bed_wait_started = state.bed_heartbeat
+
+    def enter_group(group: Any, state: Any) -> None:
+        """An instance joins the group (launched into it, or out of the pool)."""
+        state.bed_hook = None
+        hooks = launching_hooks(group.autoscaling_backend, group.name)
+        if hooks:
+            begin_wait(state, "Pending:Wait", hooks[0])
+        else:
+            state.lifecycle_state = "InService"
+        group.instance_states.append(state)
+
+    def enter_pool(group: Any, state: Any, hooks: list[Any]) -> None:
+        state.bed_hook = None
+        if hooks:
+            begin_wait(state, "Warmed:Pending:Wait", hooks[0])
+        else:
+            warmed(group, state)
+        pool_of(group).append(state)
+
+    def warmed(group: Any, state: Any) -> None:
+        pool_state = (group.warm_pool.pool_state if group.warm_pool is not None else None) or "Stopped"
+        state.lifecycle_state = f"Warmed:{pool_state}"
+        state.bed_hook = None
+        if pool_state in ("Stopped", "Hibernated") and state.instance.is_running():
+            state.instance.stop()
+
+    def terminate_pool_instance(backend: Any, group: Any, state: Any) -> None:
+        group.bed_pool = [x for x in pool_of(group) if x is not state]
+        backend.ec2_backend.terminate_instances([state.instance.id])
+
+    def fill_pool(group: Any) -> None:
+        pool = pool_of(group)
+        if group.warm_pool is None:
+            return
+        missing = pool_target(group) - len(pool)
+        if missing > 0:
+            hooks = launching_hooks(group.autoscaling_backend, group.name)
+            for state in launch(group, missing):
+                enter_pool(group, state, hooks)
+        elif missing < 0:
+            # The newest go first.
+            for state in list(reversed(pool))[: -missing]:
+                terminate_pool_instance(group.autoscaling_backend, group, state)
+
+    def scale_in(group: Any, state: Any, hooks: list[Any]) -> None:
+        wp = group.warm_pool
+        reuse = wp is not None and str((wp.instance_reuse_policy or {}).get("ReuseOnScaleIn", "false")).lower() == "true"
+        if reuse:
+            group.instance_states = [x for x in group.instance_states if x is not state]
+            enter_pool(group, state, hooks)
+        elif hooks:
+            begin_termination_wait(state, hooks[0])
+        else:
+            finish_termination(group.autoscaling_backend, group, state)
+
+    def bed_set_desired_capacity(group: Any, new_capacity: Any) -> None:
+        backend = group.autoscaling_backend
+        group.desired_capacity = group.min_size if new_capacity is None else new_capacity
+        desired = int(group.desired_capacity or 0)
+        live = [s for s in group.instance_states if not s.lifecycle_state.startswith("Terminating")]
+        excess = len(live) - desired
+        if excess > 0:
+            hooks = (
+                terminating_hooks(backend, group.name)
+                if getattr(h["api_action"], "name", None) in h["scale_in_actions"]
+                else []
+            )
+            for state in [s for s in live if not s.protected_from_scale_in][:excess]:
+                scale_in(group, state, hooks)
+        elif excess < 0:
+            need = -excess
+            ready = [s for s in pool_of(group) if s.lifecycle_state in WARMED_STATES][:need]
+            for state in ready:
+                group.bed_pool = [x for x in pool_of(group) if x is not state]
+                state.lifecycle_state = "Pending"
+                if not state.instance.is_running():
+                    state.instance.start()
+                enter_group(group, state)
+            if need > len(ready):
+                for state in launch(group, need - len(ready)):
+                    enter_group(group, state)
+        fill_pool(group)
+        if group.name in backend.autoscaling_groups:
+            backend.update_attached_elbs(group.name)
+            backend.update_attached_target_groups(group.name)
+
+    def end_launch_wait(backend: Any, group: Any, state: Any, result: str) -> None:
+        """A launch wait (Pending:Wait or Warmed:Pending:Wait) ends with `result`."""
+        in_pool = state in pool_of(group)
+        hook = getattr(state, "bed_hook", None)
+        returning = hook is not None and hook.lifecycle_transition != LAUNCHING
+        if result == "ABANDON" and not returning:
+            # API reference, CompleteLifecycleAction: for a launching instance "ABANDON ...
+            # terminates the instance"; Auto Scaling launches a replacement.
+            if in_pool:
+                terminate_pool_instance(backend, group, state)
+                fill_pool(group)
+            else:
+                finish_termination(backend, group, state)
+                bed_set_desired_capacity(group, group.desired_capacity)
+            return
+        state.bed_hook = None
+        state.lifecycle_state = "Warmed:Pending:Proceed" if in_pool else "Pending:Proceed"
+
+    def advance_launches(backend: Any, group: Any, now: float) -> None:
+        """Moves launches on: expired waits take the hook's DefaultResult, :Proceed states
+        their next state; then keeps the pool filled."""
+        if not bed_managed(group):
+            return
+        for state in list(group.instance_states) + list(pool_of(group)):
+            if state.lifecycle_state in ("Pending:Wait", "Warmed:Pending:Wait") and wait_expired(state, now):
+                hook = state.bed_hook
+                end_launch_wait(backend, group, state, (hook.default_result if hook else None) or "ABANDON")
+            elif state.lifecycle_state == "Pending:Proceed" or state.lifecycle_state == "Pending":
+                state.lifecycle_state = "InService"
+            elif state.lifecycle_state in ("Warmed:Pending:Proceed", "Warmed:Pending"):
+                warmed(group, state)
+        fill_pool(group)
+
+    # -- The API ------------------------------------------------------------------------------
+    def int_or_none(v: Any) -> int | None:
+        if v is None or v == "":
+            return None
+        return int(v)
+
+    def put_pool(group: Any, max_prepared: Any, min_size: Any, pool_state: Any, reuse: Any) -> None:
+        if group.mixed_instances_policy:
+            raise ValidationError(
+                "You can't add a warm pool to an Auto Scaling group that has a mixed instances policy "
+                "or a launch template or launch configuration that requests Spot Instances."
+            )
+        pool_state = pool_state or "Stopped"
+        if pool_state not in ("Stopped", "Running", "Hibernated"):
+            raise ValidationError(f"PoolState must be Stopped, Running or Hibernated, not {pool_state}")
+        max_prepared = int_or_none(max_prepared)
+        min_size = int_or_none(min_size)
+        if min_size is not None and min_size < 0:
+            raise ValidationError("MinSize must be 0 or more")
+        if max_prepared is not None and max_prepared < -1:
+            raise ValidationError("MaxGroupPreparedCapacity must be -1 or more")
+        if max_prepared is not None and max_prepared >= 0 and min_size is not None and min_size > max_prepared:
+            raise ValidationError("MinSize can't be greater than MaxGroupPreparedCapacity")
+        if isinstance(reuse, dict):
+            reuse = {"ReuseOnScaleIn": str(reuse.get("ReuseOnScaleIn", "false")).lower() == "true"}
+        group.put_warm_pool(
+            max_group_prepared_capacity=None if max_prepared == -1 else max_prepared,
+            min_size=min_size,
+            pool_state=pool_state,
+            instance_reuse_policy=reuse or None,
+        )
+        fill_pool(group)
+
+    def delete_pool(group: Any) -> None:
+        for state in list(pool_of(group)):
+            terminate_pool_instance(group.autoscaling_backend, group, state)
+        group.warm_pool = None
+
+    def put_warm_pool(self: Any) -> Any:
+        params = self._get_params()
+        group = group_or_error(self.autoscaling_backend, params.get("AutoScalingGroupName"))
+        put_pool(
+            group,
+            params.get("MaxGroupPreparedCapacity"),
+            params.get("MinSize"),
+            params.get("PoolState"),
+            params.get("InstanceReusePolicy"),
+        )
+        return EmptyResult()
+
+    def describe_warm_pool(self: Any) -> Any:
+        group = group_or_error(self.autoscaling_backend, self._get_param("AutoScalingGroupName"))
+        return ActionResult({"WarmPoolConfiguration": group.warm_pool, "Instances": list(pool_of(group))})
+
+    def delete_warm_pool(self: Any) -> Any:
+        group = group_or_error(self.autoscaling_backend, self._get_param("AutoScalingGroupName"))
+        delete_pool(group)
+        return EmptyResult()
+
+    R.AutoScalingResponse.put_warm_pool = put_warm_pool
+    R.AutoScalingResponse.describe_warm_pool = describe_warm_pool
+    R.AutoScalingResponse.delete_warm_pool = delete_warm_pool
+
+    # DescribeAutoScalingGroups: WarmPoolSize ("The current size of the warm pool").
+    M.FakeAutoScalingGroup.warm_pool_size = property(
+        lambda self: len(pool_of(self)) if self.warm_pool is not None else None
+    )
+
+    # An instance's LaunchTemplate.Version: the version it was launched from (moto: the
+    # template's default version, whatever the instance was launched from).
+    _orig_lt = M.InstanceState.launch_template
+
+    def instance_launch_template(self: Any) -> Any:
+        lt = _orig_lt.fget(self)
+        version = getattr(self, "bed_lt_version", None)
+        if lt is not None and version is not None:
+            lt = dict(lt, Version=str(version))
+        return lt
+
+    M.InstanceState.launch_template = property(instance_launch_template)
+
+    _orig_describe_instances = M.AutoScalingBackend.describe_auto_scaling_instances
+
+    def describe_auto_scaling_instances(self: Any, instance_ids: list[str]) -> list[Any]:
+        states = _orig_describe_instances(self, instance_ids)
+        for group in self.autoscaling_groups.values():
+            states.extend(s for s in pool_of(group) if not instance_ids or s.instance.id in instance_ids)
+        return states
+
+    M.AutoScalingBackend.describe_auto_scaling_instances = describe_auto_scaling_instances
+
+    _orig_delete_group = M.AutoScalingBackend.delete_auto_scaling_group
+
+    def delete_auto_scaling_group(self: Any, group_name: str) -> None:
+        group = self.autoscaling_groups.get(group_name)
+        if group is not None:
+            delete_pool(group)
+        _orig_delete_group(self, group_name)
+
+    M.AutoScalingBackend.delete_auto_scaling_group = delete_auto_scaling_group
+
+    # -- CloudFormation: AWS::AutoScaling::WarmPool -------------------------------------------
+    def backend_of(account_id: str, region_name: str) -> Any:
+        return M.autoscaling_backends[account_id][region_name]
+
+    def cfn_group(account_id: str, region_name: str, props: dict[str, Any]) -> Any:
+        return group_or_error(backend_of(account_id, region_name), props.get("AutoScalingGroupName"))
+
+    def cfn_put(group: Any, props: dict[str, Any]) -> None:
+        put_pool(
+            group,
+            props.get("MaxGroupPreparedCapacity"),
+            props.get("MinSize"),
+            props.get("PoolState"),
+            props.get("InstanceReusePolicy"),
+        )
+
+    def cfn_create(cls: Any, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str, **kwargs: Any) -> Any:
+        props = cloudformation_json.get("Properties", {})
+        group = cfn_group(account_id, region_name, props)
+        cfn_put(group, props)
+        group.warm_pool.bed_group_name = group.name
+        return group.warm_pool
+
+    def cfn_update(cls: Any, original_resource: Any, new_resource_name: str, cloudformation_json: Any, account_id: str, region_name: str) -> Any:
+        return cfn_create(cls, new_resource_name, cloudformation_json, account_id, region_name)
+
+    def cfn_delete(cls: Any, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str) -> None:
+        props = cloudformation_json.get("Properties", {})
+        group = backend_of(account_id, region_name).autoscaling_groups.get(props.get("AutoScalingGroupName"))
+        if group is not None:
+            delete_pool(group)
+
+    W = M.FakeWarmPool
+    W.cloudformation_type = staticmethod(lambda: "AWS::AutoScaling::WarmPool")
+    W.cloudformation_name_type = staticmethod(lambda: "")
+    W.create_from_cloudformation_json = classmethod(cfn_create)
+    W.update_from_cloudformation_json = classmethod(cfn_update)
+    W.delete_from_cloudformation_json = classmethod(cfn_delete)
+    W.physical_resource_id = property(lambda self: getattr(self, "bed_group_name", "warm-pool"))
+    from moto.cloudformation import parsing
+
+    for cached in (parsing.get_model_list, parsing.get_model_map, parsing.get_name_type_map):
+        cached.cache_clear()
+
+    def hold_launched(group: Any) -> None:
+        """Instances a group launched before its launch hook existed (CloudFormation creates
+        LifecycleHookSpecificationList's hooks "before instances are launched") wait as if the
+        hook had been there."""
+        hooks = launching_hooks(group.autoscaling_backend, group.name)
+        version = launched_version(group)
+        for state in group.instance_states:
+            if hooks and state.lifecycle_state == "InService":
+                begin_wait(state, "Pending:Wait", hooks[0])
+                state.bed_lt_version = version
+
+    return {
+        "hold_launched": hold_launched,
+        "pool_of": pool_of,
+        "bed_managed": bed_managed,
+        "bed_set_desired_capacity": bed_set_desired_capacity,
+        "advance_launches": advance_launches,
+        "end_launch_wait": end_launch_wait,
+        "terminate_pool_instance": terminate_pool_instance,
+        "fill_pool": fill_pool,
+        "pool_target": pool_target,
+    }
 
 
 def apply_ec2_patches() -> None:
@@ -556,6 +1020,47 @@ def group_user_data(group_name: str, region: str) -> tuple[int, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------
+# Warm pool for the launcher (GET /_bed/warm_pool)
+# --------------------------------------------------------------------------------------------
+
+
+def warm_pool_doc(group_name: str, region: str) -> tuple[int, dict[str, Any]]:
+    """(status, doc) for GET /_bed/warm_pool; the caller holds the moto lock. Moves lifecycle
+    waits and the pool on first, as an Auto Scaling call would, without being logged as one."""
+    from moto.autoscaling.models import autoscaling_backends
+    from moto.core import DEFAULT_ACCOUNT_ID
+
+    try:
+        backend = autoscaling_backends[DEFAULT_ACCOUNT_ID][region]
+    except KeyError:
+        return 404, {"error": f"unknown region {region}"}
+    WARM_POOLS["advance"](backend)
+    group = backend.autoscaling_groups.get(group_name)
+    if group is None:
+        return 404, {"error": f"no Auto Scaling group named {group_name} in {region}"}
+    wp = group.warm_pool
+    pool = WARM_POOLS["pool_of"](group)
+    return 200, {
+        "group": group_name,
+        "configured": wp is not None,
+        "pool_state": wp.pool_state if wp is not None else None,
+        "min_size": wp.min_size if wp is not None else None,
+        "max_group_prepared_capacity": wp.max_group_prepared_capacity if wp is not None else None,
+        "target": WARM_POOLS["pool_target"](group),
+        "desired": group.desired_capacity,
+        "instances": [
+            {
+                "instance_id": s.instance.id,
+                "lifecycle_state": s.lifecycle_state,
+                "ec2_state": s.instance.state,
+                "launch_template_version": getattr(s, "bed_lt_version", None),
+            }
+            for s in pool
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # Call log and faults
 # --------------------------------------------------------------------------------------------
 
@@ -575,6 +1080,9 @@ LOGGED_PARAMS: dict[str, tuple[str, ...]] = {
     "UpdateAutoScalingGroup": ("AutoScalingGroupName", "MinSize", "MaxSize", "DesiredCapacity"),
     "PutLifecycleHook": ("AutoScalingGroupName", "LifecycleHookName", "LifecycleTransition", "HeartbeatTimeout"),
     "ResumeProcesses": ("AutoScalingGroupName",),
+    "PutWarmPool": ("AutoScalingGroupName", "MinSize", "MaxGroupPreparedCapacity", "PoolState"),
+    "DescribeWarmPool": ("AutoScalingGroupName",),
+    "DeleteWarmPool": ("AutoScalingGroupName",),
     "PutParameter": ("Name", "Overwrite", "Type"),
     "GetParameter": ("Name", "WithDecryption"),
     "GetParameters": ("Names",),
@@ -979,6 +1487,14 @@ class Bed:
             # moto's backends are not thread-safe: read them as an AWS request would.
             with self.moto_lock:
                 return group_user_data(group, region)
+        if path == "/_bed/warm_pool" and method == "GET":
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            group = query.get("group", [""])[0]
+            if not group:
+                raise ValueError("warm_pool needs ?group=<Auto Scaling group name>")
+            region = query.get("region", [DEFAULT_REGION])[0]
+            with self.moto_lock:
+                return warm_pool_doc(group, region)
         if path == "/_bed/faults":
             if method == "POST":
                 spec = json.loads(Bed.read_body(environ) or b"null")

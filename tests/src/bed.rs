@@ -187,6 +187,7 @@ impl Bed {
                 poll: Duration::from_millis(150),
                 stop_timeout: Duration::from_secs(10),
                 agent: Default::default(),
+                ec2: crate::fleet::Ec2Delays::NONE,
             }
         }
     }

@@ -7,6 +7,20 @@
 //! `Terminating:Proceed`: a termination lifecycle hook holds it), the instance keeps
 //! running and its IMDS `autoscaling/target-lifecycle-state` says `Terminated`, as EC2's
 //! does; the supervisor is stopped when the instance leaves the group.
+//!
+//! Warm pools (`GET /_bed/warm_pool`, see moto_server.py): an instance launched into a pool
+//! boots like any other, its IMDS saying `Warmed:<PoolState>`, while Auto Scaling holds it
+//! in `Warmed:Pending(:Wait)`. Then the pool state maps to processes:
+//!
+//! | Auto Scaling state | the instance here |
+//! |---|---|
+//! | `Warmed:Pending`, `Warmed:Pending:Wait`, `Warmed:Pending:Proceed`, `Warmed:Running` | its supervisor runs |
+//! | `Warmed:Stopped` | powered off: every process of its supervisor's tree and agents SIGKILLed; its directory (disk, work dir) kept |
+//! | `Warmed:Hibernated` | its processes SIGSTOPped (memory kept) |
+//! | out of the pool (`Pending`, `Pending:Wait`, `Pending:Proceed`, `InService`) | stopped: a new supervisor process on the same directory; hibernated: SIGCONT; IMDS says `InService` either way |
+//!
+//! EC2's own delays (a cold launch, a start from stopped or hibernated, a stop) are
+//! [`Ec2Delays`]: none by default, or published figures ([`Ec2Delays::published`]).
 
 use crate::imds::{FakeImds, InstanceMeta};
 use crate::moto::Moto;
@@ -154,6 +168,9 @@ pub struct InstanceOptions {
     pub launch_time_unix_ms: Option<u64>,
     /// The agent the supervisor runs.
     pub agent: AgentKind,
+    /// What the fake IMDS says at `autoscaling/target-lifecycle-state` from the start
+    /// (`None`: `InService`), e.g. `Warmed:Stopped` for an instance launched into a warm pool.
+    pub target_lifecycle_state: Option<String>,
     /// Run the agent (and so its jobs) as this unprivileged user, as on an instance;
     /// `None`: as the bed's own user. With a user the supervisor gets
     /// `--no-imds-firewall`: its table would land in this machine's netfilter (the
@@ -181,6 +198,7 @@ impl InstanceOptions {
             wrapper: vec![],
             launch_time_unix_ms: None,
             agent: AgentKind::Fake,
+            target_lifecycle_state: None,
             agent_user: None,
             imds_firewall: false,
         }
@@ -213,6 +231,21 @@ pub enum FleetEvent {
     Desired {
         group: String,
         desired: i32,
+    },
+    /// A warm pool instance was powered off (`Warmed:Stopped`): its processes are gone, its
+    /// directory stays.
+    Stopped {
+        instance_id: String,
+    },
+    /// A warm pool instance was hibernated (`Warmed:Hibernated`): its processes are stopped.
+    Hibernated {
+        instance_id: String,
+    },
+    /// A warm pool instance left the pool and runs again: a new supervisor process on its
+    /// directory (`hibernated: false`), or its processes continued (`true`).
+    Resumed {
+        instance_id: String,
+        hibernated: bool,
     },
 }
 
@@ -249,6 +282,9 @@ impl Instance {
             ..InstanceMeta::default()
         };
         let imds = FakeImds::start(meta).await?;
+        if let Some(state) = &opts.target_lifecycle_state {
+            imds.set_target_lifecycle_state(state);
+        }
         let dir = opts.root.join(&opts.instance_id);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let events_path = dir.join("agent-events.jsonl");
@@ -515,6 +551,47 @@ impl Instance {
         processes_with_env(&format!("{BED_INSTANCE_ENV}={}", self.dir.display()))
     }
 
+    /// Every live process of this instance: its supervisor, the supervisor's descendants and
+    /// the processes its agents started (see [`Instance::agent_processes`]).
+    pub fn processes(&self) -> Vec<i32> {
+        let mut pids = descendants(self.pid);
+        pids.insert(0, self.pid);
+        for (pid, _, _) in self.agent_processes() {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Powers the instance off, as EC2 stops it: SIGKILL to every process (no shutdown
+    /// sequence runs), its directory untouched.
+    pub fn power_off(&self) {
+        // Twice: a process forked while the first pass ran is caught by the second.
+        for _ in 0..2 {
+            for pid in self.processes() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        self.kill_all();
+    }
+
+    /// Hibernates the instance: SIGSTOP to every process, memory kept.
+    pub fn freeze(&self) {
+        for _ in 0..2 {
+            for pid in self.processes() {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+            }
+        }
+    }
+
+    /// Resumes a hibernated instance: SIGCONT to every process.
+    pub fn thaw(&self) {
+        for pid in self.processes() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+    }
+
     /// Kills the supervisor and any agent group it left (test teardown).
     pub fn kill_all(&self) {
         self.signal(Signal::SIGKILL);
@@ -606,6 +683,36 @@ pub fn processes_with_env(entry: &str) -> Vec<(i32, i32, String)> {
         .collect()
 }
 
+/// Live (non-zombie) descendants of `root`, parents before children.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    let parents: Vec<(i32, i32)> = dir
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (_, rest) = stat.rsplit_once(')')?;
+            let mut f = rest.split_whitespace();
+            let state = f.next()?;
+            let ppid = f.next()?.parse::<i32>().ok()?;
+            (state != "Z").then_some((pid, ppid))
+        })
+        .collect();
+    let mut out = vec![];
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for (pid, _) in parents.iter().filter(|(_, pp)| *pp == parent) {
+            if !out.contains(pid) {
+                out.push(*pid);
+                frontier.push(*pid);
+            }
+        }
+    }
+    out
+}
+
 /// Whether any live (non-zombie) process is left in a process group. Zombies are
 /// ignored: an orphan reparented to a PID 1 that is slow to reap is already dead.
 pub fn group_alive(pgid: i32) -> bool {
@@ -632,6 +739,64 @@ pub fn group_alive(pgid: i32) -> bool {
         })
 }
 
+/// EC2's state-transition delays, as the launcher plays them: how long after Auto Scaling
+/// launches, starts or stops an instance its processes start, continue or die. A model, not
+/// a measurement of this machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ec2Delays {
+    /// A new instance: EC2 `pending` → `running`.
+    pub pending_to_running: Duration,
+    /// A stopped instance started again: `pending` → `running`.
+    pub stopped_to_running: Duration,
+    /// A hibernated instance started again: `pending` → `running`, and its RAM restored
+    /// until its processes run on (there is no boot).
+    pub hibernated_to_running: Duration,
+    /// `running` → `stopped` (or hibernated): how long a warmed instance's processes keep
+    /// running once Auto Scaling says `Warmed:Stopped` / `Warmed:Hibernated`.
+    pub running_to_stopped: Duration,
+    /// The operating system's boot until the supervisor's unit starts, after `running`, for a
+    /// new or a stopped instance.
+    pub boot: Duration,
+}
+
+impl Ec2Delays {
+    /// No delays: the tests' default (a process starts as soon as its instance appears).
+    pub const NONE: Ec2Delays = Ec2Delays {
+        pending_to_running: Duration::ZERO,
+        stopped_to_running: Duration::ZERO,
+        hibernated_to_running: Duration::ZERO,
+        running_to_stopped: Duration::ZERO,
+        boot: Duration::ZERO,
+    };
+
+    /// Published figures, for the benchmark's model of a wave on EC2 (m7i.large, Amazon Linux
+    /// 2023, us-east-1, three runs each, January 2026: brevdev/ec2-coldboot-research,
+    /// `docs/cold-baseline-results.md`, `docs/start-stopped-results.md`,
+    /// `docs/hibernate-results.md`):
+    ///
+    /// - `pending_to_running` 17.8 s: a cold RunInstances, pending → running 17 811 ms on
+    ///   average (the API call itself, 4.8 s there, is Auto Scaling's and not counted);
+    /// - `stopped_to_running` 16.4 s: StartInstances on a stopped instance, 16 372 ms;
+    /// - `hibernated_to_running` 18.7 s: a hibernated one, 16 311 ms to running plus 2 381 ms
+    ///   until it answered (RAM restore and network), there being no boot;
+    /// - `boot` 3.2 s: running → sshd answering after a cold launch, 3 217 ms (3 042 ms after
+    ///   a start from stopped): the kernel, systemd and cloud-init before a unit starts.
+    ///   Colin Percival's ec2-boot-bench (daemonology.net, "EC2 boot time benchmarking",
+    ///   2021) saw pending → running in about 5 s on c5.xlarge but a longer boot, so the
+    ///   total is of the same order.
+    /// - `running_to_stopped` 0: no published measurement of StopInstances' duration was
+    ///   found (AWS documents none); it only delays the pool's refill, never a job's start.
+    pub fn published() -> Ec2Delays {
+        Ec2Delays {
+            pending_to_running: Duration::from_millis(17_811),
+            stopped_to_running: Duration::from_millis(16_372),
+            hibernated_to_running: Duration::from_millis(16_311 + 2_381),
+            running_to_stopped: Duration::ZERO,
+            boot: Duration::from_millis(3_217),
+        }
+    }
+}
+
 /// What the launcher is told.
 #[derive(Debug, Clone)]
 pub struct FleetOptions {
@@ -644,7 +809,8 @@ pub struct FleetOptions {
     /// whose user data names the stack, the config parameter and the role. In this mode
     /// [`FleetOptions::group_args`] is not used, so the role comes from the user data's
     /// `AGENT_FLEET_ROLE` alone. An instance whose user data cannot be fetched is not started
-    /// (a `FleetEvent::Log` line `launch failed: …` says why), like a failed start.
+    /// (a `FleetEvent::Log` line `launch failed: …` says why), like a failed start. An
+    /// instance started again from a warm pool keeps the user data it was launched with.
     pub user_data_from_launch_template: bool,
     pub root: PathBuf,
     pub args: Vec<String>,
@@ -660,6 +826,27 @@ pub struct FleetOptions {
     pub stop_timeout: Duration,
     /// The agent every instance runs.
     pub agent: AgentKind,
+    /// EC2's state-transition delays ([`Ec2Delays::NONE`] for tests).
+    pub ec2: Ec2Delays,
+}
+
+/// Where a warm pool instance is, for the launcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolPhase {
+    /// Its supervisor runs (or is being started).
+    Running,
+    /// Powered off: no process, its directory kept.
+    Stopped,
+    /// Its processes are stopped (SIGSTOP).
+    Hibernated,
+}
+
+/// A warm pool instance the launcher has seen.
+#[derive(Debug, Clone)]
+struct Pooled {
+    phase: PoolPhase,
+    /// A transition (with its EC2 delay) is under way; the next one waits for it.
+    busy: bool,
 }
 
 /// The launcher: one supervisor per in-service instance of `groups`.
@@ -672,12 +859,15 @@ pub struct Fleet {
 #[derive(Default)]
 struct FleetState {
     running: BTreeMap<String, Instance>,
-    /// Instances whose supervisor was stopped, kept for their output.
+    /// Instances whose supervisor was stopped (terminated or powered off), kept for their
+    /// output; an instance started again from a warm pool may appear more than once.
     retired: Vec<Instance>,
     launched: Vec<String>,
     terminated: Vec<String>,
     /// Instances seen in a `Terminating*` state, with when the launcher first saw that.
     terminating: BTreeMap<String, Instant>,
+    /// Instances seen in a warm pool, by id.
+    pooled: BTreeMap<String, Pooled>,
 }
 
 impl Fleet {
@@ -721,12 +911,27 @@ impl Fleet {
             .unwrap_or_default()
     }
 
-    /// Runs `f` on an instance (running or retired).
+    /// Where a warm pool instance is (`None`: never seen in a pool, or a transition is
+    /// under way).
+    pub fn pool_phase(&self, id: &str) -> Option<PoolPhase> {
+        let s = self.state.lock().ok()?;
+        s.pooled.get(id).filter(|p| !p.busy).map(|p| p.phase)
+    }
+
+    /// Ids of the instances the launcher has seen in a warm pool.
+    pub fn pooled(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .map(|s| s.pooled.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Runs `f` on an instance: its running supervisor, else the last one that ran.
     pub fn with_instance<T>(&self, id: &str, f: impl FnOnce(&Instance) -> T) -> Option<T> {
         let s = self.state.lock().ok()?;
         s.running
             .get(id)
-            .or_else(|| s.retired.iter().find(|i| i.id == id))
+            .or_else(|| s.retired.iter().rev().find(|i| i.id == id))
             .map(f)
     }
 
@@ -754,6 +959,8 @@ impl Fleet {
             Err(_) => vec![],
         };
         for i in &instances {
+            // A hibernated instance must run to hear SIGTERM.
+            i.thaw();
             i.signal(Signal::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_secs(3);
@@ -764,19 +971,258 @@ impl Fleet {
     }
 }
 
+/// Starts instance `id`'s supervisor (its user data: `user_data`, else the group's).
+async fn boot(
+    moto: &Moto,
+    opts: &FleetOptions,
+    id: &str,
+    group: &str,
+    user_data: Option<String>,
+    target_lifecycle_state: Option<String>,
+    events: &broadcast::Sender<FleetEvent>,
+) -> anyhow::Result<Instance> {
+    let mut args = opts.args.clone();
+    let user_data = match user_data {
+        Some(u) => u,
+        None if opts.user_data_from_launch_template => moto
+            .group_user_data(group)
+            .await
+            .with_context(|| format!("user data of group {group}"))?,
+        None => opts.user_data.clone(),
+    };
+    if !opts.user_data_from_launch_template {
+        args.extend(opts.group_args.get(group).cloned().unwrap_or_default());
+    }
+    let o = InstanceOptions {
+        user_data: Some(user_data),
+        args,
+        agent_env: opts.agent_env.clone(),
+        agent: opts.agent.clone(),
+        life_cycle: opts
+            .group_life_cycle
+            .get(group)
+            .cloned()
+            .unwrap_or_else(|| "on-demand".into()),
+        target_lifecycle_state,
+        ..InstanceOptions::new(id, group, moto, &opts.root)
+    };
+    Instance::start(o, Some(events.clone())).await
+}
+
+/// What the launcher's tasks share: the emulator, the options, the fleet and its events.
+#[derive(Clone)]
+struct Launcher {
+    moto: Arc<Moto>,
+    opts: FleetOptions,
+    state: Arc<Mutex<FleetState>>,
+    events: broadcast::Sender<FleetEvent>,
+}
+
+impl Launcher {
+    /// Boots a new instance after EC2's launch delay and records it running; false if it
+    /// could not start.
+    async fn launch(
+        self,
+        id: String,
+        group: String,
+        target_lifecycle_state: Option<String>,
+    ) -> bool {
+        let Launcher {
+            moto,
+            opts,
+            state,
+            events,
+        } = self;
+        let delay = opts.ec2.pending_to_running + opts.ec2.boot;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        match boot(
+            &moto,
+            &opts,
+            &id,
+            &group,
+            None,
+            target_lifecycle_state,
+            &events,
+        )
+        .await
+        {
+            Ok(inst) => {
+                let _ = events.send(FleetEvent::Launched {
+                    instance_id: id.clone(),
+                    group,
+                });
+                if let Ok(mut s) = state.lock() {
+                    s.running.insert(id, inst);
+                }
+                true
+            }
+            Err(e) => {
+                let _ = events.send(FleetEvent::Log {
+                    instance_id: id,
+                    line: format!("launch failed: {e:#}"),
+                });
+                false
+            }
+        }
+    }
+
+    /// One warm pool transition of instance `id` towards `to`, after EC2's delay for it.
+    async fn transition(
+        self,
+        id: String,
+        group: String,
+        from: PoolPhase,
+        to: PoolPhase,
+        imds_state: String,
+    ) {
+        let Launcher {
+            moto,
+            opts,
+            state,
+            events,
+        } = self;
+        let delays = opts.ec2;
+        let reached = match (from, to) {
+            (PoolPhase::Running, PoolPhase::Stopped | PoolPhase::Hibernated) => {
+                tokio::time::sleep(delays.running_to_stopped).await;
+                let Ok(mut s) = state.lock() else { return };
+                if to == PoolPhase::Stopped {
+                    match s.running.remove(&id) {
+                        Some(inst) => {
+                            inst.power_off();
+                            s.retired.push(inst);
+                        }
+                        None => return finish(&state, &id, from),
+                    }
+                    let _ = events.send(FleetEvent::Stopped {
+                        instance_id: id.clone(),
+                    });
+                } else {
+                    match s.running.get(&id) {
+                        Some(inst) => inst.freeze(),
+                        None => return finish(&state, &id, from),
+                    }
+                    let _ = events.send(FleetEvent::Hibernated {
+                        instance_id: id.clone(),
+                    });
+                }
+                to
+            }
+            (PoolPhase::Stopped, PoolPhase::Running) => {
+                tokio::time::sleep(delays.stopped_to_running + delays.boot).await;
+                // The disk keeps what it was launched with.
+                let user_data = state.lock().ok().and_then(|s| {
+                    s.retired
+                        .iter()
+                        .rev()
+                        .find(|i| i.id == id)
+                        .and_then(|i| i.user_data.clone())
+                });
+                let first_boot = user_data.is_none();
+                match boot(
+                    &moto,
+                    &opts,
+                    &id,
+                    &group,
+                    user_data,
+                    Some(imds_state),
+                    &events,
+                )
+                .await
+                {
+                    Ok(inst) => {
+                        if let Ok(mut s) = state.lock() {
+                            s.running.insert(id.clone(), inst);
+                        }
+                        let _ = events.send(if first_boot {
+                            FleetEvent::Launched {
+                                instance_id: id.clone(),
+                                group,
+                            }
+                        } else {
+                            FleetEvent::Resumed {
+                                instance_id: id.clone(),
+                                hibernated: false,
+                            }
+                        });
+                        to
+                    }
+                    Err(e) => {
+                        let _ = events.send(FleetEvent::Log {
+                            instance_id: id.clone(),
+                            line: format!("start failed: {e:#}"),
+                        });
+                        from
+                    }
+                }
+            }
+            (PoolPhase::Hibernated, PoolPhase::Running) => {
+                tokio::time::sleep(delays.hibernated_to_running).await;
+                if let Ok(s) = state.lock() {
+                    if let Some(inst) = s.running.get(&id) {
+                        inst.imds.set_target_lifecycle_state(&imds_state);
+                        inst.thaw();
+                    }
+                }
+                let _ = events.send(FleetEvent::Resumed {
+                    instance_id: id.clone(),
+                    hibernated: true,
+                });
+                to
+            }
+            // Stopped ↔ Hibernated: both are off; nothing runs.
+            _ => from,
+        };
+        finish(&state, &id, reached);
+    }
+}
+
+fn finish(state: &Mutex<FleetState>, id: &str, phase: PoolPhase) {
+    if let Ok(mut s) = state.lock() {
+        if let Some(p) = s.pooled.get_mut(id) {
+            p.phase = phase;
+            p.busy = false;
+        }
+    }
+}
+
+/// What Auto Scaling wants of a warm pool instance: the phase, and what its IMDS says.
+fn pool_target(lifecycle: &str, pool_state: &str) -> (PoolPhase, String) {
+    let phase = match lifecycle {
+        "Warmed:Stopped" => PoolPhase::Stopped,
+        "Warmed:Hibernated" => PoolPhase::Hibernated,
+        _ => PoolPhase::Running,
+    };
+    (phase, format!("Warmed:{pool_state}"))
+}
+
 async fn launcher(
     moto: Arc<Moto>,
     opts: FleetOptions,
     state: Arc<Mutex<FleetState>>,
     events: broadcast::Sender<FleetEvent>,
 ) {
+    let tasks = Launcher {
+        moto: moto.clone(),
+        opts: opts.clone(),
+        state: state.clone(),
+        events: events.clone(),
+    };
     let mut desired: BTreeMap<String, i32> = BTreeMap::new();
     loop {
         let mut live = HashSet::new();
         let mut to_launch = vec![];
+        // (id, group, phase wanted, what its IMDS says)
+        let mut pool_targets: Vec<(String, String, PoolPhase, String)> = vec![];
         let mut ok = true;
         for g in &opts.groups {
             let Ok(group) = moto.group(g).await else {
+                ok = false;
+                continue;
+            };
+            let Ok(pool) = moto.warm_pool(g).await else {
                 ok = false;
                 continue;
             };
@@ -787,10 +1233,32 @@ async fn launcher(
                     desired: group.desired,
                 });
             }
+            let pool_state = pool.pool_state.clone().unwrap_or_else(|| "Stopped".into());
+            for i in &pool.instances {
+                live.insert(i.instance_id.clone());
+                let (phase, imds) = pool_target(&i.lifecycle_state, &pool_state);
+                pool_targets.push((i.instance_id.clone(), g.clone(), phase, imds));
+            }
             for (id, lifecycle, _) in &group.instances {
-                if matches!(lifecycle.as_str(), "InService" | "Pending") {
+                if matches!(
+                    lifecycle.as_str(),
+                    "InService" | "Pending" | "Pending:Wait" | "Pending:Proceed"
+                ) {
                     live.insert(id.clone());
-                    to_launch.push((id.clone(), g.clone()));
+                    let from_pool = state
+                        .lock()
+                        .map(|s| s.pooled.contains_key(id))
+                        .unwrap_or(false);
+                    if from_pool {
+                        pool_targets.push((
+                            id.clone(),
+                            g.clone(),
+                            PoolPhase::Running,
+                            "InService".into(),
+                        ));
+                    } else {
+                        to_launch.push((id.clone(), g.clone()));
+                    }
                 } else if lifecycle.starts_with("Terminating") {
                     // Still running until it leaves the group; its IMDS says where it goes.
                     live.insert(id.clone());
@@ -811,21 +1279,59 @@ async fn launcher(
             }
         }
         if ok {
+            // Powered-off pool instances that Auto Scaling terminated: nothing runs.
+            let gone_off: Vec<String> = match state.lock() {
+                Ok(mut s) => {
+                    let ids: Vec<String> = s
+                        .pooled
+                        .iter()
+                        .filter(|(id, p)| {
+                            !p.busy && p.phase == PoolPhase::Stopped && !live.contains(*id)
+                        })
+                        .map(|(id, _)| id.clone())
+                        .collect();
+                    for id in &ids {
+                        s.pooled.remove(id);
+                        s.terminated.push(id.clone());
+                    }
+                    ids
+                }
+                Err(_) => vec![],
+            };
+            for id in gone_off {
+                let _ = events.send(FleetEvent::Terminated { instance_id: id });
+            }
             // Terminated: stop like a shutdown would.
-            let gone: Vec<Instance> = match state.lock() {
+            let gone: Vec<(Instance, bool)> = match state.lock() {
                 Ok(mut s) => {
                     let ids: Vec<String> = s
                         .running
                         .keys()
                         .filter(|id| !live.contains(*id))
+                        .filter(|id| !s.pooled.get(*id).is_some_and(|p| p.busy))
                         .cloned()
                         .collect();
-                    ids.iter().filter_map(|id| s.running.remove(id)).collect()
+                    let mut gone = vec![];
+                    for id in &ids {
+                        let hibernated = s
+                            .pooled
+                            .remove(id)
+                            .is_some_and(|p| p.phase == PoolPhase::Hibernated);
+                        if let Some(inst) = s.running.remove(id) {
+                            gone.push((inst, hibernated));
+                        }
+                    }
+                    gone
                 }
                 Err(_) => vec![],
             };
-            for inst in gone {
-                inst.signal(Signal::SIGTERM);
+            for (inst, hibernated) in gone {
+                if hibernated {
+                    // Terminating a hibernated instance runs nothing on it.
+                    inst.power_off();
+                } else {
+                    inst.signal(Signal::SIGTERM);
+                }
                 let id = inst.id.clone();
                 let _ = events.send(FleetEvent::Terminated {
                     instance_id: id.clone(),
@@ -845,6 +1351,7 @@ async fn launcher(
                             .and_then(|s| {
                                 s.retired
                                     .iter()
+                                    .rev()
                                     .find(|i| i.id == id)
                                     .map(|i| i.exit_status().is_some())
                             })
@@ -854,12 +1361,87 @@ async fn launcher(
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     if let Ok(mut s) = state.lock() {
-                        if let Some(i) = s.retired.iter().find(|i| i.id == id) {
+                        if let Some(i) = s.retired.iter().rev().find(|i| i.id == id) {
                             i.kill_all();
                         }
                         s.terminated.push(id);
                     }
                 });
+            }
+        }
+        for (id, group, want, imds) in pool_targets {
+            // (start a transition?, from) decided under the lock, carried out outside it.
+            let step = state.lock().ok().and_then(|mut s| {
+                let known = s.launched.contains(&id);
+                let running = s.running.contains_key(&id);
+                match s.pooled.get(&id).cloned() {
+                    None if !known => {
+                        // First seen in the pool: it boots, or it was stopped before we
+                        // looked (no launch hook held it).
+                        s.launched.push(id.clone());
+                        let busy = want == PoolPhase::Running;
+                        let phase = if busy {
+                            PoolPhase::Running
+                        } else {
+                            PoolPhase::Stopped
+                        };
+                        s.pooled.insert(id.clone(), Pooled { phase, busy });
+                        busy.then_some(None)
+                    }
+                    // Launched into the group, now in the pool (ReuseOnScaleIn).
+                    None => {
+                        s.pooled.insert(
+                            id.clone(),
+                            Pooled {
+                                phase: if running {
+                                    PoolPhase::Running
+                                } else {
+                                    PoolPhase::Stopped
+                                },
+                                busy: false,
+                            },
+                        );
+                        None
+                    }
+                    Some(p) if p.busy => None,
+                    Some(p)
+                        if p.phase == want
+                            || (p.phase != PoolPhase::Running && want != PoolPhase::Running) =>
+                    {
+                        if want == PoolPhase::Running {
+                            if let Some(inst) = s.running.get(&id) {
+                                inst.imds.set_target_lifecycle_state(&imds);
+                            }
+                        }
+                        None
+                    }
+                    Some(p) => {
+                        if let Some(entry) = s.pooled.get_mut(&id) {
+                            entry.busy = true;
+                        }
+                        Some(Some(p.phase))
+                    }
+                }
+            });
+            match step {
+                Some(None) => {
+                    // Its boot is a transition; one that failed leaves it off.
+                    let tasks = tasks.clone();
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        let started = tasks.launch(id.clone(), group, Some(imds)).await;
+                        let phase = if started {
+                            PoolPhase::Running
+                        } else {
+                            PoolPhase::Stopped
+                        };
+                        finish(&state, &id, phase);
+                    });
+                }
+                Some(Some(from)) => {
+                    tokio::spawn(tasks.clone().transition(id, group, from, want, imds));
+                }
+                None => {}
             }
         }
         for (id, group) in to_launch {
@@ -873,50 +1455,12 @@ async fn launcher(
             if let Ok(mut s) = state.lock() {
                 s.launched.push(id.clone());
             }
-            let mut args = opts.args.clone();
-            let user_data = if opts.user_data_from_launch_template {
-                match moto.group_user_data(&group).await {
-                    Ok(user_data) => user_data,
-                    Err(e) => {
-                        let _ = events.send(FleetEvent::Log {
-                            instance_id: id,
-                            line: format!("launch failed: user data of group {group}: {e:#}"),
-                        });
-                        continue;
-                    }
-                }
+            let task = tasks.clone().launch(id, group, None);
+            if (opts.ec2.pending_to_running + opts.ec2.boot).is_zero() {
+                // As before EC2 delays existed: started before the next poll.
+                task.await;
             } else {
-                args.extend(opts.group_args.get(&group).cloned().unwrap_or_default());
-                opts.user_data.clone()
-            };
-            let o = InstanceOptions {
-                user_data: Some(user_data),
-                args,
-                agent_env: opts.agent_env.clone(),
-                agent: opts.agent.clone(),
-                life_cycle: opts
-                    .group_life_cycle
-                    .get(&group)
-                    .cloned()
-                    .unwrap_or_else(|| "on-demand".into()),
-                ..InstanceOptions::new(&id, &group, &moto, &opts.root)
-            };
-            match Instance::start(o, Some(events.clone())).await {
-                Ok(inst) => {
-                    let _ = events.send(FleetEvent::Launched {
-                        instance_id: id.clone(),
-                        group,
-                    });
-                    if let Ok(mut s) = state.lock() {
-                        s.running.insert(id, inst);
-                    }
-                }
-                Err(e) => {
-                    let _ = events.send(FleetEvent::Log {
-                        instance_id: id,
-                        line: format!("launch failed: {e:#}"),
-                    });
-                }
+                tokio::spawn(task);
             }
         }
         tokio::time::sleep(opts.poll).await;

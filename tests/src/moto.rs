@@ -110,6 +110,55 @@ impl GroupState {
     }
 }
 
+/// A group's warm pool (`GET /_bed/warm_pool`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct WarmPool {
+    pub group: String,
+    /// Whether the group has a warm pool (PutWarmPool, AWS::AutoScaling::WarmPool).
+    pub configured: bool,
+    /// `Stopped`, `Hibernated` or `Running`.
+    pub pool_state: Option<String>,
+    pub min_size: Option<i32>,
+    pub max_group_prepared_capacity: Option<i32>,
+    /// The size Auto Scaling keeps the pool at now:
+    /// max(MinSize, (MaxGroupPreparedCapacity or MaxSize) − desired capacity).
+    pub target: i32,
+    pub desired: i32,
+    pub instances: Vec<PoolInstance>,
+}
+
+/// One instance of a warm pool.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct PoolInstance {
+    pub instance_id: String,
+    /// `Warmed:Pending`, `Warmed:Pending:Wait`, `Warmed:Pending:Proceed`, `Warmed:Stopped`,
+    /// `Warmed:Hibernated` or `Warmed:Running`.
+    pub lifecycle_state: String,
+    /// EC2's state: `stopped` for `Warmed:Stopped` and `Warmed:Hibernated`, else `running`.
+    pub ec2_state: String,
+    /// The launch template version it was launched from (`None`: a launch configuration).
+    pub launch_template_version: Option<i64>,
+}
+
+impl WarmPool {
+    /// Ids of the pool's instances in `lifecycle_state`.
+    pub fn in_state(&self, lifecycle_state: &str) -> Vec<String> {
+        self.instances
+            .iter()
+            .filter(|i| i.lifecycle_state == lifecycle_state)
+            .map(|i| i.instance_id.clone())
+            .collect()
+    }
+
+    /// Lifecycle state of one instance, if the pool has it.
+    pub fn state_of(&self, instance_id: &str) -> Option<&str> {
+        self.instances
+            .iter()
+            .find(|i| i.instance_id == instance_id)
+            .map(|i| i.lifecycle_state.as_str())
+    }
+}
+
 /// CLOCK_MONOTONIC now, in nanoseconds: the clock of [`Call::t_ns`].
 pub fn monotonic_ns() -> u64 {
     match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
@@ -499,6 +548,96 @@ impl Moto {
             .await
             .with_context(|| format!("PutLifecycleHook {group} {hook}"))?;
         Ok(())
+    }
+
+    /// `PutLifecycleHook` for `autoscaling:EC2_INSTANCE_LAUNCHING`: instances launched into
+    /// `group` wait in `Pending:Wait`, and instances launched into its warm pool in
+    /// `Warmed:Pending:Wait` (see moto_server.py), until `CompleteLifecycleAction` or
+    /// `heartbeat_timeout_secs` without a heartbeat (then `default_result`: `CONTINUE` moves
+    /// them on, `ABANDON` terminates them).
+    pub async fn put_launch_hook(
+        &self,
+        group: &str,
+        hook: &str,
+        heartbeat_timeout_secs: i32,
+        default_result: &str,
+    ) -> anyhow::Result<()> {
+        self.autoscaling()
+            .await
+            .put_lifecycle_hook()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(hook)
+            .lifecycle_transition("autoscaling:EC2_INSTANCE_LAUNCHING")
+            .heartbeat_timeout(heartbeat_timeout_secs)
+            .default_result(default_result)
+            .send()
+            .await
+            .with_context(|| format!("PutLifecycleHook {group} {hook}"))?;
+        Ok(())
+    }
+
+    /// `CompleteLifecycleAction` for `instance_id`'s pending action on `hook` (a stand-in for
+    /// the supervisor, or a test's own decision).
+    pub async fn complete_lifecycle_action(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+        result: &str,
+    ) -> anyhow::Result<()> {
+        self.autoscaling()
+            .await
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(hook)
+            .instance_id(instance_id)
+            .lifecycle_action_result(result)
+            .send()
+            .await
+            .with_context(|| format!("CompleteLifecycleAction {group} {hook} {instance_id}"))?;
+        Ok(())
+    }
+
+    /// `PutWarmPool` on `group`: `min_size` instances at least, `pool_state` `Stopped`,
+    /// `Hibernated` or `Running`, `max_prepared` the group's MaxGroupPreparedCapacity (`None`:
+    /// the group's max size), ReuseOnScaleIn false. The emulator keeps the pool filled from
+    /// then on (see moto_server.py).
+    pub async fn put_warm_pool(
+        &self,
+        group: &str,
+        min_size: i32,
+        pool_state: &str,
+        max_prepared: Option<i32>,
+    ) -> anyhow::Result<()> {
+        use aws_sdk_autoscaling::types::{InstanceReusePolicy, WarmPoolState};
+        self.autoscaling()
+            .await
+            .put_warm_pool()
+            .auto_scaling_group_name(group)
+            .min_size(min_size)
+            .set_max_group_prepared_capacity(max_prepared)
+            .pool_state(WarmPoolState::from(pool_state))
+            .instance_reuse_policy(
+                InstanceReusePolicy::builder()
+                    .reuse_on_scale_in(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .with_context(|| format!("PutWarmPool {group}"))?;
+        Ok(())
+    }
+
+    /// `group`'s warm pool as the launcher reads it (`GET /_bed/warm_pool`, not logged as an
+    /// AWS call): its configuration and its instances with their lifecycle states. A group
+    /// without a pool answers `configured: false` and no instances.
+    pub async fn warm_pool(&self, group: &str) -> anyhow::Result<WarmPool> {
+        self.control(
+            reqwest::Method::GET,
+            &format!("/_bed/warm_pool?group={}", query_escape(group)),
+            None,
+        )
+        .await
     }
 
     /// The termination hooks of `group`: `(name, heartbeat timeout, default result)`.
