@@ -618,6 +618,19 @@ fn warm_pool_checks(src: &Sources, p: &BTreeMap<String, String>, problems: &mut 
             ));
         }
     }
+    let images = get("WarmImages")
+        .split(',')
+        .filter(|i| !i.is_empty())
+        .count();
+    if images > agent_supervisor::config::MAX_WARM_IMAGES {
+        problems.push(problem(
+            "SEMAPHORE_AGENT_WARM_IMAGES",
+            format!(
+                "names {images} images; the supervisor pulls at most {}: keep the ones most jobs use",
+                agent_supervisor::config::MAX_WARM_IMAGES
+            ),
+        ));
+    }
     if let Some(prepared) = num("WarmPoolMaxPrepared") {
         if prepared < size {
             problems.push(problem(

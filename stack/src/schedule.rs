@@ -112,9 +112,13 @@ impl fmt::Display for Recurrence {
         let days = if self.days == 0x7f {
             "daily".to_string()
         } else {
-            (0..7)
-                .filter(|d| self.days & (1 << d) != 0)
-                .map(|d| DAYS[d])
+            runs(self.days)
+                .into_iter()
+                .map(|(a, b)| match b - a {
+                    0 => DAYS[a].to_string(),
+                    1 => format!("{},{}", DAYS[a], DAYS[b]),
+                    _ => format!("{}-{}", DAYS[a], DAYS[b]),
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -122,9 +126,9 @@ impl fmt::Display for Recurrence {
     }
 }
 
-/// `1-5`, `0,6`: runs of consecutive days.
-fn day_field(days: u8) -> String {
-    let mut parts = vec![];
+/// Runs of consecutive days (Sunday = 0), first and last of each.
+fn runs(days: u8) -> Vec<(usize, usize)> {
+    let mut out = vec![];
     let mut d = 0;
     while d < 7 {
         if days & (1 << d) == 0 {
@@ -135,14 +139,25 @@ fn day_field(days: u8) -> String {
         while d + 1 < 7 && days & (1 << (d + 1)) != 0 {
             d += 1;
         }
-        parts.push(if start == d {
-            start.to_string()
-        } else {
-            format!("{start}-{d}")
-        });
+        out.push((start, d));
         d += 1;
     }
-    parts.join(",")
+    out
+}
+
+/// `1-5`, `0,6`: the cron's day-of-week field.
+fn day_field(days: u8) -> String {
+    runs(days)
+        .into_iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn day_index(name: &str) -> Option<u8> {

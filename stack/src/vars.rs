@@ -517,10 +517,9 @@ fn valid_az(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
+/// The supervisor's rule for `warm_images` (which the template's pattern also states).
 fn valid_image(s: &str) -> bool {
-    s.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._/:@-".contains(c))
+    agent_supervisor::config::valid_image_reference(s)
 }
 
 fn valid_time_zone(s: &str) -> bool {
