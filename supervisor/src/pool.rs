@@ -162,7 +162,9 @@ where
             return Left::Stopped;
         }
         let marker = self.work_dir.join(WARMED_MARKER);
-        if let Err(e) = std::fs::write(&marker, format!("warmed in the pool ({state})\n")) {
+        let written = std::fs::create_dir_all(self.work_dir)
+            .and_then(|()| std::fs::write(&marker, format!("warmed in the pool ({state})\n")));
+        if let Err(e) = written {
             tracing::warn!(path = %marker.display(), error = %e, "cannot write the warmed marker: a start from the pool will count as cold");
         }
         let warm_ms = started.elapsed().as_millis() as u64;

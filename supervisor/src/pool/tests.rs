@@ -193,7 +193,8 @@ struct Stay {
 fn stay(state: &'static str, warm_up_takes: Duration) -> Stay {
     let log = Journal::default();
     let imds = FakeImds::at(&format!("Warmed:{state}"));
-    let dir = work_dir();
+    // Not there yet on a new instance: the warm-up makes it.
+    let dir = work_dir().join("work");
     let shutdown = Shutdown::default();
     let asg = FakeAsg {
         log: log.clone(),
