@@ -1128,6 +1128,14 @@ async fn a_warm_pool_and_a_schedule_are_deployed_and_shown() -> R {
         "{doc}"
     );
     Settings::parse("config", &doc.to_string())?;
+    // The AMI parameter a pooled instance compares its AMI with, readable by the agent role.
+    let image_parameter = "/agent-fleet/ami/ubuntu-noble/x86_64";
+    assert_eq!(doc["image_parameter"], image_parameter, "{doc}");
+    let policy = role_policies(&bed, &physical_id(&bed, "AgentRole").await?).await?;
+    assert!(
+        policy.contains(&format!(":parameter{image_parameter}")),
+        "{policy}"
+    );
 
     // The launch hook exists only with a pool.
     let hooks = asg
