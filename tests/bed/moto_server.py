@@ -817,8 +817,12 @@ def apply_warm_pool_patches(
         return cfn_create(cls, new_resource_name, cloudformation_json, account_id, region_name)
 
     def cfn_delete(cls: Any, resource_name: str, cloudformation_json: Any, account_id: str, region_name: str) -> None:
-        props = cloudformation_json.get("Properties", {})
-        group = backend_of(account_id, region_name).autoscaling_groups.get(props.get("AutoScalingGroupName"))
+        # Properties are unresolved here ({"Ref": ...}): the resource's name is its physical id,
+        # the group's name.
+        name = cloudformation_json.get("Properties", {}).get("AutoScalingGroupName")
+        if not isinstance(name, str):
+            name = resource_name
+        group = backend_of(account_id, region_name).autoscaling_groups.get(name)
         if group is not None:
             delete_pool(group)
 

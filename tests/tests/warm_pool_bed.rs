@@ -372,3 +372,136 @@ async fn target_state(fleet: &Fleet, id: &str) -> anyhow::Result<Option<String>>
         .await?;
     Ok(Some(v.as_ref().to_string()))
 }
+
+/// A pool instance keeps the launch template version it was launched from (what a stale
+/// pooled instance compares with the group's), and AWS::AutoScaling::WarmPool in a
+/// CloudFormation stack makes the pool, held by the group's launch hook from
+/// LifecycleHookSpecificationList, and goes with the stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_instances_keep_their_version_and_cloudformation_makes_pools() -> anyhow::Result<()> {
+    let moto = Moto::start().await?;
+    moto.warm_up().await;
+    let user_data = "QUdFTlRfRkxFRVRfU1RBQ0s9eA=="; // AGENT_FLEET_STACK=x
+    moto.query(
+        "ec2",
+        "CreateLaunchTemplate",
+        &[
+            ("LaunchTemplateName", "agents-lt"),
+            (
+                "LaunchTemplateData.ImageId",
+                agent_fleet_tests::moto::IMAGE_ID,
+            ),
+            ("LaunchTemplateData.InstanceType", "t3.micro"),
+            ("LaunchTemplateData.UserData", user_data),
+        ],
+    )
+    .await?;
+    let asg = moto.autoscaling().await;
+    asg.create_auto_scaling_group()
+        .auto_scaling_group_name("versioned")
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .launch_template_name("agents-lt")
+                .version("$Latest")
+                .build(),
+        )
+        .min_size(0)
+        .max_size(4)
+        .desired_capacity(0)
+        .availability_zones(agent_fleet_tests::moto::AZ)
+        .send()
+        .await?;
+    moto.put_warm_pool("versioned", 1, "Stopped", Some(1))
+        .await?;
+    let pooled = moto.warm_pool("versioned").await?;
+    assert_eq!(pooled.instances.len(), 1, "{pooled:?}");
+    assert_eq!(pooled.instances[0].launch_template_version, Some(1));
+    moto.query(
+        "ec2",
+        "CreateLaunchTemplateVersion",
+        &[
+            ("LaunchTemplateName", "agents-lt"),
+            ("SourceVersion", "1"),
+            ("LaunchTemplateData.InstanceType", "t3.small"),
+        ],
+    )
+    .await?;
+    moto.set_desired("versioned", 2).await?;
+    let out = asg.describe_auto_scaling_instances().send().await?;
+    let versions: Vec<(String, Option<String>)> = out
+        .auto_scaling_instances()
+        .iter()
+        .filter(|i| i.auto_scaling_group_name() == Some("versioned"))
+        .map(|i| {
+            (
+                i.instance_id().unwrap_or_default().to_string(),
+                i.launch_template()
+                    .and_then(|t| t.version())
+                    .map(str::to_string),
+            )
+        })
+        .collect();
+    let from_pool = &pooled.instances[0].instance_id;
+    assert!(
+        versions.contains(&(from_pool.clone(), Some("1".into()))),
+        "the pooled instance was launched from version 1: {versions:?}"
+    );
+    assert_eq!(
+        versions
+            .iter()
+            .filter(|(_, v)| v.as_deref() == Some("2"))
+            .count(),
+        2,
+        "a cold launch and the refilled pool's instance come from version 2: {versions:?}"
+    );
+
+    let template = serde_json::json!({"Resources": {
+        "Lc": {"Type": "AWS::AutoScaling::LaunchConfiguration",
+               "Properties": {"ImageId": agent_fleet_tests::moto::IMAGE_ID, "InstanceType": "t3.micro"}},
+        "Agents": {"Type": "AWS::AutoScaling::AutoScalingGroup", "Properties": {
+            "AutoScalingGroupName": "stacked", "LaunchConfigurationName": {"Ref": "Lc"},
+            "MinSize": "0", "MaxSize": "4", "DesiredCapacity": "1",
+            "AvailabilityZones": [agent_fleet_tests::moto::AZ],
+            "LifecycleHookSpecificationList": [{
+                "LifecycleHookName": HOOK,
+                "LifecycleTransition": "autoscaling:EC2_INSTANCE_LAUNCHING",
+                "HeartbeatTimeout": 600, "DefaultResult": "CONTINUE"}]}},
+        "Pool": {"Type": "AWS::AutoScaling::WarmPool", "Properties": {
+            "AutoScalingGroupName": {"Ref": "Agents"}, "MinSize": 2,
+            "MaxGroupPreparedCapacity": 2, "PoolState": "Hibernated",
+            "InstanceReusePolicy": {"ReuseOnScaleIn": false}}}}})
+    .to_string();
+    moto.query(
+        "cloudformation",
+        "CreateStack",
+        &[("StackName", "pooled-stack"), ("TemplateBody", &template)],
+    )
+    .await?;
+    let group = moto.group("stacked").await?;
+    assert_eq!(
+        group
+            .instances
+            .iter()
+            .map(|(_, s, _)| s.as_str())
+            .collect::<Vec<_>>(),
+        ["Pending:Wait"],
+        "the hook holds the group's first launch: {group:?}"
+    );
+    let pool = moto.warm_pool("stacked").await?;
+    assert_eq!(pool.pool_state.as_deref(), Some("Hibernated"));
+    assert_eq!(pool.in_state("Warmed:Pending:Wait").len(), 2, "{pool:?}");
+    moto.query(
+        "cloudformation",
+        "DeleteStack",
+        &[("StackName", "pooled-stack")],
+    )
+    .await?;
+    let out = asg.describe_auto_scaling_instances().send().await?;
+    assert!(
+        out.auto_scaling_instances()
+            .iter()
+            .all(|i| i.auto_scaling_group_name() != Some("stacked")),
+        "the stack's pool went with it"
+    );
+    Ok(())
+}
