@@ -849,6 +849,19 @@ struct Pooled {
     busy: bool,
 }
 
+/// What the launcher does next for a warm pool instance ([`FleetState::pool_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolStep {
+    /// First seen, and running in Auto Scaling's eyes: boot it.
+    Boot,
+    /// Move it from this phase to the wanted one.
+    Transition(PoolPhase),
+    /// Running as wanted: keep its IMDS saying where it is.
+    SetImds,
+    /// Nothing now (a transition is under way, or it is where it should be).
+    Wait,
+}
+
 /// The launcher: one supervisor per in-service instance of `groups`.
 pub struct Fleet {
     events: broadcast::Sender<FleetEvent>,
@@ -868,6 +881,60 @@ struct FleetState {
     terminating: BTreeMap<String, Instant>,
     /// Instances seen in a warm pool, by id.
     pooled: BTreeMap<String, Pooled>,
+}
+
+impl FleetState {
+    /// The next step for warm pool instance `id`, which Auto Scaling wants in phase `want`;
+    /// records what it decides (first sight, a transition begun).
+    fn pool_step(&mut self, id: &str, want: PoolPhase) -> PoolStep {
+        let running = self.running.contains_key(id);
+        match self.pooled.get(id).cloned() {
+            None if !self.launched.iter().any(|l| l == id) => {
+                // First seen in the pool: it boots, or it was stopped before we looked (no
+                // launch hook held it).
+                self.launched.push(id.to_string());
+                let boot = want == PoolPhase::Running;
+                let phase = if boot {
+                    PoolPhase::Running
+                } else {
+                    PoolPhase::Stopped
+                };
+                self.pooled
+                    .insert(id.to_string(), Pooled { phase, busy: boot });
+                if boot {
+                    PoolStep::Boot
+                } else {
+                    PoolStep::Wait
+                }
+            }
+            // Launched into the group, now in the pool (ReuseOnScaleIn).
+            None => {
+                let phase = if running {
+                    PoolPhase::Running
+                } else {
+                    PoolPhase::Stopped
+                };
+                self.pooled
+                    .insert(id.to_string(), Pooled { phase, busy: false });
+                PoolStep::Wait
+            }
+            Some(p) if p.busy => PoolStep::Wait,
+            Some(p) if p.phase == want && want == PoolPhase::Running => PoolStep::SetImds,
+            // Stopped and hibernated are both off: nothing to do between them.
+            Some(p)
+                if p.phase == want
+                    || (p.phase != PoolPhase::Running && want != PoolPhase::Running) =>
+            {
+                PoolStep::Wait
+            }
+            Some(p) => {
+                if let Some(entry) = self.pooled.get_mut(id) {
+                    entry.busy = true;
+                }
+                PoolStep::Transition(p.phase)
+            }
+        }
+    }
 }
 
 impl Fleet {
@@ -1370,61 +1437,18 @@ async fn launcher(
             }
         }
         for (id, group, want, imds) in pool_targets {
-            // (start a transition?, from) decided under the lock, carried out outside it.
-            let step = state.lock().ok().and_then(|mut s| {
-                let known = s.launched.contains(&id);
-                let running = s.running.contains_key(&id);
-                match s.pooled.get(&id).cloned() {
-                    None if !known => {
-                        // First seen in the pool: it boots, or it was stopped before we
-                        // looked (no launch hook held it).
-                        s.launched.push(id.clone());
-                        let busy = want == PoolPhase::Running;
-                        let phase = if busy {
-                            PoolPhase::Running
-                        } else {
-                            PoolPhase::Stopped
-                        };
-                        s.pooled.insert(id.clone(), Pooled { phase, busy });
-                        busy.then_some(None)
-                    }
-                    // Launched into the group, now in the pool (ReuseOnScaleIn).
-                    None => {
-                        s.pooled.insert(
-                            id.clone(),
-                            Pooled {
-                                phase: if running {
-                                    PoolPhase::Running
-                                } else {
-                                    PoolPhase::Stopped
-                                },
-                                busy: false,
-                            },
-                        );
-                        None
-                    }
-                    Some(p) if p.busy => None,
-                    Some(p)
-                        if p.phase == want
-                            || (p.phase != PoolPhase::Running && want != PoolPhase::Running) =>
-                    {
-                        if want == PoolPhase::Running {
-                            if let Some(inst) = s.running.get(&id) {
-                                inst.imds.set_target_lifecycle_state(&imds);
-                            }
-                        }
-                        None
-                    }
-                    Some(p) => {
-                        if let Some(entry) = s.pooled.get_mut(&id) {
-                            entry.busy = true;
-                        }
-                        Some(Some(p.phase))
+            // Decided under the lock, carried out outside it.
+            let step = state.lock().ok().map(|mut s| {
+                let step = s.pool_step(&id, want);
+                if step == PoolStep::SetImds {
+                    if let Some(inst) = s.running.get(&id) {
+                        inst.imds.set_target_lifecycle_state(&imds);
                     }
                 }
+                step
             });
             match step {
-                Some(None) => {
+                Some(PoolStep::Boot) => {
                     // Its boot is a transition; one that failed leaves it off.
                     let tasks = tasks.clone();
                     let state = state.clone();
@@ -1438,10 +1462,10 @@ async fn launcher(
                         finish(&state, &id, phase);
                     });
                 }
-                Some(Some(from)) => {
+                Some(PoolStep::Transition(from)) => {
                     tokio::spawn(tasks.clone().transition(id, group, from, want, imds));
                 }
-                None => {}
+                Some(PoolStep::SetImds | PoolStep::Wait) | None => {}
             }
         }
         for (id, group) in to_launch {
@@ -1464,5 +1488,43 @@ async fn launcher(
             }
         }
         tokio::time::sleep(opts.poll).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The launcher's warm pool policy, without processes: a pool instance boots once when
+    /// first seen running, one transition at a time, stopped and hibernated are both off.
+    #[test]
+    fn pool_steps() {
+        use PoolPhase::*;
+        let mut s = FleetState::default();
+        assert_eq!(s.pool_step("i-1", Running), PoolStep::Boot);
+        assert_eq!(s.launched, ["i-1"]);
+        // Booting: nothing else starts until it is done.
+        assert_eq!(s.pool_step("i-1", Stopped), PoolStep::Wait);
+        finish_in(&mut s, "i-1", Running);
+        assert_eq!(s.pool_step("i-1", Running), PoolStep::SetImds);
+        assert_eq!(s.pool_step("i-1", Stopped), PoolStep::Transition(Running));
+        assert_eq!(s.pool_step("i-1", Stopped), PoolStep::Wait, "one at a time");
+        finish_in(&mut s, "i-1", Stopped);
+        assert_eq!(s.pool_step("i-1", Hibernated), PoolStep::Wait);
+        assert_eq!(s.pool_step("i-1", Running), PoolStep::Transition(Stopped));
+        // Stopped before the launcher saw it: off, booted when it leaves the pool.
+        assert_eq!(s.pool_step("i-2", Stopped), PoolStep::Wait);
+        assert_eq!(s.pool_step("i-2", Running), PoolStep::Transition(Stopped));
+        // An instance launched into the group that went to the pool (reuse): no new boot.
+        s.launched.push("i-3".into());
+        assert_eq!(s.pool_step("i-3", Stopped), PoolStep::Wait);
+        assert_eq!(s.pool_step("i-3", Running), PoolStep::Transition(Stopped));
+    }
+
+    fn finish_in(s: &mut FleetState, id: &str, phase: PoolPhase) {
+        if let Some(p) = s.pooled.get_mut(id) {
+            p.phase = phase;
+            p.busy = false;
+        }
     }
 }
