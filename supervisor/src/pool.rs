@@ -412,10 +412,12 @@ where
     P: ParameterStore,
 {
     let bound = Duration::from_secs(10);
+    // Both at once: a warm start waits for this (alongside the token's read).
     let templates = async {
-        let instance = asg.instance_template(instance_id).await?;
-        let group = asg.group_template(group).await?;
-        Ok::<_, AsgError>((instance, group))
+        tokio::try_join!(
+            asg.instance_template(instance_id),
+            asg.group_template(group)
+        )
     };
     match tokio::time::timeout(bound, templates).await {
         Ok(Ok((Some(instance), Some(group)))) => {

@@ -33,7 +33,18 @@
 //!   (`agent_supervisor::jobcreds`, in this process) → the new credentials served to a
 //!   client holding the token: STS `AssumeRole` against moto plus one GET, `--runs` rounds.
 //!
-//! `--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds` picks sections; `--runs`, `--rss-secs`,
+//! - `warm_start_to_registered_ms_p50` / `cold_boot_to_registered_ms_p50` (and their ratio):
+//!   supervisor spawned → the hub's record of the agent's registration, on an instance taken
+//!   from the warm pool (its work dir warmed by an earlier supervisor that the pool then
+//!   powered off; IMDS now `InService`) and on a cold one, alternating, in the same run
+//!   (`--runs`, fake agent, loopback). The supervisor's part only: no EC2 here.
+//! - `queued_to_started_ms_p50_{cold,warm}`: a wave of `--wave-jobs` (3) jobs queued and
+//!   the group raised to as many (as the leader would) → each job started at the hub,
+//!   without and with a warm pool (Stopped) of that size, the launcher playing EC2's
+//!   state-transition delays at their published figures (`Ec2Delays::published`): a model
+//!   of EC2, not a measurement of it.
+//!
+//! `--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds,warm` picks sections; `--runs`, `--rss-secs`,
 //! `--kills`, `--trials`, `--drains` change the counts; `--rss-no-leader` measures RSS
 //! without leader work. The `real` section needs the real agent (`make real-agent`, or
 //! `AGENT_FLEET_REAL_AGENT=PATH`); without it, it says so and is skipped.
@@ -61,7 +72,7 @@ fn arg_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--calls-mins N] [--rss-no-leader]";
+const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds,warm] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--calls-mins N] [--wave-jobs N] [--rss-no-leader]";
 
 /// Refuses what it does not know (a mistyped flag must not start a 15-minute run).
 fn check_args() -> Result<(), String> {
@@ -70,7 +81,7 @@ fn check_args() -> Result<(), String> {
     while i < args.len() {
         match args[i].as_str() {
             "--only" | "--runs" | "--rss-secs" | "--kills" | "--trials" | "--drains"
-            | "--calls-mins" => {
+            | "--calls-mins" | "--wave-jobs" => {
                 if args.get(i + 1).is_none() {
                     return Err(format!("{} needs a value", args[i]));
                 }
@@ -127,6 +138,18 @@ async fn main() -> anyhow::Result<()> {
     if want("calls") {
         leader_calls(arg_usize("--calls-mins", 5).max(1) as u64).await?;
     }
+    if want("warm") {
+        warm_and_cold_starts(&bed, runs).await?;
+        let jobs = arg_usize("--wave-jobs", 3).max(1);
+        let cold = wave(&bed, false, jobs).await?;
+        let warm = wave(&bed, true, jobs).await?;
+        println!(
+            "a wave of {jobs} jobs, queued → started, with EC2's published delays (a model, Ec2Delays::published: launch 17.8 s, start from stopped 16.4 s, boot 3.2 s): cold p50 {cold:.0} ms, warm p50 {warm:.0} ms, warm/cold {:.2}",
+            warm / cold
+        );
+        println!("BENCH queued_to_started_ms_p50_cold {cold:.0} ms");
+        println!("BENCH queued_to_started_ms_p50_warm {warm:.0} ms");
+    }
     if want("real") {
         match real_agent()? {
             Some(path) => {
@@ -157,30 +180,14 @@ async fn boot_to_registered(bed: &Bed, agent: &AgentKind, runs: usize) -> anyhow
     let id = bed.moto.group(&group).await?.in_service()[0].clone();
     let mut took = Vec::new();
     for run in 0..runs + 1 {
-        let before = bed.hub.agents().len();
         let mut o = bed.instance(&id, &group);
         o.user_data = Some(agent_fleet_tests::fleet::user_data("bench", &param));
         o.root = bed.root.join(format!("reg-{}-{run}", agent.label()));
         o.agent = agent.clone();
-        let inst = Instance::start(o, None).await?;
-        let registered_at = eventually("registered", Duration::from_secs(30), || async {
-            bed.hub
-                .agents()
-                .get(before..)
-                .and_then(|new| new.iter().find(|a| a.name.starts_with(&id)))
-                .map(|a| a.registered_at)
-        })
-        .await?;
+        let ms = start_to_registered(bed, o).await?;
         if run > 0 {
-            took.push(
-                registered_at
-                    .saturating_duration_since(inst.started)
-                    .as_secs_f64()
-                    * 1e3,
-            );
+            took.push(ms);
         }
-        inst.kill_all();
-        let _ = inst.wait_exit(Duration::from_secs(5)).await;
     }
     let p50 = percentile(&mut took, 0.5);
     let p95 = percentile(&mut took, 0.95);
@@ -194,6 +201,180 @@ async fn boot_to_registered(bed: &Bed, agent: &AgentKind, runs: usize) -> anyhow
         agent.label()
     );
     Ok(())
+}
+
+/// The launch hook a pooled group's runtime config names.
+fn warm_config(bed: &Bed, group: &str, pooled: bool) -> agent_supervisor::config::RuntimeConfig {
+    agent_supervisor::config::RuntimeConfig {
+        launch_hook: pooled.then(|| agent_supervisor::config::LifecycleHookConfig {
+            name: "agent-fleet-warm".into(),
+            heartbeat_timeout_secs: 120,
+        }),
+        // The bench raises the group itself, as the leader would.
+        agents_lead: false,
+        ..bed.runtime_config(group)
+    }
+}
+
+/// The bed's machine has `docker` but no daemon: warming does not wait for one.
+const WARM_ARGS: [&str; 2] = ["--warm-docker-wait-secs", "0"];
+
+/// One supervisor on `root`/`id` until its agent registered (ms since its spawn); it is
+/// killed afterwards.
+async fn start_to_registered(
+    bed: &Bed,
+    o: agent_fleet_tests::fleet::InstanceOptions,
+) -> anyhow::Result<f64> {
+    let id = o.instance_id.clone();
+    let before = bed.hub.agents().len();
+    let inst = Instance::start(o, None).await?;
+    let registered_at = eventually("registered", Duration::from_secs(30), || async {
+        bed.hub
+            .agents()
+            .get(before..)
+            .and_then(|new| new.iter().find(|a| a.name.starts_with(&id)))
+            .map(|a| a.registered_at)
+    })
+    .await?;
+    inst.kill_all();
+    let _ = inst.wait_exit(Duration::from_secs(5)).await;
+    Ok(registered_at
+        .saturating_duration_since(inst.started)
+        .as_secs_f64()
+        * 1e3)
+}
+
+/// Warm start vs cold boot to registered, alternating, `runs` each (after one of each
+/// unmeasured).
+async fn warm_and_cold_starts(bed: &Bed, runs: usize) -> anyhow::Result<()> {
+    let group = "bench-warm-start";
+    bed.moto.create_group(group, 0, 1, 1).await?;
+    let param = "/agent-fleet/bench/warm-start";
+    bed.moto
+        .put_parameter(
+            param,
+            &serde_json::to_string(&warm_config(bed, group, true))?,
+            false,
+        )
+        .await?;
+    let id = bed.moto.group(group).await?.in_service()[0].clone();
+    let options = |root: std::path::PathBuf| {
+        let mut o = bed.instance(&id, group);
+        o.user_data = Some(agent_fleet_tests::fleet::user_data("bench", param));
+        o.root = root;
+        o.args = WARM_ARGS.iter().map(|a| a.to_string()).collect();
+        o
+    };
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for run in 0..runs + 1 {
+        let c = start_to_registered(bed, options(bed.root.join(format!("cold-{run}")))).await?;
+        // In the pool: warmed, then powered off (SIGKILL, the disk kept).
+        let root = bed.root.join(format!("warm-{run}"));
+        let mut pooled = options(root.clone());
+        pooled.target_lifecycle_state = Some("Warmed:Stopped".into());
+        let inst = Instance::start(pooled, None).await?;
+        eventually("warmed", Duration::from_secs(30), || async {
+            inst.output().contains("warmed").then_some(())
+        })
+        .await?;
+        inst.kill_all();
+        let _ = inst.wait_exit(Duration::from_secs(5)).await;
+        let w = start_to_registered(bed, options(root)).await?;
+        if run > 0 {
+            cold.push(c);
+            warm.push(w);
+        }
+    }
+    let cold = percentile(&mut cold, 0.5);
+    let warm = percentile(&mut warm, 0.5);
+    println!(
+        "supervisor start → registered over {runs} runs each: warm (taken from the pool) p50 {warm:.1} ms, cold p50 {cold:.1} ms, warm/cold {:.2}",
+        warm / cold
+    );
+    println!("BENCH warm_start_to_registered_ms_p50 {warm:.1} ms");
+    println!("BENCH cold_boot_to_registered_ms_p50 {cold:.1} ms");
+    println!("BENCH warm_to_cold_registered_ratio {:.2}", warm / cold);
+    Ok(())
+}
+
+/// A wave of `jobs` jobs with the launcher playing EC2's published delays, with or without
+/// a warm pool of that size: the p50 of queued → started, in ms.
+async fn wave(bed: &Bed, pooled: bool, jobs: usize) -> anyhow::Result<f64> {
+    let kind = if pooled { "warm" } else { "cold" };
+    let group = format!("bench-wave-{kind}");
+    let size = i32::try_from(jobs)?;
+    bed.moto.create_group(&group, 0, size, 0).await?;
+    let param = format!("/agent-fleet/bench/wave-{kind}");
+    bed.moto
+        .put_parameter(
+            &param,
+            &serde_json::to_string(&warm_config(bed, &group, pooled))?,
+            false,
+        )
+        .await?;
+    if pooled {
+        bed.moto
+            .put_launch_hook(&group, "agent-fleet-warm", 120, "CONTINUE")
+            .await?;
+        bed.moto
+            .put_warm_pool(&group, size, "Stopped", Some(size))
+            .await?;
+    }
+    let mut opts = bed.fleet_options(&[&group], &WARM_ARGS, &[]);
+    opts.user_data = agent_fleet_tests::fleet::user_data("bench", &param);
+    opts.root = bed.root.join(format!("wave-{kind}"));
+    opts.ec2 = agent_fleet_tests::fleet::Ec2Delays::published();
+    let fleet = Fleet::start(bed.moto.clone(), opts);
+    let result = async {
+        if pooled {
+            eventually(
+                "the pool warmed and stopped",
+                Duration::from_secs(180),
+                || async {
+                    let ids = bed
+                        .moto
+                        .warm_pool(&group)
+                        .await
+                        .ok()?
+                        .in_state("Warmed:Stopped");
+                    (ids.len() >= jobs
+                        && ids.iter().all(|i| {
+                            fleet.pool_phase(i)
+                                == Some(agent_fleet_tests::fleet::PoolPhase::Stopped)
+                        }))
+                    .then_some(())
+                },
+            )
+            .await?;
+        }
+        let ids: Vec<String> = (0..jobs)
+            .map(|n| {
+                bed.hub.enqueue_job(JobSpec {
+                    commands: vec![format!("echo wave-{kind}-{n}")],
+                    env: vec![],
+                })
+            })
+            .collect();
+        bed.moto.set_desired(&group, size).await?;
+        let mut took = eventually("every job started", Duration::from_secs(180), || async {
+            ids.iter()
+                .map(|j| {
+                    let j = bed.hub.job(j)?;
+                    Some(
+                        j.started_at?
+                            .saturating_duration_since(j.queued_at)
+                            .as_secs_f64()
+                            * 1e3,
+                    )
+                })
+                .collect::<Option<Vec<f64>>>()
+        })
+        .await?;
+        Ok::<_, anyhow::Error>(percentile(&mut took, 0.5))
+    }
+    .await;
+    fleet.shutdown().await;
+    result
 }
 
 /// Spot notices mid-job with the hub syncing every 5 s: how many drains ended with the
