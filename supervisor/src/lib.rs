@@ -24,16 +24,22 @@
 //! ## Inputs and outputs
 //!
 //! - IMDS: instance id, region, user data (`AGENT_FLEET_STACK=…`,
-//!   `AGENT_FLEET_CONFIG_PARAMETER=…`), see [`config::StackIdentity`]; every 2 s the spot
-//!   interruption notice, the rebalance recommendation and the Auto Scaling target
-//!   lifecycle state (see [`interrupt`]).
+//!   `AGENT_FLEET_CONFIG_PARAMETER=…`), see [`config::StackIdentity`]; at boot the Auto
+//!   Scaling target lifecycle state: `Warmed:*` is the warm pool, where the supervisor
+//!   warms up without the token and waits (see [`pool`]); every 2 s the spot interruption
+//!   notice, the rebalance recommendation and the target lifecycle state (see
+//!   [`interrupt`]).
 //! - Auto Scaling: `TerminateInstanceInAutoScalingGroup` for its own instance (see
-//!   [`lifecycle`]), and, with the group's termination lifecycle hook,
-//!   `RecordLifecycleActionHeartbeat` and `CompleteLifecycleAction`.
+//!   [`lifecycle`]), and, with the group's termination lifecycle hook or its warm pool's
+//!   launch hook, `RecordLifecycleActionHeartbeat` and `CompleteLifecycleAction`; a pooled
+//!   instance also reads its own and its group's launch template
+//!   (`DescribeAutoScalingInstances`, `DescribeAutoScalingGroups`) and the image parameter,
+//!   to tell whether it is stale.
 //! - SSM: the runtime config parameter (JSON, [`config::RuntimeConfig`]) and the
 //!   registration token (SecureString).
 //! - Files, in `--work-dir` (default `/var/lib/agent-supervisor`): `config.yaml` (0600,
-//!   agent user), `shutdown-hook.sh`, `hook.sock`.
+//!   agent user), `shutdown-hook.sh`, `hook.sock`, and the markers `boot-timing`,
+//!   `job-taken` and `warmed` (this instance warmed up in the warm pool).
 //! - Logs: journald with structured fields, stderr when the journal is absent (see
 //!   [`telemetry`] for the field names); the boot timing and spot interruptions also as
 //!   CloudWatch metrics (see [`boot`], [`interrupt`]).

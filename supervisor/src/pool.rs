@@ -157,7 +157,10 @@ where
             target_state = %format!("Warmed:{state}"),
             "in the warm pool: warming up (no token, no agent)"
         );
-        notify.status("in the warm pool: warming up");
+        // Ready now: systemd's start timeout (5 min) must not end a warm-up that pulls
+        // images for longer, nor a supervisor that waits in a running pool. The watchdog
+        // is fed throughout.
+        notify.ready("in the warm pool: warming up");
         if !self.warm_with_heartbeats(shutdown, notify).await {
             return Left::Stopped;
         }
@@ -196,8 +199,7 @@ where
                 "warmed; the runtime config names no launch hook, so there is nothing to complete"
             ),
         }
-        // systemd's start timeout must not end a supervisor that waits in a running pool.
-        notify.ready("warmed, in the warm pool: waiting to be taken into service");
+        notify.status("warmed, in the warm pool: waiting to be taken into service");
         self.wait_in_service(shutdown, notify).await
     }
 
