@@ -1,5 +1,6 @@
 //! Warm pools end to end: real supervisors in pooled instances of the emulated group (the
-//! bed's warm pool, see `warm_pool_bed.rs`), the fake agent, the fake hub.
+//! bed's warm pool, see `warm_pool_bed.rs`), the fake agent (the wave also with the real
+//! Semaphore agent), the fake hub.
 //!
 //! - a wave: the pool fills and warms (no token, no agent), jobs are queued, the pooled
 //!   instances are taken into service and start warm, their agents register, the jobs
@@ -10,7 +11,7 @@
 //! - a hibernated instance resumes with its warmed state (the same supervisor process).
 
 use agent_fleet_tests::bed::{eventually, Bed};
-use agent_fleet_tests::fleet::{Fleet, PoolPhase};
+use agent_fleet_tests::fleet::{real_agent, real_agent_skip_line, AgentKind, Fleet, PoolPhase};
 use agent_fleet_tests::hub::JobSpec;
 use agent_fleet_tests::probe::{field, terminate_calls};
 use agent_supervisor::config::{LifecycleHookConfig, RuntimeConfig};
@@ -37,15 +38,27 @@ fn pooled_config(bed: &Bed, group: &str) -> RuntimeConfig {
 }
 
 /// Gives `group` (already made) a launch hook and a warm pool of `size` in `state`, then
-/// starts the launcher over it.
+/// starts the launcher over it (the fake agent).
 async fn pool(bed: &Bed, group: &str, size: i32, state: &str) -> anyhow::Result<Fleet> {
+    pool_with(bed, group, size, state, &AgentKind::Fake).await
+}
+
+async fn pool_with(
+    bed: &Bed,
+    group: &str,
+    size: i32,
+    state: &str,
+    agent: &AgentKind,
+) -> anyhow::Result<Fleet> {
     bed.moto
         .put_launch_hook(group, HOOK, 120, "CONTINUE")
         .await?;
     bed.moto
         .put_warm_pool(group, size, state, Some(size))
         .await?;
-    Ok(bed.fleet(&[group], ARGS, &[]))
+    let mut o = bed.fleet_options(&[group], ARGS, &[]);
+    o.agent = agent.clone();
+    Ok(Fleet::start(bed.moto.clone(), o))
 }
 
 /// Everything every supervisor process of instance `id` printed (its `supervisor.log`).
@@ -78,15 +91,35 @@ async fn finish(fleet: Fleet, result: R) -> R {
     result
 }
 
+mod a_warm_pool_wave_end_to_end {
+    use super::*;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fake() -> R {
+        super::a_warm_pool_wave_end_to_end(AgentKind::Fake).await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn real() -> R {
+        match real_agent()? {
+            Some(path) => super::a_warm_pool_wave_end_to_end(AgentKind::Real(path)).await,
+            None => {
+                println!(
+                    "{}",
+                    real_agent_skip_line("a_warm_pool_wave_end_to_end::real")
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
 /// The wave: two warmed instances serve two jobs, each job's instance ends without
-/// decrement and never returns to the pool, and the pool refills with new instances.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_pool_wave_end_to_end() -> R {
-    let bed = Bed::start("wpwave").await?;
-    let group = "wpwave-agents";
+/// decrement and never returns to the pool, and the pool refills.
+async fn a_warm_pool_wave_end_to_end(agent: AgentKind) -> R {
+    let bed = Bed::start(&format!("wpwave-{}", agent.label())).await?;
+    let group = &format!("{}-agents", bed.stack);
     bed.put_config(&pooled_config(&bed, group)).await?;
     bed.moto.create_group(group, 0, 4, 0).await?;
-    let fleet = pool(&bed, group, 2, "Stopped").await?;
+    let fleet = pool_with(&bed, group, 2, "Stopped", &agent).await?;
     let result = async {
         // Filled and warmed: each supervisor completed the launch action, then the pool
         // powered its instance off. No token read, no agent.
