@@ -284,6 +284,10 @@ async fn a_stale_pooled_instance_replaces_itself() -> R {
     let fleet = pool(&bed, group, 1, "Stopped").await?;
     let result = async {
         let stale = warmed(&bed, group, "Warmed:Stopped", 1).await?.remove(0);
+        eventually("powered off", WITHIN, || async {
+            (fleet.pool_phase(&stale) == Some(PoolPhase::Stopped)).then_some(())
+        })
+        .await?;
         // A new AMI: the group now launches version 2.
         let v2 = data("t3.small");
         let params: Vec<(&str, &str)> = v2.iter().map(|(k, v)| (*k, v.as_str())).collect();
