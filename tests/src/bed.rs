@@ -25,9 +25,53 @@ pub struct Bed {
     pub stack: String,
     pub config_parameter: String,
     pub token_parameter: String,
+    /// Dropped with the bed (or by [`Bed::disarm`]): ends the watchdog's wait.
+    watchdog: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
+}
+
+/// How long one test's bed may live before the watchdog ends the test binary.
+/// `AGENT_FLEET_BED_BUDGET_SECS` overrides it; `0` turns the watchdog off.
+const BED_BUDGET: Duration = Duration::from_secs(600);
+
+/// Ends the test binary, with a line naming the bed, if `stack`'s bed outlives `budget`.
+/// A test stuck in a deadlock (a blocked runtime never reaches its own timeouts) or in a
+/// wait without a timeout then fails the suite in minutes instead of holding CI until its
+/// limit. A thread of its own: it must run when every runtime worker is blocked.
+fn watchdog(stack: &str) -> Option<std::sync::mpsc::Sender<()>> {
+    let budget = match std::env::var("AGENT_FLEET_BED_BUDGET_SECS") {
+        Ok(v) => Duration::from_secs(v.trim().parse().unwrap_or(BED_BUDGET.as_secs())),
+        Err(_) => BED_BUDGET,
+    };
+    if budget.is_zero() {
+        return None;
+    }
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let stack = stack.to_string();
+    std::thread::Builder::new()
+        .name(format!("bed-watchdog-{stack}"))
+        .spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(budget) {
+                eprintln!(
+                    "bed {stack}: still running after {} s: the test hangs (a deadlock, or a wait \
+                     without a timeout); ending the test binary so the suite does not wait \
+                     for CI's limit (AGENT_FLEET_BED_BUDGET_SECS sets the budget, 0 turns this off)",
+                    budget.as_secs()
+                );
+                std::process::exit(124);
+            }
+        })
+        .ok()?;
+    Some(tx)
 }
 
 impl Bed {
+    /// Turns off the watchdog (a benchmark or demo that runs longer than a test).
+    pub fn disarm(&self) {
+        if let Ok(mut w) = self.watchdog.lock() {
+            w.take();
+        }
+    }
+
     /// Starts moto (warmed up) and a hub, and stores the token.
     pub async fn start(stack: &str) -> anyhow::Result<Bed> {
         Self::start_with(stack, HubOptions::default()).await
@@ -57,6 +101,7 @@ impl Bed {
             stack: stack.to_string(),
             config_parameter: format!("/agent-fleet/{stack}/config"),
             token_parameter: format!("/agent-fleet/{stack}/token"),
+            watchdog: std::sync::Mutex::new(watchdog(stack)),
         };
         bed.moto
             .put_parameter(&bed.token_parameter, TOKEN, true)

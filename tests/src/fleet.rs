@@ -1154,27 +1154,34 @@ impl Launcher {
         let reached = match (from, to) {
             (PoolPhase::Running, PoolPhase::Stopped | PoolPhase::Hibernated) => {
                 tokio::time::sleep(delays.running_to_stopped).await;
-                let Ok(mut s) = state.lock() else { return };
-                if to == PoolPhase::Stopped {
-                    match s.running.remove(&id) {
-                        Some(inst) => {
+                // Whether it was still running to be powered off; the guard is dropped
+                // before `finish`, which takes the lock again (a std mutex held twice by
+                // one thread never returns: the whole launcher, and every test reading the
+                // fleet, would hang).
+                let off = {
+                    let Ok(mut s) = state.lock() else { return };
+                    if to == PoolPhase::Stopped {
+                        s.running.remove(&id).map(|inst| {
                             inst.power_off();
                             s.retired.push(inst);
-                        }
-                        None => return finish(&state, &id, from),
+                        })
+                    } else {
+                        s.running.get(&id).map(Instance::freeze)
                     }
-                    let _ = events.send(FleetEvent::Stopped {
-                        instance_id: id.clone(),
-                    });
-                } else {
-                    match s.running.get(&id) {
-                        Some(inst) => inst.freeze(),
-                        None => return finish(&state, &id, from),
-                    }
-                    let _ = events.send(FleetEvent::Hibernated {
-                        instance_id: id.clone(),
-                    });
+                    .is_some()
+                };
+                if !off {
+                    return finish(&state, &id, from);
                 }
+                let _ = events.send(if to == PoolPhase::Stopped {
+                    FleetEvent::Stopped {
+                        instance_id: id.clone(),
+                    }
+                } else {
+                    FleetEvent::Hibernated {
+                        instance_id: id.clone(),
+                    }
+                });
                 to
             }
             (PoolPhase::Stopped, PoolPhase::Running) => {
@@ -1285,11 +1292,15 @@ async fn launcher(
         let mut pool_targets: Vec<(String, String, PoolPhase, String)> = vec![];
         let mut ok = true;
         for g in &opts.groups {
-            let Ok(group) = moto.group(g).await else {
+            // The pool first, then the group: an instance that Auto Scaling moves from
+            // the pool into service between the two reads is then seen in both, never in
+            // neither (read the other way round, it looked terminated for one poll and
+            // was never booted again).
+            let Ok(pool) = moto.warm_pool(g).await else {
                 ok = false;
                 continue;
             };
-            let Ok(pool) = moto.warm_pool(g).await else {
+            let Ok(group) = moto.group(g).await else {
                 ok = false;
                 continue;
             };

@@ -125,7 +125,14 @@ async fn a_warm_pool_wave_end_to_end(agent: AgentKind) -> R {
         // powered its instance off. No token read, no agent.
         let pool = warmed(&bed, group, "Warmed:Stopped", 2).await?;
         for id in &pool {
-            let log = log_of(&fleet, id);
+            // The supervisor writes its line once the bed has answered the completion,
+            // so a moment after the bed shows the instance warmed.
+            let log = eventually("the warmed line", WITHIN, || async {
+                let log = log_of(&fleet, id);
+                (!lines(&log, "warmed: launch lifecycle action completed").is_empty())
+                    .then_some(log)
+            })
+            .await?;
             assert_eq!(
                 lines(&log, "warmed: launch lifecycle action completed").len(),
                 1,

@@ -76,9 +76,17 @@ const HOUR: Duration = Duration::from_secs(3600);
 const MIN: Duration = Duration::from_secs(60);
 
 async fn started(source: Script) -> JobCredentials {
-    let creds = JobCredentials::start(bind_loopback().await.unwrap(), source).unwrap();
-    // The first fetch, at once.
-    tokio::time::sleep(Duration::from_millis(1)).await;
+    let creds = JobCredentials::start(bind_loopback().await.unwrap(), source.clone()).unwrap();
+    // The first fetch, at once. On a busy machine the refresher's task may not have run
+    // yet after one sleep: wait for its fetch (the tests run on one thread, so the fetch's
+    // result is stored by the time the count shows it).
+    for _ in 0..5000 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if source.fetches() >= 1 {
+            break;
+        }
+    }
+    assert!(source.fetches() >= 1, "the first fetch never ran");
     creds
 }
 

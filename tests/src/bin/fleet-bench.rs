@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let runs = arg_usize("--runs", 25);
     let rss_secs = arg_usize("--rss-secs", 60) as u64;
     let bed = Bed::start("bench").await?;
+    bed.disarm();
 
     if want("boot") {
         boot_to_spawn(&bed, runs).await?;
@@ -391,6 +392,7 @@ async fn clean_drains(agent: &AgentKind, runs: usize) -> anyhow::Result<()> {
             },
         )
         .await?;
+        bed.disarm();
         let group = format!("drain{run}-agents");
         bed.moto.create_group(&group, 0, 1, 1).await?;
         let mut cfg = bed.runtime_config(&group);
@@ -908,6 +910,7 @@ async fn job_credentials_refresh(bed: &Bed, rounds: usize) -> anyhow::Result<()>
 /// The AWS calls of one idle leader, per minute, by kind.
 async fn leader_calls(mins: u64) -> anyhow::Result<()> {
     let bed = Bed::start("calls").await?;
+    bed.disarm();
     let group = "calls-agents";
     bed.moto.create_group(group, 0, 5, 0).await?;
     bed.put_config(&bed.runtime_config(group)).await?; // default poll 5 s, default election

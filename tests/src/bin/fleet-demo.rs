@@ -67,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     print!("starting the AWS emulator (moto) and the fake Semaphore hub … ");
     let bed = Bed::start("demo").await?;
+    bed.disarm();
     println!("ready in {:.1}s", t0.elapsed().as_secs_f64());
     bed.moto.create_group(GROUP, 0, 5, 0).await?;
     bed.moto.create_group(SCALER_GROUP, 1, 1, 1).await?;
