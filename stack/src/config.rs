@@ -96,6 +96,8 @@ impl Sources {
             }
             if vars::lookup(&k).is_some() {
                 s.values.insert(k, (v, Origin::Env));
+            } else if let Some(why) = vars::reference_only(&k) {
+                s.warnings.push(format!("{k}={v:?} is ignored, {why}"));
             } else if k.starts_with("SEMAPHORE_AGENT_") {
                 s.warnings.push(format!(
                     "{k} is not a setting of agent-fleet and is ignored{}",
@@ -140,6 +142,11 @@ impl Sources {
             return;
         };
         for (k, v) in map {
+            if let Some(why) = vars::reference_only(k) {
+                self.warnings
+                    .push(format!("{k} (in {path}) is ignored, {why}"));
+                continue;
+            }
             if vars::lookup(k).is_none() {
                 self.problems.push(problem(
                     k,
@@ -195,6 +202,15 @@ impl Sources {
         let Some(v) = self.get(var.name) else {
             return Ok(None);
         };
+        if let Some((_, _, why)) = vars::UNSUPPORTED_VALUES
+            .iter()
+            .find(|(n, value, _)| *n == var.name && *value == v)
+        {
+            return Err(problem(
+                var.name,
+                format!("{} is refused: {why}", self.shown(var.name)),
+            ));
+        }
         var.check
             .check(v)
             .map(|()| Some(v))

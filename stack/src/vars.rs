@@ -281,6 +281,57 @@ pub fn lookup(name: &str) -> Option<&'static Var> {
     VARS.iter().find(|v| v.name == name)
 }
 
+const MACOS: &str = "not supported: it configures the reference stack's macOS agents on \
+    dedicated hosts; agent-fleet runs Linux agents only (keep macOS fleets on the reference stack)";
+
+/// The reference stack's settings that mean nothing to agent-fleet, and why: a value is
+/// accepted with that said (a warning, not a guess at a similar name) and ignored.
+pub const REFERENCE_ONLY: &[(&str, &str)] = &[
+    (
+        "SEMAPHORE_AGENT_ALLOW_PUBLIC_SUBNET",
+        "not applicable: it lets the reference stack place its scaling Lambda in a public \
+         subnet; agent-fleet has no Lambda (the leader is an instance of the stack, in the \
+         stack's subnets)",
+    ),
+    ("SEMAPHORE_AGENT_MAC_FAMILY", MACOS),
+    ("SEMAPHORE_AGENT_MAC_DEDICATED_HOSTS", MACOS),
+    ("SEMAPHORE_AGENT_AUTO_ALLOCATE_HOST", MACOS),
+    ("SEMAPHORE_AGENT_AUTO_RELEASE_HOST", MACOS),
+    ("SEMAPHORE_AGENT_LICENSE_CONFIGURATION_ARN", MACOS),
+];
+
+/// Why `name` is one of [`REFERENCE_ONLY`], if it is.
+pub fn reference_only(name: &str) -> Option<&'static str> {
+    REFERENCE_ONLY
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, why)| *why)
+}
+
+/// Values the reference stack accepts for one of our settings and agent-fleet does not
+/// support: `(variable, value, why)`. Refused with the reason instead of the list of
+/// allowed values.
+pub const UNSUPPORTED_VALUES: &[(&str, &str, &str)] = &[
+    (
+        "SEMAPHORE_AGENT_OS",
+        "windows",
+        "Windows agents are not supported: agent-fleet runs Linux agents \
+         (`ubuntu-jammy` or `ubuntu-noble`); keep Windows fleets on the reference stack",
+    ),
+    (
+        "SEMAPHORE_AGENT_OS",
+        "macos",
+        "macOS agents are not supported: agent-fleet runs Linux agents \
+         (`ubuntu-jammy` or `ubuntu-noble`); keep macOS fleets on the reference stack",
+    ),
+    (
+        "SEMAPHORE_AGENT_OS",
+        "ubuntu-focal",
+        "Ubuntu 20.04 is out of standard support and has no agent-fleet AMI: \
+         use `ubuntu-jammy` (22.04) or `ubuntu-noble` (24.04)",
+    ),
+];
+
 /// The README's configuration table.
 pub fn markdown_table() -> String {
     let mut s =

@@ -108,7 +108,8 @@ const RULES: &[Rule] = &[
     (&[("SEMAPHORE_AGENT_OVERPROVISION_STRATEGY", "number")], &["SEMAPHORE_AGENT_OVERPROVISION_FACTOR: must be a whole number of at least 1 with SEMAPHORE_AGENT_OVERPROVISION_STRATEGY=number (it is unset)"]),
     (&[("SEMAPHORE_AGENT_OVERPROVISION_STRATEGY", "percentage"), ("SEMAPHORE_AGENT_OVERPROVISION_FACTOR", "1.5")], &["SEMAPHORE_AGENT_OVERPROVISION_FACTOR: \"1.5\" must be a whole number"]),
     (&[("SEMAPHORE_AGENT_OVERPROVISION_STRATEGY", "lots")], &["SEMAPHORE_AGENT_OVERPROVISION_STRATEGY: \"lots\" must be one of `none`, `number`, `percentage`"]),
-    (&[("SEMAPHORE_AGENT_OS", "ubuntu-focal")], &["SEMAPHORE_AGENT_OS: \"ubuntu-focal\" must be one of `ubuntu-jammy`, `ubuntu-noble`"]),
+    (&[("SEMAPHORE_AGENT_OS", "ubuntu-focal")], &["SEMAPHORE_AGENT_OS: \"ubuntu-focal\" is refused: Ubuntu 20.04 is out of standard support and has no agent-fleet AMI: use `ubuntu-jammy` (22.04) or `ubuntu-noble` (24.04)"]),
+    (&[("SEMAPHORE_AGENT_OS", "ubuntu-bionic")], &["SEMAPHORE_AGENT_OS: \"ubuntu-bionic\" must be one of `ubuntu-jammy`, `ubuntu-noble`"]),
     (&[("SEMAPHORE_AGENT_ARCH", "arm64")], &["SEMAPHORE_AGENT_INSTANCE_TYPE: \"t2.micro\" is x86_64 but SEMAPHORE_AGENT_ARCH is arm64", "t4g.micro"]),
     (&[("SEMAPHORE_AGENT_INSTANCE_TYPE", "c7g.large")], &["SEMAPHORE_AGENT_INSTANCE_TYPE: \"c7g.large\" is arm64 but SEMAPHORE_AGENT_ARCH is x86_64"]),
     (&[("SEMAPHORE_AGENT_INSTANCE_TYPE", "large")], &["SEMAPHORE_AGENT_INSTANCE_TYPE: \"large\" must be an EC2 instance type"]),
@@ -290,6 +291,57 @@ fn warnings_for_scale_from_zero_off_ssh_key_alone_and_typos() {
     );
 }
 
+/// A config written for the reference stack: its settings that mean nothing here are
+/// accepted, each with why (never a guess at a similar name), and change nothing.
+#[test]
+fn the_reference_stacks_other_settings_are_accepted_and_said_not_applicable() {
+    let base = load(&[]).expect("minimal");
+    let c = load(&[
+        ("SEMAPHORE_AGENT_ALLOW_PUBLIC_SUBNET", "true"),
+        ("SEMAPHORE_AGENT_MAC_FAMILY", "mac2"),
+        ("SEMAPHORE_AGENT_MAC_DEDICATED_HOSTS", "h-0123456789abcdef0"),
+        ("SEMAPHORE_AGENT_AUTO_ALLOCATE_HOST", "true"),
+        ("SEMAPHORE_AGENT_AUTO_RELEASE_HOST", "true"),
+        (
+            "SEMAPHORE_AGENT_LICENSE_CONFIGURATION_ARN",
+            "arn:aws:license-manager:us-east-1:123456789012:license-configuration:lic-0123",
+        ),
+    ])
+    .expect("accepted");
+    assert_eq!(c.parameters, base.parameters, "they change nothing");
+    let all = c.warnings.join("\n");
+    assert!(!all.contains("did you mean"), "{all}");
+    assert!(
+        all.contains("SEMAPHORE_AGENT_ALLOW_PUBLIC_SUBNET=\"true\" is ignored, not applicable: it lets the reference stack place its scaling Lambda in a public subnet; agent-fleet has no Lambda"),
+        "{all}"
+    );
+    for mac in [
+        "SEMAPHORE_AGENT_MAC_FAMILY",
+        "SEMAPHORE_AGENT_MAC_DEDICATED_HOSTS",
+        "SEMAPHORE_AGENT_AUTO_ALLOCATE_HOST",
+        "SEMAPHORE_AGENT_AUTO_RELEASE_HOST",
+        "SEMAPHORE_AGENT_LICENSE_CONFIGURATION_ARN",
+    ] {
+        assert!(
+            c.warnings.iter().any(|w| w.starts_with(mac)
+                && w.contains("is ignored, not supported: it configures the reference stack's macOS agents on dedicated hosts")),
+            "{mac}: {all}"
+        );
+    }
+}
+
+/// The reference's Windows and macOS fleets are refused with the reason, not a list.
+#[test]
+fn windows_and_macos_agents_are_refused_as_not_supported() {
+    assert!(refused(&[("SEMAPHORE_AGENT_OS", "windows")]).contains(
+        "SEMAPHORE_AGENT_OS: \"windows\" is refused: Windows agents are not supported: agent-fleet runs Linux agents (`ubuntu-jammy` or `ubuntu-noble`); keep Windows fleets on the reference stack"
+    ));
+    assert!(refused(&[("SEMAPHORE_AGENT_OS", "macos")])
+        .contains("\"macos\" is refused: macOS agents are not supported"));
+    assert!(refused(&[("SEMAPHORE_AGENT_OS", "ubuntu-focal")])
+        .contains("Ubuntu 20.04 is out of standard support and has no agent-fleet AMI"));
+}
+
 mod file {
     use super::*;
 
@@ -342,6 +394,31 @@ mod file {
                 path.display()
             )),
             "{msg}"
+        );
+    }
+
+    #[test]
+    fn reference_only_keys_in_the_file_are_accepted_and_said_not_applicable() {
+        let (c, d) = with_file(
+            r#"{"SEMAPHORE_AGENT_STACK_NAME": "s", "SEMAPHORE_AGENT_TOKEN_PARAMETER_NAME": "/t",
+                "SEMAPHORE_ORGANIZATION": "org", "SEMAPHORE_AGENT_ALLOW_PUBLIC_SUBNET": "false",
+                "SEMAPHORE_AGENT_MAC_FAMILY": "mac2"}"#,
+            &[],
+        );
+        let c = c.expect("accepted");
+        let path = d.0.join("stack.json").display().to_string();
+        let all = c.warnings.join("\n");
+        assert!(
+            all.contains(&format!(
+                "SEMAPHORE_AGENT_ALLOW_PUBLIC_SUBNET (in {path}) is ignored, not applicable"
+            )),
+            "{all}"
+        );
+        assert!(
+            all.contains(&format!(
+                "SEMAPHORE_AGENT_MAC_FAMILY (in {path}) is ignored, not supported"
+            )),
+            "{all}"
         );
     }
 
