@@ -11,7 +11,42 @@ use crate::TEMPLATE;
 
 /// The body a deploy sends.
 pub fn body() -> String {
-    minify(TEMPLATE)
+    without_console_docs(&minify(TEMPLATE))
+}
+
+/// Drops what only the CloudFormation console shows: the top-level `Metadata` (its
+/// parameter groups) and every parameter's `Description`. The CLI is how this body is
+/// deployed and documents every setting itself (`agent-fleet vars`, the README); the file,
+/// uploaded whole (through S3, it is above the body limit), keeps them for the console.
+pub fn without_console_docs(yaml: &str) -> String {
+    let mut out = String::with_capacity(yaml.len());
+    let mut section = "";
+    // Skipping every line indented more than this (the dropped key's value).
+    let mut skip_deeper_than: Option<usize> = None;
+    for line in yaml.lines() {
+        let content = line.trim_start();
+        let indent = line.len() - content.len();
+        if let Some(depth) = skip_deeper_than {
+            if content.is_empty() || indent > depth {
+                continue;
+            }
+            skip_deeper_than = None;
+        }
+        if indent == 0 && !content.is_empty() {
+            section = content.split(':').next().unwrap_or_default();
+            if section == "Metadata" {
+                skip_deeper_than = Some(0);
+                continue;
+            }
+        }
+        if section == "Parameters" && indent == 4 && content.starts_with("Description:") {
+            skip_deeper_than = Some(4);
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Drops full-line comments and blank lines outside block scalars.
@@ -78,9 +113,80 @@ mod tests {
 
     #[test]
     fn the_minified_template_is_the_same_document() {
-        let min = body();
+        let min = minify(TEMPLATE);
         assert_eq!(parse(&min), parse(TEMPLATE));
         assert!(min.len() < TEMPLATE.len());
+    }
+
+    /// The body is the file's document without the console's documentation, and nothing
+    /// else is lost: every parameter keeps its type, default, pattern and allowed values.
+    #[test]
+    fn the_body_is_the_document_without_the_consoles_documentation() {
+        let mut want = parse(TEMPLATE);
+        let doc = want.as_mapping_mut().expect("a mapping");
+        assert!(
+            doc.remove("Metadata").is_some(),
+            "the file has console metadata"
+        );
+        let params = doc
+            .get_mut("Parameters")
+            .and_then(|p| p.as_mapping_mut())
+            .expect("parameters");
+        let mut described = 0;
+        for (_, p) in params.iter_mut() {
+            if let Some(p) = p.as_mapping_mut() {
+                described += usize::from(p.remove("Description").is_some());
+            }
+        }
+        assert!(described > 40, "{described} parameter descriptions");
+        assert_eq!(parse(&body()), want);
+    }
+
+    #[test]
+    fn console_docs_are_dropped_only_where_they_are_console_docs() {
+        let yaml = "\
+Description: the stack
+Metadata:
+  AWS::CloudFormation::Interface:
+    ParameterGroups: []
+Parameters:
+  A:
+    Type: String
+    Description: >-
+      folded
+      over lines
+    Default: x
+  B:
+    Description: plain
+    Type: Number
+Resources:
+  R:
+    Type: AWS::IAM::Role
+    Properties:
+      Description: kept
+    Metadata:
+      kept: true
+";
+        let out = without_console_docs(yaml);
+        assert_eq!(
+            out,
+            "\
+Description: the stack
+Parameters:
+  A:
+    Type: String
+    Default: x
+  B:
+    Type: Number
+Resources:
+  R:
+    Type: AWS::IAM::Role
+    Properties:
+      Description: kept
+    Metadata:
+      kept: true
+"
+        );
     }
 
     #[test]
