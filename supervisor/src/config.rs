@@ -206,6 +206,28 @@ pub struct RuntimeConfig {
     /// instance whose AMI is not the parameter's replaces itself.
     #[serde(default)]
     pub image_parameter: Option<String>,
+    /// The SSM parameter (String) holding GitHub's SSH host keys as known_hosts lines: the
+    /// leader refreshes it from `github_meta_url`, instances copy it into the agent user's
+    /// `known_hosts` before the agent starts (see [`crate::known_hosts`]). Absent: neither.
+    #[serde(default)]
+    pub known_hosts_parameter: Option<String>,
+    /// GitHub's meta API, whose `ssh_keys` the leader reads (default
+    /// [`DEFAULT_GITHUB_META_URL`]): HTTPS, or plain HTTP to this machine only.
+    #[serde(default)]
+    pub github_meta_url: Option<String>,
+    /// Seconds between the leader's refreshes of the host keys (default a day).
+    #[serde(default = "default_known_hosts_refresh")]
+    pub known_hosts_refresh_secs: u64,
+}
+
+/// Where GitHub publishes its SSH host keys (`ssh_keys`).
+pub const DEFAULT_GITHUB_META_URL: &str = "https://api.github.com/meta";
+/// The host keys are refreshed at most this often by default: GitHub rotates them rarely
+/// and announces it, and its meta API allows 60 unauthenticated calls an hour per address.
+pub const DEFAULT_KNOWN_HOSTS_REFRESH_SECS: u64 = 24 * 3600;
+
+fn default_known_hosts_refresh() -> u64 {
+    DEFAULT_KNOWN_HOSTS_REFRESH_SECS
 }
 
 /// How much a job may do on its VM (`SEMAPHORE_AGENT_JOB_ISOLATION`).
@@ -397,6 +419,8 @@ pub struct Settings {
     /// Images pulled while warming in the pool, each a plain reference (never an option).
     pub warm_images: Vec<String>,
     pub image_parameter: Option<String>,
+    /// GitHub's SSH host keys: where they are kept, where they come from, how often.
+    pub known_hosts: KnownHostsSettings,
     /// Keys of the parameter this version does not know (`scaler.foo`), ignored.
     pub ignored_keys: Vec<String>,
 }
@@ -425,6 +449,9 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "launch_hook",
             "warm_images",
             "image_parameter",
+            "known_hosts_parameter",
+            "github_meta_url",
+            "known_hosts_refresh_secs",
         ],
     ),
     (
@@ -610,7 +637,14 @@ impl Settings {
         };
         let election =
             validate_election(&raw.election, parameter).map_err(|(key, p)| invalid(key, &p))?;
+        let known_hosts = validate_known_hosts(
+            raw.known_hosts_parameter,
+            raw.github_meta_url,
+            raw.known_hosts_refresh_secs,
+        )
+        .map_err(|(key, p)| invalid(key, &p))?;
         Ok(Self {
+            known_hosts,
             ignored_keys: vec![],
             scaler,
             election,
@@ -633,6 +667,85 @@ impl Settings {
             warm_images: raw.warm_images,
             image_parameter,
         })
+    }
+}
+
+/// GitHub's SSH host keys, validated (see [`RuntimeConfig::known_hosts_parameter`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownHostsSettings {
+    /// `None`: no parameter; instances fall back to the AMI's file, the leader fetches nothing.
+    pub parameter: Option<String>,
+    pub meta_url: String,
+    pub refresh: Duration,
+}
+
+impl Default for KnownHostsSettings {
+    fn default() -> Self {
+        Self {
+            parameter: None,
+            meta_url: DEFAULT_GITHUB_META_URL.into(),
+            refresh: Duration::from_secs(DEFAULT_KNOWN_HOSTS_REFRESH_SECS),
+        }
+    }
+}
+
+fn validate_known_hosts(
+    parameter: Option<String>,
+    url: Option<String>,
+    refresh_secs: u64,
+) -> Result<KnownHostsSettings, (&'static str, String)> {
+    let parameter = match parameter {
+        Some(p) if p.trim().is_empty() => None,
+        Some(p) if !valid_parameter_name(&p) => {
+            return Err((
+                "known_hosts_parameter",
+                "is not a valid SSM parameter name".into(),
+            ))
+        }
+        other => other,
+    };
+    let meta_url = match url {
+        Some(u) if !u.trim().is_empty() => u.trim().to_string(),
+        _ => DEFAULT_GITHUB_META_URL.to_string(),
+    };
+    check_meta_url(&meta_url).map_err(|why| {
+        (
+            "github_meta_url",
+            format!("{meta_url:?} {why}; leave it out for {DEFAULT_GITHUB_META_URL}"),
+        )
+    })?;
+    if !(1..=7 * 24 * 3600).contains(&refresh_secs) {
+        return Err((
+            "known_hosts_refresh_secs",
+            "must be between 1 and 604800 (a week); leave it out for a day".into(),
+        ));
+    }
+    Ok(KnownHostsSettings {
+        parameter,
+        meta_url,
+        refresh: Duration::from_secs(refresh_secs),
+    })
+}
+
+/// The meta URL rule, as `no_https` for the endpoint: HTTPS, or plain HTTP only to this
+/// machine (127.0.0.0/8, \[::1\], localhost) — host keys read in plain text over the
+/// network could be anyone's. No user info (`user@`).
+pub fn check_meta_url(s: &str) -> Result<(), &'static str> {
+    let url = reqwest::Url::parse(s).map_err(|_| "is not a URL")?;
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("has user info (`user@`)");
+    }
+    let host = url.host_str().ok_or("has no host")?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err("is plain HTTP to another machine: host keys read in plain text could be an attacker's; use https"),
+        _ => Err("is not an https URL"),
     }
 }
 
@@ -1094,6 +1207,9 @@ mod tests {
             }),
             warm_images: vec!["ruby:3.3".into()],
             image_parameter: Some("/agent-fleet/ami/ubuntu-noble/x86_64".into()),
+            known_hosts_parameter: Some("/agent-fleet/s/known-hosts".into()),
+            github_meta_url: Some("https://github.example/api/v3/meta".into()),
+            known_hosts_refresh_secs: 3600,
         };
         let mut doc = serde_json::to_value(&full).expect("serialize");
         assert_eq!(drop_unknown_keys(&mut doc), Vec::<String>::new());
@@ -1133,6 +1249,65 @@ mod tests {
         );
         let e = with(r#""job_role_arn":"my-role""#).expect_err("refused");
         assert!(e.contains("job_role_arn"), "{e}");
+    }
+
+    #[test]
+    fn the_known_hosts_keys_default_to_githubs_api_daily_and_refuse_plain_http_off_the_machine() {
+        let d = Settings::parse("/p", GOOD).expect("valid");
+        assert_eq!(d.known_hosts, KnownHostsSettings::default());
+        assert_eq!(d.known_hosts.meta_url, "https://api.github.com/meta");
+        assert_eq!(d.known_hosts.refresh, Duration::from_secs(86_400));
+        assert_eq!(d.known_hosts.parameter, None);
+        let s = with(r#""known_hosts_parameter":"/agent-fleet/s/known-hosts","github_meta_url":"http://127.0.0.1:9/meta","known_hosts_refresh_secs":2"#)
+            .expect("valid");
+        assert_eq!(
+            s.known_hosts.parameter.as_deref(),
+            Some("/agent-fleet/s/known-hosts")
+        );
+        assert_eq!(s.known_hosts.meta_url, "http://127.0.0.1:9/meta");
+        assert_eq!(s.known_hosts.refresh, Duration::from_secs(2));
+        for ok in [
+            "https://github.example/api/v3/meta",
+            "http://localhost:8080/meta",
+            "http://[::1]:8080/meta",
+        ] {
+            with(&format!(r#""github_meta_url":"{ok}""#)).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (bad, key, why) in [
+            (
+                r#""github_meta_url":"http://api.github.com/meta""#,
+                "github_meta_url",
+                "use https",
+            ),
+            (
+                r#""github_meta_url":"https://me@evil.example/meta""#,
+                "github_meta_url",
+                "user info",
+            ),
+            (
+                r#""github_meta_url":"ftp://x/meta""#,
+                "github_meta_url",
+                "not an https URL",
+            ),
+            (
+                r#""github_meta_url":"api.github.com""#,
+                "github_meta_url",
+                "not a URL",
+            ),
+            (
+                r#""known_hosts_parameter":"has space""#,
+                "known_hosts_parameter",
+                "SSM parameter name",
+            ),
+            (
+                r#""known_hosts_refresh_secs":0"#,
+                "known_hosts_refresh_secs",
+                "a week",
+            ),
+        ] {
+            let e = with(bad).expect_err(bad);
+            assert!(e.contains(key) && e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -132,6 +132,20 @@ async fn run_in(
         )),
         _ => None,
     };
+    // GitHub's host keys for the agent user: read alongside the token, written before the
+    // agent starts (see `crate::known_hosts`).
+    let known_hosts = (role == Role::Agent).then(|| {
+        AbortOnDrop(tokio::spawn(
+            crate::known_hosts::for_agent(
+                ssm.clone(),
+                settings.known_hosts.parameter.clone(),
+                opts.known_hosts_fallback.clone(),
+                opts.agent_user.clone(),
+                opts.known_hosts_file.clone(),
+            )
+            .in_current_span(),
+        ))
+    });
     let token = if start_kind == StartKind::Warm {
         let (asg, imds) = (SdkAutoScaling::new(&sdk), SdkImds::new());
         let (stale, token) = tokio::join!(
@@ -207,6 +221,10 @@ async fn run_in(
     if !jobs_prepared {
         crate::isolation::apply(&opts.isolation_script, settings.job_isolation).await?;
         crate::firewall::close_for(&opts)?;
+    }
+
+    if let Some(mut k) = known_hosts {
+        let _ = (&mut k.0).await;
     }
 
     // Boot timing: once per instance (the marker survives a restart of the supervisor).

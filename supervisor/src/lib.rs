@@ -56,6 +56,7 @@ pub mod firewall;
 pub mod interrupt;
 pub mod isolation;
 pub mod jobcreds;
+pub mod known_hosts;
 pub mod lifecycle;
 pub mod notify;
 pub mod pool;

@@ -134,6 +134,13 @@ struct RunArgs {
         default_value_t = 120
     )]
     warm_docker_wait_secs: u64,
+    /// Where GitHub's SSH host keys are added for the agent user before the agent starts
+    /// (default: the agent user's ~/.ssh/known_hosts).
+    #[arg(long, env = "AGENT_SUPERVISOR_KNOWN_HOSTS_FILE")]
+    known_hosts_file: Option<PathBuf>,
+    /// The AMI's GitHub host keys (written at build time), used while the stack's parameter holds none.
+    #[arg(long, env = "AGENT_SUPERVISOR_KNOWN_HOSTS_FALLBACK", default_value = agent_supervisor::known_hosts::DEFAULT_FALLBACK)]
+    known_hosts_fallback: PathBuf,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -180,6 +187,8 @@ impl RunArgs {
             isolation_script: self.isolation_script,
             docker: self.docker,
             warm_docker_wait: Duration::from_secs(self.warm_docker_wait_secs.min(MAX_SECS)),
+            known_hosts_file: self.known_hosts_file,
+            known_hosts_fallback: self.known_hosts_fallback,
         }
     }
 }

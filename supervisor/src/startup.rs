@@ -41,6 +41,11 @@ pub struct RunOptions {
     pub docker: PathBuf,
     /// How long a pooled instance waits for the Docker daemon to answer (zero: not at all).
     pub warm_docker_wait: Duration,
+    /// Where GitHub's host keys go ([`crate::known_hosts`]); `None`: the agent user's
+    /// `~/.ssh/known_hosts`.
+    pub known_hosts_file: Option<PathBuf>,
+    /// The AMI's host keys, used while the parameter holds none.
+    pub known_hosts_fallback: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -197,6 +197,9 @@ fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
                     launch_hook: None,
                     warm_images: vec![],
                     image_parameter: None,
+                    known_hosts_parameter: None,
+                    github_meta_url: None,
+                    known_hosts_refresh_secs: 86_400,
                 }
             },
         )

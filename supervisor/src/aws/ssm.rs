@@ -30,6 +30,12 @@ pub enum SsmError {
         retry: Retry,
         detail: String,
     },
+    #[error("PutParameter {name}: {detail}")]
+    PutParameter {
+        name: String,
+        retry: Retry,
+        detail: String,
+    },
 }
 
 impl SsmError {
@@ -47,6 +53,16 @@ impl SsmError {
 pub trait ParameterStore: Send + Sync {
     /// Reads a parameter, decrypting SecureStrings.
     fn get(&self, name: &str) -> impl Future<Output = Result<Parameter, SsmError>> + Send;
+}
+
+/// Writing a plain String parameter (the leader's host keys, [`crate::known_hosts`]).
+pub trait ParameterWriter: Send + Sync {
+    /// Overwrites `name` with `value` (type String, Standard tier).
+    fn put_string(
+        &self,
+        name: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), SsmError>> + Send;
 }
 
 #[derive(Clone)]
@@ -89,5 +105,24 @@ impl ParameterStore for SdkParameterStore {
                 detail: describe(&e),
             }),
         }
+    }
+}
+
+impl ParameterWriter for SdkParameterStore {
+    async fn put_string(&self, name: &str, value: &str) -> Result<(), SsmError> {
+        self.client
+            .put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::String)
+            .overwrite(true)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| SsmError::PutParameter {
+                name: name.to_string(),
+                retry: classify(&e),
+                detail: describe(&e),
+            })
     }
 }

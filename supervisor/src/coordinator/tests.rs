@@ -224,6 +224,8 @@ fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
         isolation_script: "/nonexistent/apply-isolation".into(),
         docker: "/nonexistent/docker".into(),
         warm_docker_wait: Duration::ZERO,
+        known_hosts_file: None,
+        known_hosts_fallback: "/nonexistent/github_known_hosts".into(),
     }
 }
 

@@ -1,5 +1,6 @@
-//! Leader work on this instance: the election and, while leading, the scaler and the
-//! agents' lifetime cap ([`crate::scaler::cap`]) — started
+//! Leader work on this instance: the election and, while leading, the scaler, the
+//! agents' lifetime cap ([`crate::scaler::cap`]) and GitHub's host keys
+//! ([`crate::scaler::host_keys`]) — started
 //! together, stopped in the order the lease's safety needs (scaler first, then release).
 //! The scaler's decisions flow into the election's lease record, where operators read
 //! them (`agent-fleet status`), and the group's in-service instances it reads at each
@@ -13,6 +14,7 @@ use crate::config::Settings;
 use crate::election::Leadership;
 use crate::election::{Elector, SsmLeaseStore};
 use crate::scaler::cap::LifetimeCap;
+use crate::scaler::host_keys::{HostKeys, HttpMeta};
 use crate::scaler::{HttpDemand, Scaler, SsmTokenSource, Token};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -26,6 +28,7 @@ pub struct LeaderWork {
     election: JoinHandle<Elector<SsmLeaseStore>>,
     scaler: Option<JoinHandle<()>>,
     cap: Option<JoinHandle<()>>,
+    host_keys: Option<JoinHandle<()>>,
     pub leadership: watch::Receiver<Leadership>,
 }
 
@@ -91,7 +94,19 @@ impl LeaderWork {
             cap.run(leadership.clone(), scaler_stop.clone())
                 .in_current_span(),
         );
+        // GitHub's host keys: its own task, so a slow GitHub never delays a scaling poll.
+        let host_keys = HostKeys::new(
+            settings.clone(),
+            SdkParameterStore::new(sdk),
+            HttpMeta::new().map_err(|e| e.to_string())?,
+        );
+        let host_keys = tokio::spawn(
+            host_keys
+                .run(leadership.clone(), scaler_stop.clone())
+                .in_current_span(),
+        );
         Ok(Some(Self {
+            host_keys: Some(host_keys),
             election_stop,
             scaler_stop,
             election,
@@ -109,6 +124,9 @@ impl LeaderWork {
         }
         if let Some(c) = self.cap.take() {
             let _ = c.await;
+        }
+        if let Some(h) = self.host_keys.take() {
+            let _ = h.await;
         }
         self.election_stop.cancel();
         match (&mut self.election).await {

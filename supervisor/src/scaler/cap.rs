@@ -15,7 +15,7 @@
 //! Instances in `Terminating:Wait`, `Pending` or `Standby` are not in service and are
 //! left alone; the scaler-only instance lives in its own group, which is never looked at.
 
-use super::{check, next_term, Repeats};
+use super::{check, lead_or_stop, Repeats};
 use crate::aws::autoscaling::AutoScaling;
 use crate::aws::ec2::Ec2;
 use crate::config::Settings;
@@ -69,13 +69,8 @@ impl<A: AutoScaling, E: Ec2> LifetimeCap<A, E> {
         shutdown: CancellationToken,
     ) {
         loop {
-            let term = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                t = next_term(&mut leadership) => match t {
-                    Some(t) => t,
-                    None => return,
-                },
+            let Some(term) = lead_or_stop(&mut leadership, &shutdown).await else {
+                return;
             };
             self.check(&leadership, term, SystemTime::now()).await;
             let every = check_every(self.settings.borrow().scaler.poll_interval);

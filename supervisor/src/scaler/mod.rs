@@ -83,6 +83,7 @@
 
 pub mod cap;
 pub mod decision;
+pub mod host_keys;
 pub mod semaphore;
 pub mod target;
 pub mod token;
@@ -824,6 +825,19 @@ async fn next_term(rx: &mut watch::Receiver<Leadership>) -> Option<u64> {
             return Some(term);
         }
         rx.changed().await.ok()?;
+    }
+}
+
+/// [`next_term`] for the leader's side tasks (the cap, the host keys): `None` on
+/// `shutdown` too.
+async fn lead_or_stop(
+    rx: &mut watch::Receiver<Leadership>,
+    shutdown: &CancellationToken,
+) -> Option<u64> {
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => None,
+        t = next_term(rx) => t,
     }
 }
 

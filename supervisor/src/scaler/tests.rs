@@ -43,6 +43,7 @@ fn settings(overprovision: Overprovision) -> Settings {
         launch_hook: None,
         warm_images: vec![],
         image_parameter: None,
+        known_hosts: Default::default(),
     }
 }
 
@@ -1334,4 +1335,277 @@ fn the_cap_is_checked_every_ten_polls_at_most_a_minute() {
         cap::check_every(Duration::from_secs(300)),
         Duration::from_secs(60)
     );
+}
+
+// ---------------------------------------------------------------------------- host keys
+
+mod host_keys {
+    use super::*;
+    use crate::aws::ssm::{Parameter, ParameterStore, ParameterWriter, SsmError};
+    use crate::known_hosts::tests::{github, key, meta};
+    use crate::known_hosts::{parse_stored, render, HostKey, PLACEHOLDER};
+    use crate::scaler::host_keys::{
+        wait_before_refresh, HostKeys, MetaSource, FETCH_BOUND, RETRY_AFTER_FAILURE,
+    };
+    use tokio::time::{advance, sleep};
+
+    const PARAM: &str = "/agent-fleet/s1/known-hosts";
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    #[derive(Clone)]
+    struct FakeParam {
+        value: Arc<Mutex<String>>,
+        puts: Arc<Mutex<u32>>,
+    }
+
+    impl FakeParam {
+        fn new(value: &str) -> Self {
+            Self {
+                value: Arc::new(Mutex::new(value.into())),
+                puts: Default::default(),
+            }
+        }
+        fn value(&self) -> String {
+            self.value.lock().expect("lock").clone()
+        }
+        fn puts(&self) -> u32 {
+            *self.puts.lock().expect("lock")
+        }
+    }
+
+    impl ParameterStore for FakeParam {
+        async fn get(&self, _: &str) -> Result<Parameter, SsmError> {
+            Ok(Parameter {
+                value: self.value(),
+                secure: false,
+            })
+        }
+    }
+
+    impl ParameterWriter for FakeParam {
+        async fn put_string(&self, name: &str, value: &str) -> Result<(), SsmError> {
+            assert_eq!(name, PARAM);
+            *self.value.lock().expect("lock") = value.into();
+            *self.puts.lock().expect("lock") += 1;
+            Ok(())
+        }
+    }
+
+    /// A body, or why there is none.
+    type Answer = Result<Vec<u8>, String>;
+
+    /// GitHub: answers with whatever the test set last (`None`: never), counts the calls.
+    #[derive(Clone)]
+    struct FakeGithub {
+        answer: Arc<Mutex<Option<Answer>>>,
+        calls: Arc<Mutex<u32>>,
+    }
+
+    impl FakeGithub {
+        fn new(answer: Result<Vec<u8>, String>) -> Self {
+            Self {
+                answer: Arc::new(Mutex::new(Some(answer))),
+                calls: Default::default(),
+            }
+        }
+        /// `None`: never answers.
+        fn set(&self, answer: Option<Result<Vec<u8>, String>>) {
+            *self.answer.lock().expect("lock") = answer;
+        }
+        fn calls(&self) -> u32 {
+            *self.calls.lock().expect("lock")
+        }
+    }
+
+    impl MetaSource for FakeGithub {
+        async fn fetch(&self, url: &str) -> Result<Vec<u8>, String> {
+            assert_eq!(url, "https://api.github.com/meta");
+            *self.calls.lock().expect("lock") += 1;
+            let answer = self.answer.lock().expect("lock").clone();
+            match answer {
+                Some(a) => a,
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    struct KeysBed {
+        param: FakeParam,
+        github: FakeGithub,
+        leader: watch::Sender<Leadership>,
+        logs: Logs,
+        _guard: tracing::subscriber::DefaultGuard,
+        _task: crate::AbortOnDrop<()>,
+    }
+
+    fn start(value: &str, answer: Result<Vec<u8>, String>) -> KeysBed {
+        let logs = Logs::default();
+        let guard =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(logs.clone()));
+        let mut s = settings(Overprovision::None);
+        s.known_hosts.parameter = Some(PARAM.into());
+        let (_settings_tx, rx) = watch::channel(s);
+        let (leader, leadership) = watch::channel(Leadership::default());
+        let (param, github) = (FakeParam::new(value), FakeGithub::new(answer));
+        let task = HostKeys::new(rx, param.clone(), github.clone())
+            .run(leadership, CancellationToken::new());
+        KeysBed {
+            param,
+            github,
+            leader,
+            logs,
+            _guard: guard,
+            _task: crate::AbortOnDrop(tokio::spawn(task)),
+        }
+    }
+
+    impl KeysBed {
+        fn lead(&self, term: u64) {
+            self.leader.send_replace(Leadership::Leader {
+                term,
+                valid_until: Instant::now() + 30 * DAY,
+            });
+        }
+        fn warnings(&self) -> usize {
+            self.logs.where_(|e| e.level == tracing::Level::WARN).len()
+        }
+    }
+
+    fn good() -> Result<Vec<u8>, String> {
+        Ok(meta(&github()))
+    }
+
+    #[test]
+    fn a_set_younger_than_the_interval_waits_out_the_rest_of_it() {
+        let now = SystemTime::now();
+        assert_eq!(wait_before_refresh(None, now, DAY), Duration::ZERO);
+        let h = Duration::from_secs(3600);
+        assert_eq!(wait_before_refresh(Some(now - 20 * h), now, DAY), 4 * h);
+        assert_eq!(
+            wait_before_refresh(Some(now - 2 * DAY), now, DAY),
+            Duration::ZERO
+        );
+        // Another machine's clock ahead of ours: as if just fetched.
+        assert_eq!(wait_before_refresh(Some(now + h), now, DAY), DAY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_placeholder_is_replaced_as_soon_as_a_leader_leads_then_refreshed_daily() {
+        let bed = start(PLACEHOLDER, good());
+        sleep(Duration::from_secs(3600)).await;
+        assert_eq!(bed.github.calls(), 0, "a follower never calls GitHub");
+        bed.lead(1);
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!((bed.github.calls(), bed.param.puts()), (1, 1));
+        let stored = parse_stored(&bed.param.value());
+        assert_eq!(stored.keys.len(), 3);
+        assert!(stored.fetched_at.is_some());
+        assert!(bed
+            .param
+            .value()
+            .lines()
+            .skip(1)
+            .all(|l| l.starts_with("github.com ")));
+        advance(DAY - Duration::from_secs(10)).await;
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!(bed.github.calls(), 1, "at most daily");
+        sleep(Duration::from_secs(20)).await;
+        assert_eq!((bed.github.calls(), bed.param.puts()), (2, 2));
+        assert_eq!(
+            bed.logs.messages("GitHub host keys updated").len(),
+            1,
+            "the same keys are not news"
+        );
+        assert_eq!(bed.warnings(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_term_refreshes_a_day_old_set_at_once_and_leaves_a_younger_one() {
+        let keys: Vec<HostKey> = github()
+            .iter()
+            .map(|k| HostKey::parse(k).expect("k"))
+            .collect();
+        let h = Duration::from_secs(3600);
+        let young = render(
+            &keys,
+            SystemTime::now() - 20 * h,
+            "https://api.github.com/meta",
+        );
+        let bed = start(&young, good());
+        bed.lead(7);
+        sleep(Duration::from_secs(3 * 3600 + 3500)).await;
+        assert_eq!(bed.github.calls(), 0, "20 h old: left for 4 h more");
+        sleep(Duration::from_secs(200)).await;
+        assert_eq!(bed.github.calls(), 1);
+
+        let old = render(
+            &keys,
+            SystemTime::now() - 25 * h,
+            "https://api.github.com/meta",
+        );
+        let bed = start(&old, good());
+        bed.lead(8);
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!((bed.github.calls(), bed.param.puts()), (1, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_keep_the_last_good_set_and_are_said_once_until_it_recovers() {
+        let bed = start(PLACEHOLDER, good());
+        bed.lead(1);
+        sleep(Duration::from_secs(1)).await;
+        let good_set = bed.param.value();
+        assert_eq!(parse_stored(&good_set).keys.len(), 3);
+        let bad_answers: Vec<Result<Vec<u8>, String>> = vec![
+            Ok(b"{\"message\": \"API rate limit exceeded\"".to_vec()),
+            Err("GET https://api.github.com/meta: HTTP 500".into()),
+            Ok(meta(&[key("ssh-dss", 40)])),
+            Ok(meta(&[])),
+        ];
+        let before = bed.github.calls();
+        for (i, bad) in bad_answers.into_iter().enumerate() {
+            bed.github.set(Some(bad));
+            // The first failure comes at the daily refresh, the next ones at the retries.
+            advance(if i == 0 { DAY } else { RETRY_AFTER_FAILURE }).await;
+            sleep(Duration::from_secs(1)).await;
+            assert_eq!(bed.github.calls(), before + i as u32 + 1, "failure {i}");
+            assert_eq!(
+                bed.param.value(),
+                good_set,
+                "failure {i}: the last good set stays"
+            );
+        }
+        assert_eq!(bed.param.puts(), 1);
+        assert_eq!(bed.warnings(), 1, "said once");
+        let warning = &bed.logs.where_(|e| e.level == tracing::Level::WARN)[0];
+        assert!(
+            warning.message.contains("keeps the last good set") && warning.message.contains("JSON"),
+            "{warning:?}"
+        );
+        bed.github.set(Some(good()));
+        advance(RETRY_AFTER_FAILURE).await;
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!(bed.param.puts(), 2);
+        assert_eq!(
+            bed.logs.messages("GitHub host keys refreshed again").len(),
+            1
+        );
+        assert_eq!(bed.warnings(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_github_that_never_answers_is_given_up_on_at_the_bound() {
+        let bed = start(PLACEHOLDER, good());
+        bed.github.set(None);
+        bed.lead(1);
+        sleep(FETCH_BOUND - Duration::from_secs(1)).await;
+        assert_eq!(bed.warnings(), 0);
+        sleep(Duration::from_secs(2)).await;
+        assert_eq!(bed.warnings(), 1);
+        assert_eq!(bed.param.value(), PLACEHOLDER);
+        bed.github.set(Some(good()));
+        advance(RETRY_AFTER_FAILURE).await;
+        sleep(Duration::from_secs(1)).await;
+        assert_eq!(parse_stored(&bed.param.value()).keys.len(), 3);
+    }
 }
