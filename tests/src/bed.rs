@@ -1,6 +1,7 @@
 //! One test's world: moto, a fake hub, a stack's parameters, a scratch directory.
 
 use crate::fleet::{Fleet, FleetOptions, InstanceOptions};
+use crate::github::FakeGithub;
 use crate::hub::{Hub, HubOptions, JobState};
 use crate::moto::{Moto, ACCOUNT_ID};
 use agent_supervisor::config::{ElectionConfig, RuntimeConfig, ScalerConfig};
@@ -25,6 +26,10 @@ pub struct Bed {
     pub stack: String,
     pub config_parameter: String,
     pub token_parameter: String,
+    /// GitHub's host keys, as the stack keeps them (created with the template's placeholder).
+    pub known_hosts_parameter: String,
+    /// The meta API the runtime config's `github_meta_url` names.
+    pub github: FakeGithub,
     /// Dropped with the bed (or by [`Bed::disarm`]): ends the watchdog's wait.
     watchdog: std::sync::Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
@@ -101,10 +106,19 @@ impl Bed {
             stack: stack.to_string(),
             config_parameter: format!("/agent-fleet/{stack}/config"),
             token_parameter: format!("/agent-fleet/{stack}/token"),
+            known_hosts_parameter: format!("/agent-fleet/{stack}/known-hosts"),
+            github: FakeGithub::start().await?,
             watchdog: std::sync::Mutex::new(watchdog(stack)),
         };
         bed.moto
             .put_parameter(&bed.token_parameter, TOKEN, true)
+            .await?;
+        bed.moto
+            .put_parameter(
+                &bed.known_hosts_parameter,
+                agent_supervisor::known_hosts::PLACEHOLDER,
+                false,
+            )
             .await?;
         Ok(bed)
     }
@@ -159,6 +173,9 @@ impl Bed {
             launch_hook: None,
             warm_images: vec![],
             image_parameter: None,
+            known_hosts_parameter: Some(self.known_hosts_parameter.clone()),
+            github_meta_url: Some(self.github.url()),
+            known_hosts_refresh_secs: agent_supervisor::config::DEFAULT_KNOWN_HOSTS_REFRESH_SECS,
         }
     }
 

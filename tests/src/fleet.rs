@@ -365,6 +365,13 @@ impl Instance {
                     .ok()
                     .map(|v| ("MALLOC_ARENA_MAX", v)),
             )
+            // GitHub's host keys go to the instance's directory, never to the bed user's
+            // ~/.ssh (root's, on a CI machine); no AMI file unless a test writes one there.
+            .env("AGENT_SUPERVISOR_KNOWN_HOSTS_FILE", dir.join("known_hosts"))
+            .env(
+                "AGENT_SUPERVISOR_KNOWN_HOSTS_FALLBACK",
+                dir.join("github_known_hosts"),
+            )
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

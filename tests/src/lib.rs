@@ -5,6 +5,7 @@
 pub mod bed;
 pub mod faults;
 pub mod fleet;
+pub mod github;
 pub mod hub;
 pub mod imds;
 pub mod moto;
