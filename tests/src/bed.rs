@@ -26,7 +26,8 @@ pub struct Bed {
     pub stack: String,
     pub config_parameter: String,
     pub token_parameter: String,
-    /// GitHub's host keys, as the stack keeps them (created with the template's placeholder).
+    /// GitHub's host keys, as the stack keeps them (created with the template's placeholder
+    /// by [`Bed::put_config`]).
     pub known_hosts_parameter: String,
     /// The meta API the runtime config's `github_meta_url` names.
     pub github: FakeGithub,
@@ -113,13 +114,6 @@ impl Bed {
         bed.moto
             .put_parameter(&bed.token_parameter, TOKEN, true)
             .await?;
-        bed.moto
-            .put_parameter(
-                &bed.known_hosts_parameter,
-                agent_supervisor::known_hosts::PLACEHOLDER,
-                false,
-            )
-            .await?;
         Ok(bed)
     }
 
@@ -201,7 +195,23 @@ impl Bed {
         self.put_config_json(&serde_json::to_string(cfg)?).await
     }
 
+    /// Writes the runtime config, and, the first time, the known-hosts parameter with the
+    /// template's placeholder (as a stack makes it; a deploy of the template makes its own).
     pub async fn put_config_json(&self, json: &str) -> anyhow::Result<()> {
+        if self
+            .moto
+            .get_parameter(&self.known_hosts_parameter)
+            .await?
+            .is_none()
+        {
+            self.moto
+                .put_parameter(
+                    &self.known_hosts_parameter,
+                    agent_supervisor::known_hosts::PLACEHOLDER,
+                    false,
+                )
+                .await?;
+        }
         self.moto
             .put_parameter(&self.config_parameter, json, false)
             .await

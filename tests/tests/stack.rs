@@ -590,6 +590,25 @@ async fn jobs_get_a_job_role_and_the_scaler_leads_at_any_minimum() -> R {
     for action in LEADER_ACTIONS {
         assert!(!agent_policy.contains(action), "{agent_policy}");
     }
+
+    // GitHub's host keys: the placeholder until a leader fetches them; both roles read them
+    // (InstancePolicy), only the scaler's may write them.
+    let known_hosts = format!("/agent-fleet/{stack}/known-hosts");
+    assert_eq!(doc["known_hosts_parameter"], known_hosts.as_str(), "{doc}");
+    assert_eq!(
+        bed.moto.get_parameter(&known_hosts).await?.as_deref(),
+        Some(agent_supervisor::known_hosts::PLACEHOLDER)
+    );
+    assert!(
+        agent_policy.contains(&format!(":parameter{known_hosts}")),
+        "{agent_policy}"
+    );
+    let scaler_policy = role_policies(&bed, &physical_id(&bed, "ScalerRole").await?).await?;
+    assert!(
+        scaler_policy.contains("LeaderRefreshesKnownHosts")
+            && scaler_policy.contains(&format!(":parameter{known_hosts}\"")),
+        "{scaler_policy}"
+    );
     Ok(())
 }
 
