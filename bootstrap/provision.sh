@@ -19,6 +19,8 @@
 #   install_units               the systemd unit, enabled; the supervisor's work dir
 #   install_isolation           apply-isolation and what both job isolation levels need;
 #                               the image's own level is vm until the supervisor applies one
+#   install_github_keys         GitHub's SSH host keys from its meta API, checked, for instances
+#                               whose stack's parameter holds none yet (the supervisor's fallback)
 #   clean_image                 forget the builder: machine-id, its SSH key, cloud-init state
 #
 # [image] steps install packages or run vendor installers that write to absolute paths,
@@ -39,6 +41,9 @@
 #                      script sits in, with RUST_TOOLCHAIN; needs the network)
 #   SUPERVISOR_VERSION when set, the installed binary must report this version
 #   RUST_TOOLCHAIN     toolchain for that build (default 1.95.0)
+#   GITHUB_META_URL    GitHub's meta API (default https://api.github.com/meta; GitHub
+#                      Enterprise: https://<host>/api/v3/meta)
+#   GITHUB_META_FILE   a saved answer of that API (default: fetch it)
 set -euo pipefail
 umask 022
 
@@ -55,6 +60,10 @@ readonly UNIT=agent-supervisor.service
 readonly LIB_DIR=/usr/local/lib/agent-fleet
 readonly ROOTLESS_UNIT=/usr/lib/systemd/user/docker.service
 readonly APPARMOR_PROFILE=/etc/apparmor.d/rootlesskit
+# GitHub's SSH host keys as the image was baked (the supervisor's --known-hosts-fallback).
+readonly GITHUB_KNOWN_HOSTS=/usr/local/share/agent-fleet/github_known_hosts
+# Host-key algorithms the supervisor takes (supervisor/src/known_hosts.rs, ALGORITHMS).
+readonly HOST_KEY_ALGORITHMS='ssh-ed25519|ecdsa-sha2-nistp(256|384|521)|ssh-rsa|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com'
 
 # Docker comes from Ubuntu's own archive (docker.io, with docker-buildx and
 # docker-compose-v2 for `docker buildx` and `docker compose`), not from Docker's apt
@@ -87,13 +96,16 @@ EXTRA_PACKAGES=${EXTRA_PACKAGES:-}
 SUPERVISOR_BINARY=${SUPERVISOR_BINARY:-}
 SUPERVISOR_VERSION=${SUPERVISOR_VERSION:-}
 RUST_TOOLCHAIN=${RUST_TOOLCHAIN:-1.95.0}
+GITHUB_META_URL=${GITHUB_META_URL:-https://api.github.com/meta}
+GITHUB_META_FILE=${GITHUB_META_FILE:-}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # The repository, or the bundle Packer uploads (the same files).
 readonly SOURCE_DIR=${HERE%/*}
 
 readonly STEPS=(wait_for_boot remove_unattended_upgrades install_packages create_agent_user
-  install_agent install_toolbox install_supervisor install_units install_isolation clean_image)
+  install_agent install_toolbox install_supervisor install_units install_isolation install_github_keys
+  clean_image)
 
 log() { printf 'provision: %s\n' "$*"; }
 die() {
@@ -365,6 +377,36 @@ install_apparmor_profile() {
   if [[ $ROOT == / && -d /sys/kernel/security/apparmor ]] && command -v apparmor_parser >/dev/null; then
     apparmor_parser -r -W "$APPARMOR_PROFILE"
   fi
+}
+
+# The keys the supervisor adds to the agent user's known_hosts while the stack's parameter
+# holds none (a new stack, before its leader first fetched them; a stack without dynamic
+# scaling, which has no leader). The same checks as the supervisor's: 1 to 10 keys, each a
+# known algorithm and a base64 SSH public-key blob that names it; anything else fails the
+# build rather than bake a file the supervisor would ignore.
+install_github_keys() {
+  local meta=$GITHUB_META_FILE keys key alg body n=0 out
+  if [[ -z $meta ]]; then
+    meta=$SCRATCH/github-meta.json
+    download "$GITHUB_META_URL" "$meta"
+  fi
+  keys=$(jq -er '.ssh_keys | if type == "array" and length > 0 then .[] else error("no ssh_keys") end' "$meta") ||
+    die "$GITHUB_META_URL: no ssh_keys array in its answer"
+  out=$SCRATCH/github_known_hosts
+  : >"$out"
+  while read -r alg body; do
+    n=$((n + 1))
+    [[ $alg =~ ^($HOST_KEY_ALGORITHMS)$ ]] || die "ssh_keys: '$alg' is not a known host-key algorithm"
+    [[ ${#body} -le 2048 && $body =~ ^[A-Za-z0-9+/]+={0,2}$ && $((${#body} % 4)) -eq 0 ]] ||
+      die "ssh_keys: the $alg key is not base64 (or over 2048 characters)"
+    # The blob opens with its algorithm's name: a 4-byte length, then the name.
+    key=$(base64 -d <<<"$body" 2>/dev/null | head -c $((4 + ${#alg})) | tail -c +5) || true
+    [[ $key == "$alg" ]] || die "ssh_keys: the $alg key is not an $alg public key"
+    printf 'github.com %s %s\n' "$alg" "$body" >>"$out"
+  done <<<"$keys"
+  ((n <= 10)) || die "ssh_keys: $n keys, more than the 10 the supervisor takes"
+  install -D -m 0644 -o 0 -g 0 "$out" "$(at "$GITHUB_KNOWN_HOSTS")"
+  log "GitHub's SSH host keys ($n) in $GITHUB_KNOWN_HOSTS"
 }
 
 # Instances must not look like the builder or like each other. What is not here is

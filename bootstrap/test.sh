@@ -312,11 +312,33 @@ else
   fi
   chmod 0755 "$work/bin/visudo"
 
+  # GitHub's meta API, saved: three made-up keys of GitHub's algorithms (valid SSH blobs),
+  # and answers install_github_keys must refuse.
+  python3 - "$work" <<'EOF'
+import base64, json, struct, sys
+def key(alg, extra, name=None):
+    name = (name or alg).encode()
+    return alg + " " + base64.b64encode(struct.pack(">I", len(name)) + name + bytes(range(extra))).decode()
+good = [key("ssh-ed25519", 36), key("ecdsa-sha2-nistp256", 90), key("ssh-rsa", 200)]
+answers = {
+    "good": {"ssh_keys": good, "web": ["192.30.252.0/22"]},
+    "alg": {"ssh_keys": good[:1] + [key("ssh-dss", 40)]},
+    "b64": {"ssh_keys": ["ssh-ed25519 not*base64"]},
+    "blob": {"ssh_keys": [key("ssh-ed25519", 36, name="ssh-rsa")]},
+    "empty": {"ssh_keys": []},
+}
+for name, doc in answers.items():
+    with open(f"{sys.argv[1]}/meta-{name}.json", "w") as f:
+        json.dump(doc, f)
+with open(f"{sys.argv[1]}/meta-good.known_hosts", "w") as f:
+    f.writelines(f"github.com {k}\n" for k in good)
+EOF
   prov() {
     env TMPDIR="$work" PATH="$work/bin:$PATH" ROOT="$root" ARCH=x86_64 AGENT_ARCHIVE="$work/agent-good.tar.gz" \
-      AGENT_SHA256="$pin" SUPERVISOR_BINARY="$supervisor" SUPERVISOR_VERSION="$version" "$@"
+      AGENT_SHA256="$pin" SUPERVISOR_BINARY="$supervisor" SUPERVISOR_VERSION="$version" \
+      GITHUB_META_FILE="$work/meta-good.json" "$@"
   }
-  steps=(create_agent_user install_agent install_supervisor install_units install_isolation clean_image)
+  steps=(create_agent_user install_agent install_supervisor install_units install_isolation install_github_keys clean_image)
 
   refuses "install_agent without a pin" "AGENT_SHA256 is not set" prov AGENT_SHA256= "$provision" install_agent
   refuses "install_agent with a malformed pin" "is not a sha256" prov AGENT_SHA256=abc123 "$provision" install_agent
@@ -359,6 +381,17 @@ else
   check "clean_image: machine-id empty (a new one at each instance's first boot)" test -f "$root/etc/machine-id" -a ! -s "$root/etc/machine-id"
   check "clean_image: no dbus machine-id, builder's SSH keys or downloaded packages" absent "$root/var/lib/dbus/machine-id" \
     "$root/root/.ssh/authorized_keys" "$root/home/ubuntu/.ssh/authorized_keys" "$root/var/cache/apt/archives/git_1_amd64.deb"
+
+  known_hosts=$root/usr/local/share/agent-fleet/github_known_hosts
+  check "GitHub's SSH host keys baked: one github.com line per key of the meta answer" \
+    cmp "$known_hosts" "$work/meta-good.known_hosts"
+  check "  … root 644" owned "$known_hosts" "644 0:0"
+  for bad in alg:"is not a known host-key algorithm" b64:"is not base64" \
+    blob:"is not an ssh-ed25519 public key" empty:"no ssh_keys"; do
+    refuses "install_github_keys refuses a meta answer with a bad ${bad%%:*}" "${bad#*:}" \
+      prov GITHUB_META_FILE="$work/meta-${bad%%:*}.json" "$provision" install_github_keys
+  done
+  check "  … and leaves the baked keys as they were" cmp "$known_hosts" "$work/meta-good.known_hosts"
 
   manifest "$root" >"$work/first"
   check "the same steps again" quiet prov "$provision" "${steps[@]}"
