@@ -35,11 +35,15 @@
 //!   instance also reads its own and its group's launch template
 //!   (`DescribeAutoScalingInstances`, `DescribeAutoScalingGroups`) and the image parameter,
 //!   to tell whether it is stale.
-//! - SSM: the runtime config parameter (JSON, [`config::RuntimeConfig`]) and the
-//!   registration token (SecureString).
+//! - SSM: the runtime config parameter (JSON, [`config::RuntimeConfig`]), the
+//!   registration token (SecureString) and GitHub's SSH host keys (`known_hosts_parameter`,
+//!   see [`known_hosts`]), which the leader refreshes from GitHub's meta API
+//!   (`github_meta_url`, see [`scaler::host_keys`]).
 //! - Files, in `--work-dir` (default `/var/lib/agent-supervisor`): `config.yaml` (0600,
 //!   agent user), `shutdown-hook.sh`, `hook.sock`, and the markers `boot-timing`,
-//!   `job-taken` and `warmed` (this instance warmed up in the warm pool).
+//!   `job-taken` and `warmed` (this instance warmed up in the warm pool); GitHub's host keys
+//!   added to the agent user's `~/.ssh/known_hosts` (`--known-hosts-file`; read from the
+//!   AMI's `--known-hosts-fallback` while the parameter holds none).
 //! - Logs: journald with structured fields, stderr when the journal is absent (see
 //!   [`telemetry`] for the field names); the boot timing and spot interruptions also as
 //!   CloudWatch metrics (see [`boot`], [`interrupt`]).
