@@ -6,7 +6,9 @@
 //! left until it is that old, an older one, the template's placeholder or an unreadable
 //! parameter is refreshed at once. Then once per refresh interval while it leads. So
 //! failovers do not multiply the calls to GitHub: at most one a day for the fleet, plus one
-//! per term whose predecessor never refreshed.
+//! per term whose predecessor never refreshed. A runtime config without a parameter (an
+//! older template) is looked at again every [`NO_PARAMETER_RECHECK`]: a reload that names
+//! one is acted on within that.
 //!
 //! A refresh is `GET <github_meta_url>` (at most [`FETCH_BOUND`], [`MAX_META_BYTES`]), the
 //! keys checked ([`crate::known_hosts::parse_meta`]), then, after a leadership check,
@@ -36,6 +38,8 @@ pub const FETCH_BOUND: Duration = Duration::from_secs(15);
 pub const MAX_META_BYTES: usize = 4 << 20;
 /// Longest the parameter's read or write may take.
 pub const PUT_BOUND: Duration = Duration::from_secs(30);
+/// Without a parameter in the runtime config, the leader looks again after this long.
+pub const NO_PARAMETER_RECHECK: Duration = Duration::from_secs(600);
 /// A failed refresh is tried again after this long.
 pub const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(3600);
 
@@ -114,6 +118,8 @@ pub struct HostKeys<S, F> {
     last: Option<Vec<HostKey>>,
     /// The failure being reported, while refreshes fail: said once.
     failing: Option<String>,
+    /// The parameter whose age this term has read (a reload may name another).
+    aged: Option<String>,
 }
 
 impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
@@ -124,6 +130,7 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
             meta,
             last: None,
             failing: None,
+            aged: None,
         }
     }
 
@@ -139,7 +146,8 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
                 return;
             };
             let mut watcher = leadership.clone();
-            let mut due = Instant::now() + self.first_wait().await;
+            self.aged = None;
+            let mut due = Instant::now();
             loop {
                 tokio::select! {
                     biased;
@@ -147,18 +155,33 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
                     _ = stepped_down(&mut watcher, term) => break,
                     _ = tokio::time::sleep_until(due) => {}
                 }
-                due = Instant::now() + self.refresh(&leadership, term).await;
+                due = Instant::now() + self.step(&leadership, term).await;
             }
         }
     }
 
-    /// A new term: how old is the set in the parameter?
-    async fn first_wait(&mut self) -> Duration {
+    /// What is due now: reading the parameter's age (once per term and parameter), or a
+    /// refresh. Returns the wait before the next step.
+    async fn step(&mut self, leadership: &watch::Receiver<Leadership>, term: u64) -> Duration {
         let s = self.settings.borrow().known_hosts.clone();
         let Some(name) = s.parameter else {
-            return s.refresh;
+            // No parameter (an older template): look again after a reload may have named one.
+            self.aged = None;
+            return NO_PARAMETER_RECHECK.min(s.refresh);
         };
-        let stored = match tokio::time::timeout(PUT_BOUND, self.ssm.get(&name)).await {
+        if self.aged.as_deref() != Some(name.as_str()) {
+            let wait = self.age_wait(&name, s.refresh).await;
+            self.aged = Some(name);
+            if !wait.is_zero() {
+                return wait;
+            }
+        }
+        self.refresh(leadership, term).await
+    }
+
+    /// How long until the set in `name` is `every` old (zero: absent, unreadable, older).
+    async fn age_wait(&mut self, name: &str, every: Duration) -> Duration {
+        let stored = match tokio::time::timeout(PUT_BOUND, self.ssm.get(name)).await {
             Ok(Ok(p)) => parse_stored(&p.value),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "host keys: cannot read {name}; refreshing now");
@@ -166,7 +189,7 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
             }
             Err(_) => Default::default(),
         };
-        let wait = wait_before_refresh(stored.fetched_at, SystemTime::now(), s.refresh);
+        let wait = wait_before_refresh(stored.fetched_at, SystemTime::now(), every);
         tracing::debug!(
             parameter = %name,
             keys = stored.keys.len(),
@@ -184,7 +207,7 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
         let s = self.settings.borrow().known_hosts.clone();
         let retry = RETRY_AFTER_FAILURE.min(s.refresh);
         let Some(name) = s.parameter else {
-            return s.refresh;
+            return NO_PARAMETER_RECHECK.min(s.refresh);
         };
         let url = &s.meta_url;
         let keys = match tokio::time::timeout(FETCH_BOUND, self.meta.fetch(url)).await {

@@ -1345,7 +1345,8 @@ mod host_keys {
     use crate::known_hosts::tests::{github, key, meta};
     use crate::known_hosts::{parse_stored, render, HostKey, PLACEHOLDER};
     use crate::scaler::host_keys::{
-        wait_before_refresh, HostKeys, MetaSource, FETCH_BOUND, RETRY_AFTER_FAILURE,
+        wait_before_refresh, HostKeys, MetaSource, FETCH_BOUND, NO_PARAMETER_RECHECK,
+        RETRY_AFTER_FAILURE,
     };
     use tokio::time::{advance, sleep};
 
@@ -1430,6 +1431,7 @@ mod host_keys {
     }
 
     struct KeysBed {
+        settings: watch::Sender<Settings>,
         param: FakeParam,
         github: FakeGithub,
         leader: watch::Sender<Leadership>,
@@ -1444,12 +1446,13 @@ mod host_keys {
             tracing::subscriber::set_default(tracing_subscriber::registry().with(logs.clone()));
         let mut s = settings(Overprovision::None);
         s.known_hosts.parameter = Some(PARAM.into());
-        let (_settings_tx, rx) = watch::channel(s);
+        let (settings, rx) = watch::channel(s);
         let (leader, leadership) = watch::channel(Leadership::default());
         let (param, github) = (FakeParam::new(value), FakeGithub::new(answer));
         let task = HostKeys::new(rx, param.clone(), github.clone())
             .run(leadership, CancellationToken::new());
         KeysBed {
+            settings,
             param,
             github,
             leader,
@@ -1591,6 +1594,19 @@ mod host_keys {
             1
         );
         assert_eq!(bed.warnings(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parameter_named_by_a_reload_is_filled_within_the_recheck() {
+        let bed = start(PLACEHOLDER, good());
+        bed.settings.send_modify(|s| s.known_hosts.parameter = None);
+        bed.lead(1);
+        sleep(Duration::from_secs(3 * 3600)).await;
+        assert_eq!(bed.github.calls(), 0, "no parameter, nothing to refresh");
+        bed.settings
+            .send_modify(|s| s.known_hosts.parameter = Some(PARAM.into()));
+        sleep(NO_PARAMETER_RECHECK).await;
+        assert_eq!((bed.github.calls(), bed.param.puts()), (1, 1));
     }
 
     #[tokio::test(start_paused = true)]
