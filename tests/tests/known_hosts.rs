@@ -12,6 +12,7 @@ use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::{real_agent, real_agent_skip_line, AgentKind, Fleet, Instance};
 use agent_fleet_tests::github::{FakeGithub, MetaAnswer};
 use agent_fleet_tests::hub::{JobSpec, JobState};
+use agent_fleet_tests::probe::actions;
 use agent_supervisor::config::RuntimeConfig;
 use agent_supervisor::known_hosts::{parse_stored, HostKey, PLACEHOLDER};
 use std::sync::Arc;
@@ -144,6 +145,19 @@ async fn job_sees_the_keys(agent: AgentKind) -> R {
             .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
         assert_eq!(mode, Some(0o644));
         assert_eq!(bed.github.calls(), 1, "one fetch for a fresh set");
+        // The write is a leader action, checked against the lease like the scaler's.
+        let writes: Vec<_> = scaler
+            .output()
+            .lines()
+            .filter(|l| l.contains("leader action") && l.contains("put_known_hosts"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(writes.len(), 1, "{writes:?}");
+        assert_eq!(
+            actions(&writes[0]).len(),
+            1,
+            "term and validity window: {writes:?}"
+        );
         Ok(())
     }
     .await;

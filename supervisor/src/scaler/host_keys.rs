@@ -11,8 +11,9 @@
 //! one is acted on within that.
 //!
 //! A refresh is `GET <github_meta_url>` (at most [`FETCH_BOUND`], [`MAX_META_BYTES`]), the
-//! keys checked ([`crate::known_hosts::parse_meta`]), then, after a leadership check,
-//! `PutParameter` (at most [`PUT_BOUND`]). A failure (network, status, malformed answer, a
+//! keys checked ([`crate::known_hosts::parse_meta`]), then, after a leadership check logged
+//! as a `leader action` (`put_known_hosts`, as the scaler's), `PutParameter` (at most
+//! [`PUT_BOUND`]). A failure (network, status, malformed answer, a
 //! refused write) keeps the set already in the parameter — nothing is written — and is
 //! retried after [`RETRY_AFTER_FAILURE`] (or the refresh interval, if shorter). It is said
 //! once: a warning at the first failure, debug lines while it lasts, an info line when a
@@ -171,12 +172,12 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
         };
         if self.aged.as_deref() != Some(name.as_str()) {
             let wait = self.age_wait(&name, s.refresh).await;
-            self.aged = Some(name);
+            self.aged = Some(name.clone());
             if !wait.is_zero() {
                 return wait;
             }
         }
-        self.refresh(leadership, term).await
+        self.refresh(leadership, term, &name).await
     }
 
     /// How long until the set in `name` is `every` old (zero: absent, unreadable, older).
@@ -202,13 +203,15 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
         wait
     }
 
-    /// One refresh; returns the wait before the next.
-    async fn refresh(&mut self, leadership: &watch::Receiver<Leadership>, term: u64) -> Duration {
+    /// One refresh of `name`; returns the wait before the next.
+    async fn refresh(
+        &mut self,
+        leadership: &watch::Receiver<Leadership>,
+        term: u64,
+        name: &str,
+    ) -> Duration {
         let s = self.settings.borrow().known_hosts.clone();
         let retry = RETRY_AFTER_FAILURE.min(s.refresh);
-        let Some(name) = s.parameter else {
-            return NO_PARAMETER_RECHECK.min(s.refresh);
-        };
         let url = &s.meta_url;
         let keys = match tokio::time::timeout(FETCH_BOUND, self.meta.fetch(url)).await {
             Ok(Ok(body)) => parse_meta(&body).map_err(|e| format!("{url} answered {e}")),
@@ -218,23 +221,31 @@ impl<S: ParameterStore + ParameterWriter, F: MetaSource> HostKeys<S, F> {
         let keys = match keys {
             Ok(k) => k,
             Err(why) => {
-                self.failed(&name, why);
+                self.failed(name, why);
                 return retry;
             }
         };
-        if check(leadership, term).is_none() {
+        let Some(c) = check(leadership, term) else {
             return s.refresh;
-        }
+        };
+        tracing::info!(
+            action = "put_known_hosts",
+            term,
+            parameter = %name,
+            check_mono_ns = c.check_mono_ns,
+            valid_until_mono_ns = c.valid_until_mono_ns,
+            "leader action"
+        );
         let value = render(&keys, SystemTime::now(), url);
-        match tokio::time::timeout(PUT_BOUND, self.ssm.put_string(&name, &value)).await {
+        match tokio::time::timeout(PUT_BOUND, self.ssm.put_string(name, &value)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                self.failed(&name, e.to_string());
+                self.failed(name, e.to_string());
                 return retry;
             }
             Err(_) => {
                 self.failed(
-                    &name,
+                    name,
                     format!("PutParameter {name}: no answer within {PUT_BOUND:?}"),
                 );
                 return retry;
