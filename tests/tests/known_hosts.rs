@@ -30,6 +30,12 @@ fn lines_of(keys: &[String]) -> Vec<String> {
 
 /// Agents at 0 (the leader raises them), the leader a scaler-role instance.
 async fn setup(stack: &str, refresh_secs: u64) -> anyhow::Result<(Bed, String, Instance)> {
+    let (bed, group) = stack_without_leader(stack, refresh_secs).await?;
+    let scaler = start_scaler(&bed).await?;
+    Ok((bed, group, scaler))
+}
+
+async fn stack_without_leader(stack: &str, refresh_secs: u64) -> anyhow::Result<(Bed, String)> {
     let bed = Bed::start(stack).await?;
     let group = format!("{stack}-agents");
     bed.moto.create_group(&group, 0, 2, 0).await?;
@@ -39,10 +45,13 @@ async fn setup(stack: &str, refresh_secs: u64) -> anyhow::Result<(Bed, String, I
         ..bed.fast_runtime_config(&group)
     })
     .await?;
-    let mut o = bed.instance("i-0scaler00000kh01", &format!("{stack}-scaler"));
+    Ok((bed, group))
+}
+
+async fn start_scaler(bed: &Bed) -> anyhow::Result<Instance> {
+    let mut o = bed.instance("i-0scaler00000kh01", &format!("{}-scaler", bed.stack));
     o.args = vec!["--role".into(), "scaler".into()];
-    let scaler = Instance::start(o, None).await?;
-    Ok((bed, group, scaler))
+    Instance::start(o, None).await
 }
 
 /// The keys in the parameter now.
@@ -267,6 +276,64 @@ async fn without_keys_in_the_parameter_an_instance_takes_the_amis_file() -> R {
     .await;
     if result.is_err() {
         eprintln!("{}", instance.output());
+    }
+    result
+}
+
+/// A GitHub that does not answer holds up nothing: with the leader's fetch hanging, a queued
+/// job still gets its instance at the scaler's pace; the fetch is given up at its 15 s bound,
+/// said once, and the parameter keeps the placeholder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_github_that_hangs_never_holds_up_scaling() -> R {
+    let (bed, group) = stack_without_leader("khslow", 86_400).await?;
+    bed.github.set(MetaAnswer::Slow(
+        Duration::from_secs(120),
+        Box::new(MetaAnswer::Keys(FakeGithub::keys())),
+    ));
+    let scaler = start_scaler(&bed).await?;
+    let result = async {
+        eventually("the leader asked GitHub", WITHIN, || async {
+            (bed.github.calls() == 1).then_some(())
+        })
+        .await?;
+        let asked = std::time::Instant::now();
+        bed.hub.enqueue_job(JobSpec {
+            commands: vec!["true".into()],
+            env: vec![],
+        });
+        eventually("the leader raised desired capacity", WITHIN, || async {
+            (bed.moto.group(&group).await.ok()?.desired >= 1).then_some(())
+        })
+        .await?;
+        let raised = asked.elapsed();
+        assert!(
+            raised < Duration::from_secs(10),
+            "raised {raised:?} after GitHub was asked: it waited on GitHub"
+        );
+        assert_eq!(
+            bed.moto.get_parameter(&bed.known_hosts_parameter).await?,
+            Some(PLACEHOLDER.to_string())
+        );
+        let warned = eventually("the fetch given up at its bound", WITHIN, || async {
+            scaler.output().contains(FAILED).then_some(asked.elapsed())
+        })
+        .await?;
+        assert!(
+            (Duration::from_secs(13)..Duration::from_secs(30)).contains(&warned),
+            "given up after {warned:?}"
+        );
+        let out = scaler.output();
+        assert_eq!(out.matches(FAILED).count(), 1, "{out}");
+        assert!(out.contains("no answer within 15s"), "{out}");
+        assert_eq!(
+            bed.moto.get_parameter(&bed.known_hosts_parameter).await?,
+            Some(PLACEHOLDER.to_string())
+        );
+        Ok(())
+    }
+    .await;
+    if result.is_err() {
+        eprintln!("scaler:\n{}", scaler.output());
     }
     result
 }

@@ -94,13 +94,13 @@ impl MetaSource for HttpMeta {
             .header("Accept", "application/vnd.github+json")
             .send()
             .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
+            .map_err(|e| failed(url, &e))?;
         let status = resp.status();
         if !status.is_success() {
             return Err(format!("GET {url}: HTTP {}", status.as_u16()));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("GET {url}: {e}"))? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| failed(url, &e))? {
             if body.len() + chunk.len() > MAX_META_BYTES {
                 return Err(format!("GET {url}: answer over {MAX_META_BYTES} bytes"));
             }
@@ -108,6 +108,20 @@ impl MetaSource for HttpMeta {
         }
         Ok(body)
     }
+}
+
+/// Why a GET failed, with reqwest's causes (its own line is only "error sending request").
+fn failed(url: &str, e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return format!("GET {url}: no answer within {FETCH_BOUND:?}");
+    }
+    let mut why = format!("GET {url}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        why.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    why
 }
 
 /// The leader's host-key task. See the module docs.
