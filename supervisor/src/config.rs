@@ -206,6 +206,11 @@ pub struct RuntimeConfig {
     /// instance whose AMI is not the parameter's replaces itself.
     #[serde(default)]
     pub image_parameter: Option<String>,
+    /// The stack's CloudWatch Logs group (`/agent-fleet/<stack>`), where each instance
+    /// ships its records to a stream named by its id; absent = no shipping
+    /// (`SEMAPHORE_AGENT_SHIP_LOGS=false`). See [`crate::logs`].
+    #[serde(default)]
+    pub log_group: Option<String>,
 }
 
 /// How much a job may do on its VM (`SEMAPHORE_AGENT_JOB_ISOLATION`).
@@ -397,6 +402,8 @@ pub struct Settings {
     /// Images pulled while warming in the pool, each a plain reference (never an option).
     pub warm_images: Vec<String>,
     pub image_parameter: Option<String>,
+    /// Where this instance's logs go (`None`: nowhere but the journal). Read at start.
+    pub log_group: Option<String>,
     /// Keys of the parameter this version does not know (`scaler.foo`), ignored.
     pub ignored_keys: Vec<String>,
 }
@@ -425,6 +432,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "launch_hook",
             "warm_images",
             "image_parameter",
+            "log_group",
         ],
     ),
     (
@@ -610,6 +618,16 @@ impl Settings {
         };
         let election =
             validate_election(&raw.election, parameter).map_err(|(key, p)| invalid(key, &p))?;
+        let log_group = match raw.log_group {
+            Some(g) if g.trim().is_empty() => None,
+            Some(g) if !valid_log_group_name(&g) => {
+                return Err(invalid(
+                    "log_group",
+                    &format!("is {g:?}, not a CloudWatch Logs group name (1-512 of A-Z a-z 0-9 _ - / . #); redeploy the stack"),
+                ))
+            }
+            other => other,
+        };
         Ok(Self {
             ignored_keys: vec![],
             scaler,
@@ -632,8 +650,16 @@ impl Settings {
             launch_hook,
             warm_images: raw.warm_images,
             image_parameter,
+            log_group,
         })
     }
+}
+
+/// CloudWatch Logs' group name rule: 1-512 of `A-Za-z0-9_-/.#`.
+pub fn valid_log_group_name(s: &str) -> bool {
+    (1..=512).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/' | '.' | '#'))
 }
 
 /// The most images a pooled instance pulls while warming.
@@ -1094,6 +1120,7 @@ mod tests {
             }),
             warm_images: vec!["ruby:3.3".into()],
             image_parameter: Some("/agent-fleet/ami/ubuntu-noble/x86_64".into()),
+            log_group: Some("/agent-fleet/s".into()),
         };
         let mut doc = serde_json::to_value(&full).expect("serialize");
         assert_eq!(drop_unknown_keys(&mut doc), Vec::<String>::new());
@@ -1133,6 +1160,16 @@ mod tests {
         );
         let e = with(r#""job_role_arn":"my-role""#).expect_err("refused");
         assert!(e.contains("job_role_arn"), "{e}");
+    }
+
+    #[test]
+    fn the_log_group_is_read_and_checked() {
+        assert_eq!(Settings::parse("/p", GOOD).expect("valid").log_group, None);
+        let s = with(r#""log_group":"/agent-fleet/my-fleet""#).expect("valid");
+        assert_eq!(s.log_group.as_deref(), Some("/agent-fleet/my-fleet"));
+        assert_eq!(with(r#""log_group":"""#).expect("valid").log_group, None);
+        let e = with(r#""log_group":"has space""#).expect_err("refused");
+        assert!(e.contains("log_group"), "{e}");
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub mod interrupt;
 pub mod isolation;
 pub mod jobcreds;
 pub mod lifecycle;
+pub mod logs;
 pub mod notify;
 pub mod pool;
 pub mod reload;

@@ -2,7 +2,7 @@
 
 use agent_supervisor::daemon::{self, RunOptions};
 use agent_supervisor::notify::Notifier;
-use agent_supervisor::{boot, check, shutdown_hook, telemetry, Shutdown};
+use agent_supervisor::{boot, check, logs, shutdown_hook, telemetry, Shutdown};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -134,6 +134,18 @@ struct RunArgs {
         default_value_t = 120
     )]
     warm_docker_wait_secs: u64,
+    /// cloud-init's output file, shipped to CloudWatch Logs with the supervisor's records
+    /// when the runtime config names a log group.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_CLOUD_INIT_LOG",
+        default_value = "/var/log/cloud-init-output.log"
+    )]
+    cloud_init_log: PathBuf,
+    /// KiB of log entries kept for CloudWatch Logs while it cannot be reached; beyond it
+    /// the oldest are dropped (and counted).
+    #[arg(long, env = "AGENT_SUPERVISOR_LOG_QUEUE_KIB", default_value_t = agent_supervisor::logs::DEFAULT_QUEUE_KIB)]
+    log_queue_kib: usize,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -180,6 +192,7 @@ impl RunArgs {
             isolation_script: self.isolation_script,
             docker: self.docker,
             warm_docker_wait: Duration::from_secs(self.warm_docker_wait_secs.min(MAX_SECS)),
+            cloud_init_log: self.cloud_init_log,
         }
     }
 }
@@ -230,7 +243,11 @@ fn main() {
             // Still single-threaded: the one safe moment to take systemd's variables
             // out of the environment (see `notify`).
             let notifier = Notifier::from_env();
-            telemetry::init(false);
+            // Records are kept from the first one; the runtime config then says whether
+            // they ship (see `logs`).
+            let shipping = logs::Shared::new(args.log_queue_kib.saturating_mul(1024));
+            logs::Shared::install(&shipping);
+            telemetry::init(false, Some(shipping));
             runtime(|| async move {
                 let shutdown = match Shutdown::from_signals() {
                     Ok(s) => s,
@@ -239,17 +256,20 @@ fn main() {
                         return 1;
                     }
                 };
-                match daemon::run(args.options(), shutdown, notifier, started).await {
+                let code = match daemon::run(args.options(), shutdown, notifier, started).await {
                     Ok(()) => 0,
                     Err(e) => {
                         tracing::error!(exit_code = e.exit_code(), "{e}");
                         e.exit_code()
                     }
-                }
+                };
+                // The last records (a drain's, a fatal error's) before the process ends.
+                logs::flush(logs::FLUSH_BOUND).await;
+                code
             })
         }
         Command::Check(args) => {
-            telemetry::init(true);
+            telemetry::init(true, None);
             runtime(|| async move { check::run(&args.options()).await })
         }
         Command::ImdsFirewall {

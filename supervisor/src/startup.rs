@@ -41,6 +41,8 @@ pub struct RunOptions {
     pub docker: PathBuf,
     /// How long a pooled instance waits for the Docker daemon to answer (zero: not at all).
     pub warm_docker_wait: Duration,
+    /// cloud-init's output file, tailed to CloudWatch Logs ([`crate::logs`]).
+    pub cloud_init_log: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +155,8 @@ pub async fn read_token<P: ParameterStore>(
         tracing::warn!(parameter = %settings.token_parameter, "the registration token parameter is not a SecureString; store it encrypted (agent-fleet token set)");
     }
     let token = p.value.trim().to_string();
+    // Before anything could log it: no record that ships carries the token.
+    crate::logs::redact(&token);
     if token.is_empty() {
         return Err(DaemonError::Input(format!(
             "registration token parameter {} is empty; fix: agent-fleet token set",

@@ -197,6 +197,7 @@ fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
                     launch_hook: None,
                     warm_images: vec![],
                     image_parameter: None,
+                    log_group: None,
                 }
             },
         )

@@ -28,6 +28,9 @@ Control API (JSON in, JSON out; never logged as AWS calls):
   GET    /_bed/health                  -> {"ok": true, "moto": "5.2.5"}
   GET    /_bed/calls?since=<seq>       -> {"calls": [...seq > since...], "last_seq": N}
   POST   /_bed/calls/clear             -> {"cleared": n}      (seq numbers keep increasing)
+  GET    /_bed/bodies?since=<seq>      -> {"bodies": [{"seq", "action", "body"}]}  (whole request
+                                           bodies of BODY_ACTIONS, e.g. PutLogEvents, faulted
+                                           ones included)
   POST   /_bed/faults  {...}           -> {"id": n}
   GET    /_bed/faults                  -> {"faults": [...]}
   DELETE /_bed/faults                  -> {"cleared": n}
@@ -48,7 +51,7 @@ Control API (JSON in, JSON out; never logged as AWS calls):
                                            touches that resource fails and rolls back)
 
 A call: {"seq", "t_ns" (arrival, time.monotonic_ns()), "end_ns" (response done or null),
-"service" (SigV4 signing name: "ssm", "autoscaling", "ec2", "s3", "monitoring",
+"service" (SigV4 signing name: "ssm", "autoscaling", "ec2", "s3", "monitoring", "logs",
 "cloudformation", "sts", ...), "action", "params" (whitelisted, strings or lists of strings;
 parameter *values* are never logged), "status" (HTTP status or null), "error" (AWS error code
 or null), "fault" (null | "error" | "reset" | "delay")}.
@@ -1094,10 +1097,16 @@ LOGGED_PARAMS: dict[str, tuple[str, ...]] = {
     "DeleteParameters": ("Names",),
     "GetParametersByPath": ("Path",),
     "PutMetricData": ("Namespace",),
+    "CreateLogStream": ("logGroupName", "logStreamName"),
+    "PutLogEvents": ("logGroupName", "logStreamName"),
 }
 
+# Actions whose request bodies are kept whole for `GET /_bed/bodies` (what a shipper sent,
+# for tests that search it, e.g. for the registration token, and count its bytes).
+BODY_ACTIONS = {"PutLogEvents"}
+
 # Names a test may use in a fault's "service" for a SigV4 signing name.
-SERVICE_ALIASES = {"cloudwatch": "monitoring", "asg": "autoscaling"}
+SERVICE_ALIASES = {"cloudwatch": "monitoring", "asg": "autoscaling", "cloudwatch-logs": "logs"}
 
 FAULT_KEYS = {"service", "action", "error", "status", "message", "count", "outage_ms", "delay_ms", "mode"}
 
@@ -1259,6 +1268,7 @@ class Bed:
         self.moto_lock = threading.Lock()
         self.lock = threading.Lock()
         self.calls: list[dict[str, Any]] = []
+        self.bodies: list[dict[str, Any]] = []
         self.seq = 0
         self.faults: list[Fault] = []
         self.fault_seq = 0
@@ -1294,6 +1304,10 @@ class Bed:
             self.seq += 1
             record["seq"] = self.seq
             self.calls.append(record)
+            if action in BODY_ACTIONS:
+                self.bodies.append(
+                    {"seq": self.seq, "action": action, "body": body.decode("utf-8", "replace")}
+                )
             fault = None
             for f in self.faults:
                 if f.active(t_ns) and f.matches(service, action):
@@ -1448,7 +1462,14 @@ class Bed:
             with self.lock:
                 n = len(self.calls)
                 self.calls = []
+                self.bodies = []
             return 200, {"cleared": n}
+        if path == "/_bed/bodies" and method == "GET":
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            since = int(query.get("since", ["0"])[0])
+            with self.lock:
+                bodies = [dict(b) for b in self.bodies if b["seq"] > since]
+            return 200, {"bodies": bodies}
         if path == "/_bed/cfn_failure" and method == "POST":
             spec = json.loads(Bed.read_body(environ) or b"null")
             if not isinstance(spec, dict) or not spec.get("resource") or not spec.get("reason"):

@@ -159,6 +159,7 @@ impl Bed {
             launch_hook: None,
             warm_images: vec![],
             image_parameter: None,
+            log_group: None,
         }
     }
 

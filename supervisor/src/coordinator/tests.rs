@@ -224,6 +224,7 @@ fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
         isolation_script: "/nonexistent/apply-isolation".into(),
         docker: "/nonexistent/docker".into(),
         warm_docker_wait: Duration::ZERO,
+        cloud_init_log: "/nonexistent/cloud-init-output.log".into(),
     }
 }
 

@@ -43,6 +43,7 @@ fn settings(overprovision: Overprovision) -> Settings {
         launch_hook: None,
         warm_images: vec![],
         image_parameter: None,
+        log_group: None,
     }
 }
 
