@@ -11,6 +11,10 @@ What this adds to `moto_server`:
    LifecycleHookSpecificationList of a CloudFormation group creates its hooks. Warm pools
    (PutWarmPool, AWS::AutoScaling::WarmPool) move instances through their lifecycle, launch
    hooks hold launches in Pending:Wait / Warmed:Pending:Wait (see `apply_warm_pool_patches`).
+   CloudFormation and CloudWatch Logs as AWS where the template depends on it: a LogGroup's
+   `GetAtt Arn` ends in ":*" (`apply_logs_patches`), `!Ref AWS::NoValue` removes a list element
+   (`apply_novalue_in_lists_patch`). CloudWatch Logs itself (service `logs`, awsJson1_1) is
+   moto's own.
 2. A WSGI middleware (`Bed`) in front of moto that
    - serialises AWS requests into moto (moto's backends check-then-insert without locks; the
      leader election relies on PutParameter(Overwrite=false) being atomic, as it is in AWS),
@@ -911,6 +915,45 @@ def apply_ec2_patches() -> None:
 CFN_FAILURE: dict[str, str] = {}
 
 
+def apply_logs_patches() -> None:
+    """CloudWatch Logs where the stack's IAM statement depends on it.
+
+    AWS::Logs::LogGroup's `Fn::GetAtt Arn` is "arn:aws:logs:<region>:<account>:log-group:<name>:*"
+    (CloudFormation User Guide, AWS::Logs::LogGroup, Return values: "such as
+    arn:aws:logs:us-west-1:123456789012:log-group:/mystack-testgroup-12ABC1AHYI2NN:*"), which as
+    an IAM resource covers the group's streams; moto 5.2.5 returns it without the ":*".
+    """
+    from moto.logs.models import LogGroup
+
+    _orig = LogGroup.get_cfn_attribute
+
+    def get_cfn_attribute(self: Any, attribute_name: str) -> Any:
+        if attribute_name == "Arn":
+            return f"{self.arn}:*"
+        return _orig(self, attribute_name)
+
+    LogGroup.get_cfn_attribute = get_cfn_attribute
+
+
+def apply_novalue_in_lists_patch() -> None:
+    """`!Ref AWS::NoValue` as a list element removes the element, as in CloudFormation
+    ("AWS::NoValue: Removes the corresponding resource property when specified as a return
+    value in the Fn::If intrinsic function" — in a list, the element: the template's
+    optional IAM statements); moto 5.2.5 leaves a null there, which IAM then refuses
+    (MalformedPolicyDocument)."""
+    from moto.cloudformation import parsing
+
+    _orig = parsing.clean_json
+
+    def clean_json(resource_json: Any, resources_map: Any) -> Any:
+        cleaned = _orig(resource_json, resources_map)
+        if isinstance(resource_json, list) and isinstance(cleaned, list):
+            return [v for v in cleaned if v is not None]
+        return cleaned
+
+    parsing.clean_json = clean_json
+
+
 def patch_cloudformation_failures() -> None:
     from moto.cloudformation import models as CF
 
@@ -1570,6 +1613,8 @@ def main(argv: list[str]) -> None:
 
     apply_patches()
     patch_cloudformation_failures()
+    apply_logs_patches()
+    apply_novalue_in_lists_patch()
 
     server = make_server(
         "127.0.0.1",
