@@ -22,7 +22,8 @@
 //! | `BOOT_STAGE`, `*_MS` | `boot timing` | `registered`/`first_job`; the phases of [`crate::boot`] |
 //!
 //! So `journalctl INSTANCE_ID=i-0abc…` selects one instance's records, and
-//! `journalctl -t semaphore-agent INSTANCE_ID=i-0abc…` its agent's lines.
+//! `journalctl -t semaphore-agent INSTANCE_ID=i-0abc…` its agent's lines. The records
+//! shipped to CloudWatch Logs ([`crate::logs`]) carry the same names.
 
 use crate::logs::{Shared, ShipLayer};
 use std::sync::Arc;

@@ -141,6 +141,7 @@ async fn an_instances_lines_fields_and_last_words_are_in_its_stream_without_the_
         let last = with_message(&records, LAST_WORDS)
             .map(LogRecord::json)
             .unwrap_or_default();
+        println!("the last words as shipped: {last}");
         assert_eq!(last["INSTANCE_ID"], id.as_str(), "{last}");
         assert_eq!(last["STACK"], bed.stack.as_str(), "{last}");
         assert_eq!(last["ROLE"], "agent", "{last}");
