@@ -192,6 +192,7 @@ Resources:
     #[test]
     fn the_minified_template_fits_in_a_request_body_with_room_to_spare() {
         let len = body().len();
+        // Room for the next feature; past this, the template goes to S3 (TemplateURL).
         let spare = 2_048;
         assert!(
             len + spare <= BODY_LIMIT,

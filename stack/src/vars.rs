@@ -218,6 +218,10 @@ pub const VARS: &[Var] = &[
         "Auto Scaling's MaxGroupPreparedCapacity: in service + warm; the pool grows into it above `SEMAPHORE_AGENT_WARM_POOL_SIZE`; unset = the pool is exactly that size"),
     ours("SEMAPHORE_AGENT_WARM_IMAGES", Param("WarmImages"), None, List(valid_image, "container image references, comma-separated, no spaces"),
         "images a pooled instance pulls while warming (runtime config `warm_images`)"),
+    ours("SEMAPHORE_AGENT_SHIP_LOGS", Param("ShipLogs"), Some("true"), Bool,
+        "instances ship the supervisor's and the agent's records and cloud-init's output to the log group `/agent-fleet/<stack>`, a stream per instance; `false`: the journal only"),
+    ours("SEMAPHORE_AGENT_LOG_RETENTION", Param("LogRetention"), Some("30"), OneOf(&LOG_RETENTION_DAYS),
+        "days CloudWatch Logs keeps them"),
     ours("SEMAPHORE_AGENT_SCHEDULE", Schedule, None, Any,
         "recurring minimum (and maximum) changes, e.g. `Mon-Fri 08:00 min=4; Mon-Fri 19:00 min=0`: up to 6 `;`-separated entries of days (`Mon-Fri`, `Sat,Sun`, `daily`), `HH:MM`, `min=N` and optionally `max=N` (default: the group maximum); scheduled actions; `status` shows the next"),
     ours("SEMAPHORE_AGENT_SCHEDULE_TIMEZONE", Param("ScheduleTimeZone"), Some("UTC"), Shape(valid_time_zone, "an IANA time zone name such as Europe/Berlin"),
@@ -275,6 +279,14 @@ const PARAM_NAMES: &[&str] = &[
     "WarmPoolMaxPrepared",
     "WarmImages",
     "ScheduleTimeZone",
+    "ShipLogs",
+    "LogRetention",
+];
+
+/// The retention periods CloudWatch Logs allows, in days (`RetentionInDays`).
+pub const LOG_RETENTION_DAYS: [&str; 22] = [
+    "1", "3", "5", "7", "14", "30", "60", "90", "120", "150", "180", "365", "400", "545", "731",
+    "1096", "1827", "2192", "2557", "2922", "3288", "3653",
 ];
 
 pub fn lookup(name: &str) -> Option<&'static Var> {

@@ -77,8 +77,12 @@ fn template_parameters() -> BTreeMap<String, TemplateParam> {
                 .get("AllowedValues")
                 .and_then(|a| a.as_sequence())
                 .map(|seq| {
+                    // Strings, or numbers (a Number parameter's, e.g. LogRetention's days).
                     seq.iter()
-                        .map(|x| x.as_str().expect("string").to_string())
+                        .map(|x| match x {
+                            serde_yaml::Value::Number(n) => n.to_string(),
+                            other => other.as_str().expect("string or number").to_string(),
+                        })
                         .collect()
                 });
             (name, TemplateParam { default, allowed })

@@ -218,6 +218,11 @@ pub struct RuntimeConfig {
     /// Seconds between the leader's refreshes of the host keys (default a day).
     #[serde(default = "default_known_hosts_refresh")]
     pub known_hosts_refresh_secs: u64,
+    /// The stack's CloudWatch Logs group (`/agent-fleet/<stack>`), where each instance
+    /// ships its records to a stream named by its id; absent = no shipping
+    /// (`SEMAPHORE_AGENT_SHIP_LOGS=false`). See [`crate::logs`].
+    #[serde(default)]
+    pub log_group: Option<String>,
 }
 
 /// Where GitHub publishes its SSH host keys (`ssh_keys`).
@@ -421,6 +426,8 @@ pub struct Settings {
     pub image_parameter: Option<String>,
     /// GitHub's SSH host keys: where they are kept, where they come from, how often.
     pub known_hosts: KnownHostsSettings,
+    /// Where this instance's logs go (`None`: nowhere but the journal). Read at start.
+    pub log_group: Option<String>,
     /// Keys of the parameter this version does not know (`scaler.foo`), ignored.
     pub ignored_keys: Vec<String>,
 }
@@ -452,6 +459,7 @@ const KNOWN_KEYS: &[(&str, &[&str])] = &[
             "known_hosts_parameter",
             "github_meta_url",
             "known_hosts_refresh_secs",
+            "log_group",
         ],
     ),
     (
@@ -643,6 +651,16 @@ impl Settings {
             raw.known_hosts_refresh_secs,
         )
         .map_err(|(key, p)| invalid(key, &p))?;
+        let log_group = match raw.log_group {
+            Some(g) if g.trim().is_empty() => None,
+            Some(g) if !valid_log_group_name(&g) => {
+                return Err(invalid(
+                    "log_group",
+                    &format!("is {g:?}, not a CloudWatch Logs group name (1-512 of A-Z a-z 0-9 _ - / . #); redeploy the stack"),
+                ))
+            }
+            other => other,
+        };
         Ok(Self {
             known_hosts,
             ignored_keys: vec![],
@@ -666,6 +684,7 @@ impl Settings {
             launch_hook,
             warm_images: raw.warm_images,
             image_parameter,
+            log_group,
         })
     }
 }
@@ -747,6 +766,13 @@ pub fn check_meta_url(s: &str) -> Result<(), &'static str> {
         "http" => Err("is plain HTTP to another machine: host keys read in plain text could be an attacker's; use https"),
         _ => Err("is not an https URL"),
     }
+}
+
+/// CloudWatch Logs' group name rule: 1-512 of `A-Za-z0-9_-/.#`.
+pub fn valid_log_group_name(s: &str) -> bool {
+    (1..=512).contains(&s.len())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '/' | '.' | '#'))
 }
 
 /// The most images a pooled instance pulls while warming.
@@ -1210,6 +1236,7 @@ mod tests {
             known_hosts_parameter: Some("/agent-fleet/s/known-hosts".into()),
             github_meta_url: Some("https://github.example/api/v3/meta".into()),
             known_hosts_refresh_secs: 3600,
+            log_group: Some("/agent-fleet/s".into()),
         };
         let mut doc = serde_json::to_value(&full).expect("serialize");
         assert_eq!(drop_unknown_keys(&mut doc), Vec::<String>::new());
@@ -1308,6 +1335,16 @@ mod tests {
             let e = with(bad).expect_err(bad);
             assert!(e.contains(key) && e.contains(why), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_log_group_is_read_and_checked() {
+        assert_eq!(Settings::parse("/p", GOOD).expect("valid").log_group, None);
+        let s = with(r#""log_group":"/agent-fleet/my-fleet""#).expect("valid");
+        assert_eq!(s.log_group.as_deref(), Some("/agent-fleet/my-fleet"));
+        assert_eq!(with(r#""log_group":"""#).expect("valid").log_group, None);
+        let e = with(r#""log_group":"has space""#).expect_err("refused");
+        assert!(e.contains("log_group"), "{e}");
     }
 
     #[test]

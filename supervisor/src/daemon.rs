@@ -71,6 +71,14 @@ async fn run_in(
     let ssm = SdkParameterStore::new(&sdk);
     let role = opts.role.or(identity.role).unwrap_or_default();
     span.record("role", role.as_str());
+    ship_logs(
+        &opts,
+        &settings,
+        &sdk,
+        &instance_id,
+        &identity.stack_name,
+        role,
+    );
     let mut start_kind = StartKind::Cold;
     let mut jobs_prepared = false;
     if role == Role::Agent {
@@ -300,6 +308,58 @@ async fn run_in(
     .run()
     .await
 }
+
+/// Starts shipping this instance's records (and cloud-init's output) to the stack's log
+/// group, or turns the buffering off when the runtime config names none. The tasks are
+/// left running to the process's end: the daemon's last records are flushed after `run`
+/// returns.
+fn ship_logs(
+    opts: &RunOptions,
+    settings: &crate::config::Settings,
+    sdk: &aws_config::SdkConfig,
+    instance_id: &str,
+    stack: &str,
+    role: Role,
+) {
+    let Some(shared) = crate::logs::global() else {
+        return;
+    };
+    let Some(group) = settings.log_group.as_deref() else {
+        shared.turn_off();
+        tracing::info!("no log group in the runtime config: logs stay in the journal");
+        return;
+    };
+    let sink = match crate::aws::logs::JsonLogs::new(sdk) {
+        Ok(s) => s,
+        Err(e) => {
+            shared.turn_off();
+            tracing::warn!(error = %e, "cannot ship logs to CloudWatch Logs; they stay in the journal");
+            return;
+        }
+    };
+    let _shipper = shared.start(crate::logs::Shipper::new(sink, group, instance_id));
+    let mut fields = serde_json::Map::new();
+    fields.insert("INSTANCE_ID".into(), instance_id.into());
+    fields.insert("STACK".into(), stack.into());
+    fields.insert("ROLE".into(), role.as_str().into());
+    let _tail = tokio::spawn(crate::logs::tail_file(
+        shared.clone(),
+        opts.cloud_init_log.clone(),
+        opts.work_dir.join(CLOUD_INIT_OFFSET),
+        "cloud-init",
+        fields,
+    ));
+    tracing::info!(
+        log_group = group,
+        log_stream = instance_id,
+        cloud_init_log = %opts.cloud_init_log.display(),
+        "shipping logs to CloudWatch Logs"
+    );
+}
+
+/// In the work dir: how far cloud-init's output was shipped (a restarted supervisor goes
+/// on from there).
+pub const CLOUD_INIT_OFFSET: &str = "cloud-init-log.offset";
 
 /// The launch hook's wait for this instance, if the group has a warm pool.
 fn launch_wait(settings: &crate::config::Settings, instance_id: &str) -> Option<LifecycleWait> {

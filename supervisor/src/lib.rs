@@ -29,6 +29,7 @@
 //!   warms up without the token and waits (see [`pool`]); every 2 s the spot interruption
 //!   notice, the rebalance recommendation and the target lifecycle state (see
 //!   [`interrupt`]).
+//! - CloudWatch Logs: `CreateLogStream` and `PutLogEvents` to its own stream (see [`logs`]).
 //! - Auto Scaling: `TerminateInstanceInAutoScalingGroup` for its own instance (see
 //!   [`lifecycle`]), and, with the group's termination lifecycle hook or its warm pool's
 //!   launch hook, `RecordLifecycleActionHeartbeat` and `CompleteLifecycleAction`; a pooled
@@ -45,8 +46,10 @@
 //!   added to the agent user's `~/.ssh/known_hosts` (`--known-hosts-file`; read from the
 //!   AMI's `--known-hosts-fallback` while the parameter holds none).
 //! - Logs: journald with structured fields, stderr when the journal is absent (see
-//!   [`telemetry`] for the field names); the boot timing and spot interruptions also as
-//!   CloudWatch metrics (see [`boot`], [`interrupt`]).
+//!   [`telemetry`] for the field names); with the runtime config's `log_group`, the same
+//!   records and cloud-init's output (`--cloud-init-log`) also to CloudWatch Logs, a stream
+//!   per instance (see [`logs`]; `cloud-init-log.offset` in the work dir); the boot timing
+//!   and spot interruptions also as CloudWatch metrics (see [`boot`], [`interrupt`]).
 
 pub mod agent;
 pub mod aws;
@@ -62,6 +65,7 @@ pub mod isolation;
 pub mod jobcreds;
 pub mod known_hosts;
 pub mod lifecycle;
+pub mod logs;
 pub mod notify;
 pub mod pool;
 pub mod reload;

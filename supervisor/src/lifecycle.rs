@@ -186,6 +186,9 @@ where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
+    // The last records (why this instance ends) reach CloudWatch Logs before Auto
+    // Scaling can stop it; bounded, and a no-op when nothing ships.
+    crate::logs::flush(crate::logs::FLUSH_BOUND).await;
     let policy = RetryPolicy {
         attempts: TERMINATE_ATTEMPTS,
         first_delay: first_backoff,

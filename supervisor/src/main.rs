@@ -2,7 +2,7 @@
 
 use agent_supervisor::daemon::{self, RunOptions};
 use agent_supervisor::notify::Notifier;
-use agent_supervisor::{boot, check, shutdown_hook, telemetry, Shutdown};
+use agent_supervisor::{boot, check, logs, shutdown_hook, telemetry, Shutdown};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -141,6 +141,18 @@ struct RunArgs {
     /// The AMI's GitHub host keys (written at build time), used while the stack's parameter holds none.
     #[arg(long, env = "AGENT_SUPERVISOR_KNOWN_HOSTS_FALLBACK", default_value = agent_supervisor::known_hosts::DEFAULT_FALLBACK)]
     known_hosts_fallback: PathBuf,
+    /// cloud-init's output file, shipped to CloudWatch Logs with the supervisor's records
+    /// when the runtime config names a log group.
+    #[arg(
+        long,
+        env = "AGENT_SUPERVISOR_CLOUD_INIT_LOG",
+        default_value = "/var/log/cloud-init-output.log"
+    )]
+    cloud_init_log: PathBuf,
+    /// KiB of log entries kept for CloudWatch Logs while it cannot be reached; beyond it
+    /// the oldest are dropped (and counted).
+    #[arg(long, env = "AGENT_SUPERVISOR_LOG_QUEUE_KIB", default_value_t = agent_supervisor::logs::DEFAULT_QUEUE_KIB)]
+    log_queue_kib: usize,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -189,6 +201,7 @@ impl RunArgs {
             warm_docker_wait: Duration::from_secs(self.warm_docker_wait_secs.min(MAX_SECS)),
             known_hosts_file: self.known_hosts_file,
             known_hosts_fallback: self.known_hosts_fallback,
+            cloud_init_log: self.cloud_init_log,
         }
     }
 }
@@ -239,7 +252,11 @@ fn main() {
             // Still single-threaded: the one safe moment to take systemd's variables
             // out of the environment (see `notify`).
             let notifier = Notifier::from_env();
-            telemetry::init(false);
+            // Records are kept from the first one; the runtime config then says whether
+            // they ship (see `logs`).
+            let shipping = logs::Shared::new(args.log_queue_kib.saturating_mul(1024));
+            logs::Shared::install(&shipping);
+            telemetry::init(false, Some(shipping));
             runtime(|| async move {
                 let shutdown = match Shutdown::from_signals() {
                     Ok(s) => s,
@@ -248,17 +265,20 @@ fn main() {
                         return 1;
                     }
                 };
-                match daemon::run(args.options(), shutdown, notifier, started).await {
+                let code = match daemon::run(args.options(), shutdown, notifier, started).await {
                     Ok(()) => 0,
                     Err(e) => {
                         tracing::error!(exit_code = e.exit_code(), "{e}");
                         e.exit_code()
                     }
-                }
+                };
+                // The last records (a drain's, a fatal error's) before the process ends.
+                logs::flush(logs::FLUSH_BOUND).await;
+                code
             })
         }
         Command::Check(args) => {
-            telemetry::init(true);
+            telemetry::init(true, None);
             runtime(|| async move { check::run(&args.options()).await })
         }
         Command::ImdsFirewall {

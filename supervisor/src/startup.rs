@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub known_hosts_file: Option<PathBuf>,
     /// The AMI's host keys, used while the parameter holds none.
     pub known_hosts_fallback: PathBuf,
+    /// cloud-init's output file, tailed to CloudWatch Logs ([`crate::logs`]).
+    pub cloud_init_log: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +160,8 @@ pub async fn read_token<P: ParameterStore>(
         tracing::warn!(parameter = %settings.token_parameter, "the registration token parameter is not a SecureString; store it encrypted (agent-fleet token set)");
     }
     let token = p.value.trim().to_string();
+    // Before anything could log it: no record that ships carries the token.
+    crate::logs::redact(&token);
     if token.is_empty() {
         return Err(DaemonError::Input(format!(
             "registration token parameter {} is empty; fix: agent-fleet token set",

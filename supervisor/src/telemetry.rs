@@ -22,8 +22,11 @@
 //! | `BOOT_STAGE`, `*_MS` | `boot timing` | `registered`/`first_job`; the phases of [`crate::boot`] |
 //!
 //! So `journalctl INSTANCE_ID=i-0abc…` selects one instance's records, and
-//! `journalctl -t semaphore-agent INSTANCE_ID=i-0abc…` its agent's lines.
+//! `journalctl -t semaphore-agent INSTANCE_ID=i-0abc…` its agent's lines. The records
+//! shipped to CloudWatch Logs ([`crate::logs`]) carry the same names.
 
+use crate::logs::{Shared, ShipLayer};
+use std::sync::Arc;
 use tracing_subscriber::filter::{filter_fn, Targets};
 use tracing_subscriber::prelude::*;
 
@@ -48,8 +51,10 @@ fn filter() -> Targets {
 }
 
 /// Installs the global subscriber. `force_stderr` keeps logs on stderr even under
-/// systemd (for `check`, whose output is for a person at a terminal).
-pub fn init(force_stderr: bool) {
+/// systemd (for `check`, whose output is for a person at a terminal). `ship`: the queue
+/// the records also go to for CloudWatch Logs ([`crate::logs`]), behind the same filter.
+pub fn init(force_stderr: bool, ship: Option<Arc<Shared>>) {
+    let ship = ship.map(ShipLayer::new);
     let journal = (!force_stderr && std::path::Path::new(JOURNAL_SOCKET).exists())
         .then(|| {
             Some((
@@ -75,6 +80,7 @@ pub fn init(force_stderr: bool) {
                 .with(filter())
                 .with(own)
                 .with(agent)
+                .with(ship)
                 .init();
         }
         None => {
@@ -86,6 +92,7 @@ pub fn init(force_stderr: bool) {
                         .with_ansi(false)
                         .with_target(false),
                 )
+                .with(ship)
                 .init();
         }
     }

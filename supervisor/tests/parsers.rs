@@ -200,6 +200,7 @@ fn runtime_config() -> impl Strategy<Value = RuntimeConfig> {
                     known_hosts_parameter: None,
                     github_meta_url: None,
                     known_hosts_refresh_secs: 86_400,
+                    log_group: None,
                 }
             },
         )

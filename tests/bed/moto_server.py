@@ -11,6 +11,10 @@ What this adds to `moto_server`:
    LifecycleHookSpecificationList of a CloudFormation group creates its hooks. Warm pools
    (PutWarmPool, AWS::AutoScaling::WarmPool) move instances through their lifecycle, launch
    hooks hold launches in Pending:Wait / Warmed:Pending:Wait (see `apply_warm_pool_patches`).
+   CloudFormation and CloudWatch Logs as AWS where the template depends on it: a LogGroup's
+   `GetAtt Arn` ends in ":*" (`apply_logs_patches`), `!Ref AWS::NoValue` removes a list element
+   (`apply_novalue_in_lists_patch`). CloudWatch Logs itself (service `logs`, awsJson1_1) is
+   moto's own.
 2. A WSGI middleware (`Bed`) in front of moto that
    - serialises AWS requests into moto (moto's backends check-then-insert without locks; the
      leader election relies on PutParameter(Overwrite=false) being atomic, as it is in AWS),
@@ -28,6 +32,9 @@ Control API (JSON in, JSON out; never logged as AWS calls):
   GET    /_bed/health                  -> {"ok": true, "moto": "5.2.5"}
   GET    /_bed/calls?since=<seq>       -> {"calls": [...seq > since...], "last_seq": N}
   POST   /_bed/calls/clear             -> {"cleared": n}      (seq numbers keep increasing)
+  GET    /_bed/bodies?since=<seq>      -> {"bodies": [{"seq", "action", "body"}]}  (whole request
+                                           bodies of BODY_ACTIONS, e.g. PutLogEvents, faulted
+                                           ones included)
   POST   /_bed/faults  {...}           -> {"id": n}
   GET    /_bed/faults                  -> {"faults": [...]}
   DELETE /_bed/faults                  -> {"cleared": n}
@@ -48,7 +55,7 @@ Control API (JSON in, JSON out; never logged as AWS calls):
                                            touches that resource fails and rolls back)
 
 A call: {"seq", "t_ns" (arrival, time.monotonic_ns()), "end_ns" (response done or null),
-"service" (SigV4 signing name: "ssm", "autoscaling", "ec2", "s3", "monitoring",
+"service" (SigV4 signing name: "ssm", "autoscaling", "ec2", "s3", "monitoring", "logs",
 "cloudformation", "sts", ...), "action", "params" (whitelisted, strings or lists of strings;
 parameter *values* are never logged), "status" (HTTP status or null), "error" (AWS error code
 or null), "fault" (null | "error" | "reset" | "delay")}.
@@ -908,6 +915,45 @@ def apply_ec2_patches() -> None:
 CFN_FAILURE: dict[str, str] = {}
 
 
+def apply_logs_patches() -> None:
+    """CloudWatch Logs where the stack's IAM statement depends on it.
+
+    AWS::Logs::LogGroup's `Fn::GetAtt Arn` is "arn:aws:logs:<region>:<account>:log-group:<name>:*"
+    (CloudFormation User Guide, AWS::Logs::LogGroup, Return values: "such as
+    arn:aws:logs:us-west-1:123456789012:log-group:/mystack-testgroup-12ABC1AHYI2NN:*"), which as
+    an IAM resource covers the group's streams; moto 5.2.5 returns it without the ":*".
+    """
+    from moto.logs.models import LogGroup
+
+    _orig = LogGroup.get_cfn_attribute
+
+    def get_cfn_attribute(self: Any, attribute_name: str) -> Any:
+        if attribute_name == "Arn":
+            return f"{self.arn}:*"
+        return _orig(self, attribute_name)
+
+    LogGroup.get_cfn_attribute = get_cfn_attribute
+
+
+def apply_novalue_in_lists_patch() -> None:
+    """`!Ref AWS::NoValue` as a list element removes the element, as in CloudFormation
+    ("AWS::NoValue: Removes the corresponding resource property when specified as a return
+    value in the Fn::If intrinsic function" — in a list, the element: the template's
+    optional IAM statements); moto 5.2.5 leaves a null there, which IAM then refuses
+    (MalformedPolicyDocument)."""
+    from moto.cloudformation import parsing
+
+    _orig = parsing.clean_json
+
+    def clean_json(resource_json: Any, resources_map: Any) -> Any:
+        cleaned = _orig(resource_json, resources_map)
+        if isinstance(resource_json, list) and isinstance(cleaned, list):
+            return [v for v in cleaned if v is not None]
+        return cleaned
+
+    parsing.clean_json = clean_json
+
+
 def patch_cloudformation_failures() -> None:
     from moto.cloudformation import models as CF
 
@@ -1094,10 +1140,16 @@ LOGGED_PARAMS: dict[str, tuple[str, ...]] = {
     "DeleteParameters": ("Names",),
     "GetParametersByPath": ("Path",),
     "PutMetricData": ("Namespace",),
+    "CreateLogStream": ("logGroupName", "logStreamName"),
+    "PutLogEvents": ("logGroupName", "logStreamName"),
 }
 
+# Actions whose request bodies are kept whole for `GET /_bed/bodies` (what a shipper sent,
+# for tests that search it, e.g. for the registration token, and count its bytes).
+BODY_ACTIONS = {"PutLogEvents"}
+
 # Names a test may use in a fault's "service" for a SigV4 signing name.
-SERVICE_ALIASES = {"cloudwatch": "monitoring", "asg": "autoscaling"}
+SERVICE_ALIASES = {"cloudwatch": "monitoring", "asg": "autoscaling", "cloudwatch-logs": "logs"}
 
 FAULT_KEYS = {"service", "action", "error", "status", "message", "count", "outage_ms", "delay_ms", "mode"}
 
@@ -1259,6 +1311,7 @@ class Bed:
         self.moto_lock = threading.Lock()
         self.lock = threading.Lock()
         self.calls: list[dict[str, Any]] = []
+        self.bodies: list[dict[str, Any]] = []
         self.seq = 0
         self.faults: list[Fault] = []
         self.fault_seq = 0
@@ -1294,6 +1347,10 @@ class Bed:
             self.seq += 1
             record["seq"] = self.seq
             self.calls.append(record)
+            if action in BODY_ACTIONS:
+                self.bodies.append(
+                    {"seq": self.seq, "action": action, "body": body.decode("utf-8", "replace")}
+                )
             fault = None
             for f in self.faults:
                 if f.active(t_ns) and f.matches(service, action):
@@ -1448,7 +1505,14 @@ class Bed:
             with self.lock:
                 n = len(self.calls)
                 self.calls = []
+                self.bodies = []
             return 200, {"cleared": n}
+        if path == "/_bed/bodies" and method == "GET":
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            since = int(query.get("since", ["0"])[0])
+            with self.lock:
+                bodies = [dict(b) for b in self.bodies if b["seq"] > since]
+            return 200, {"bodies": bodies}
         if path == "/_bed/cfn_failure" and method == "POST":
             spec = json.loads(Bed.read_body(environ) or b"null")
             if not isinstance(spec, dict) or not spec.get("resource") or not spec.get("reason"):
@@ -1549,6 +1613,8 @@ def main(argv: list[str]) -> None:
 
     apply_patches()
     patch_cloudformation_failures()
+    apply_logs_patches()
+    apply_novalue_in_lists_patch()
 
     server = make_server(
         "127.0.0.1",

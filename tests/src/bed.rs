@@ -170,6 +170,7 @@ impl Bed {
             known_hosts_parameter: Some(self.known_hosts_parameter.clone()),
             github_meta_url: Some(self.github.url()),
             known_hosts_refresh_secs: agent_supervisor::config::DEFAULT_KNOWN_HOSTS_REFRESH_SECS,
+            log_group: None,
         }
     }
 

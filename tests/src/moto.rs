@@ -79,6 +79,42 @@ impl Call {
     }
 }
 
+/// One CloudWatch Logs event as `GetLogEvents` returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRecord {
+    pub timestamp: i64,
+    pub message: String,
+}
+
+impl LogRecord {
+    /// The message as the JSON object the supervisor ships (`Null` if it is not one).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.message).unwrap_or_default()
+    }
+}
+
+/// A request body the bed kept (`GET /_bed/bodies`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct Body {
+    pub seq: u64,
+    pub action: String,
+    pub body: String,
+}
+
+impl Body {
+    /// What CloudWatch Logs bills and limits for a `PutLogEvents` body: its messages'
+    /// UTF-8 bytes plus 26 per event; and the number of events.
+    pub fn log_bytes_and_events(&self) -> (usize, usize) {
+        let doc: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
+        let events = doc["logEvents"].as_array().cloned().unwrap_or_default();
+        let bytes = events
+            .iter()
+            .map(|e| e["message"].as_str().map_or(0, str::len) + 26)
+            .sum();
+        (bytes, events.len())
+    }
+}
+
 /// An Auto Scaling group as `DescribeAutoScalingGroups` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupState {
@@ -796,17 +832,8 @@ impl Moto {
         };
         let mut form: Vec<(&str, &str)> = vec![("Action", action), ("Version", version)];
         form.extend_from_slice(params);
-        let resp = reqwest::Client::builder()
-            .no_proxy()
-            .build()?
-            .post(self.endpoint())
-            .header(
-                "Authorization",
-                format!(
-                    "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, \
-                     SignedHeaders=host, Signature=0"
-                ),
-            )
+        let resp = self
+            .post_as(service)?
             .form(&form)
             .send()
             .await
@@ -817,6 +844,101 @@ impl Moto {
             bail!("{service} {action}: {status}: {body}");
         }
         Ok(body)
+    }
+
+    /// A `POST /` that moto routes to `service`: it routes on the SigV4 credential scope and
+    /// checks no signature, so a well-formed Authorization header is all the signing needed.
+    fn post_as(&self, service: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        Ok(reqwest::Client::builder()
+            .no_proxy()
+            .build()?
+            .post(self.endpoint())
+            .header(
+                "Authorization",
+                format!(
+                    "AWS4-HMAC-SHA256 Credential=testing/20260101/{REGION}/{service}/aws4_request, \
+                     SignedHeaders=host, Signature=0"
+                ),
+            ))
+    }
+
+    /// One call of CloudWatch Logs (awsJson1_1: `X-Amz-Target: Logs_20140328.<action>`),
+    /// for the tests' reads of what instances shipped. Returns the JSON answer of a 2xx.
+    pub async fn logs_call(
+        &self,
+        action: &str,
+        body: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let resp = self
+            .post_as("logs")?
+            .header("X-Amz-Target", format!("Logs_20140328.{action}"))
+            .header("Content-Type", "application/x-amz-json-1.1")
+            .body(body.to_string())
+            .send()
+            .await
+            .with_context(|| format!("logs {action}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("logs {action}: {status}: {text}");
+        }
+        Ok(serde_json::from_str(if text.is_empty() {
+            "{}"
+        } else {
+            &text
+        })?)
+    }
+
+    /// The stack's log group, as the template makes it.
+    pub async fn create_log_group(&self, name: &str, retention_days: u32) -> anyhow::Result<()> {
+        self.logs_call("CreateLogGroup", serde_json::json!({"logGroupName": name}))
+            .await?;
+        self.logs_call(
+            "PutRetentionPolicy",
+            serde_json::json!({"logGroupName": name, "retentionInDays": retention_days}),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Every event of one stream, oldest first (`GetLogEvents` from the head, all pages);
+    /// empty when the stream does not exist.
+    pub async fn log_events(&self, group: &str, stream: &str) -> anyhow::Result<Vec<LogRecord>> {
+        let mut out = vec![];
+        let mut token: Option<String> = None;
+        loop {
+            let mut req = serde_json::json!({
+                "logGroupName": group, "logStreamName": stream, "startFromHead": true
+            });
+            if let Some(t) = &token {
+                req["nextToken"] = t.clone().into();
+            }
+            let page = match self.logs_call("GetLogEvents", req).await {
+                Ok(p) => p,
+                Err(e) if e.to_string().contains("ResourceNotFoundException") => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            let n = events.len();
+            for e in events {
+                out.push(LogRecord {
+                    timestamp: e["timestamp"].as_i64().unwrap_or_default(),
+                    message: e["message"].as_str().unwrap_or_default().to_string(),
+                });
+            }
+            let next = page["nextForwardToken"].as_str().map(str::to_string);
+            if n == 0 || next.is_none() || next == token {
+                return Ok(out);
+            }
+            token = next;
+        }
+    }
+
+    /// Whole request bodies of the actions the bed keeps (`PutLogEvents`), `seq > since`.
+    pub async fn bodies(&self, since: u64) -> anyhow::Result<Vec<Body>> {
+        let path = format!("/_bed/bodies?since={since}");
+        let mut page: serde_json::Value = self.control(reqwest::Method::GET, &path, None).await?;
+        Ok(serde_json::from_value(page["bodies"].take())?)
     }
 
     /// The user data (base64-decoded) of the launch template `group` launches from, at the

@@ -7,6 +7,7 @@
 use agent_fleet_tests::bed::{eventually, Bed};
 use agent_fleet_tests::fleet::{bin_dir, Fleet};
 use agent_fleet_tests::hub::JobSpec;
+use agent_fleet_tests::moto::ACCOUNT_ID;
 use agent_supervisor::config::Settings;
 use std::process::Output;
 use std::sync::Arc;
@@ -328,6 +329,18 @@ async fn deploy_update_diff_and_destroy_in_the_emulator() -> R {
         doc["agents_lead"], false,
         "the scaler instance leads:\n{doc}"
     );
+    // Logs ship by default, to the stack's group, kept 30 days; both instance roles may
+    // write streams of that group only.
+    let group = format!("/agent-fleet/{stack}");
+    assert_eq!(settings.log_group.as_deref(), Some(group.as_str()));
+    assert_eq!(log_group_retention(&bed, &group).await?, Some(Some(30)));
+    for p in [&policy, &scaler_policy] {
+        assert!(p.contains(&logs_statement(&group)), "{p}");
+        assert!(
+            !p.contains("logs:*") && !p.contains("logs:CreateLogGroup"),
+            "{p}"
+        );
+    }
     assert_eq!(doc["job_role_arn"], serde_json::Value::Null, "{doc}");
     assert_eq!(doc["job_isolation"], "vm", "{doc}");
     assert_eq!(doc["use_pre_signed_url"], false, "{doc}");
@@ -649,6 +662,67 @@ async fn agents_lead_only_when_asked_and_the_cli_says_what_that_costs() -> R {
     for action in LEADER_ACTIONS {
         assert!(agent_policy.contains(action), "{agent_policy}");
     }
+    Ok(())
+}
+
+/// The retention of a log group: `None` if it does not exist, `Some(None)` if it never
+/// expires.
+async fn log_group_retention(bed: &Bed, name: &str) -> anyhow::Result<Option<Option<u64>>> {
+    let doc = bed
+        .moto
+        .logs_call(
+            "DescribeLogGroups",
+            serde_json::json!({"logGroupNamePrefix": name}),
+        )
+        .await?;
+    Ok(doc["logGroups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|g| g["logGroupName"] == name)
+        .map(|g| g["retentionInDays"].as_u64()))
+}
+
+/// The instance policy's logs statement, as IAM returns it: the two actions on the group's
+/// ARN (`…:log-group:<name>:*`, its streams).
+fn logs_statement(group: &str) -> String {
+    format!(
+        "\"Action\": [\"logs:CreateLogStream\", \"logs:PutLogEvents\"], \"Resource\": \"arn:aws:logs:us-east-1:{ACCOUNT_ID}:log-group:{group}:*\""
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_shipping_is_a_stack_setting_with_a_checked_retention() -> R {
+    let bed = Bed::start("logsettings").await?;
+    let endpoint = bed.hub.endpoint();
+    let group = format!("/agent-fleet/{}", bed.stack);
+    // A retention CloudWatch Logs does not offer is refused before any AWS call.
+    let since = bed.moto.last_seq().await?;
+    let v = vars(&bed, &endpoint, &[("SEMAPHORE_AGENT_LOG_RETENTION", "31")]);
+    let out = cli(&bed, &v, &["deploy"], None).await?;
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(
+        e.contains("SEMAPHORE_AGENT_LOG_RETENTION") && e.contains("`30`") && e.contains("`3653`"),
+        "{e}"
+    );
+    assert!(bed.moto.calls(since).await?.is_empty());
+    // Another retention.
+    let v = vars(&bed, &endpoint, &[("SEMAPHORE_AGENT_LOG_RETENTION", "7")]);
+    ok("deploy", &cli(&bed, &v, &["deploy"], None).await?);
+    assert_eq!(log_group_retention(&bed, &group).await?, Some(Some(7)));
+    assert_eq!(runtime_config(&bed).await?["log_group"], group.as_str());
+    // Turned off: no group, no key, no permission. (A stack of its own: moto's change sets
+    // do not see a condition turned off.)
+    let bed = Bed::start("logsoff").await?;
+    let group = format!("/agent-fleet/{}", bed.stack);
+    let v = vars(&bed, &endpoint, &[("SEMAPHORE_AGENT_SHIP_LOGS", "false")]);
+    ok("deploy", &cli(&bed, &v, &["deploy"], None).await?);
+    let doc = runtime_config(&bed).await?;
+    assert!(doc["log_group"].is_null(), "{doc}");
+    assert_eq!(log_group_retention(&bed, &group).await?, None);
+    let policy = role_policies(&bed, &physical_id(&bed, "AgentRole").await?).await?;
+    assert!(!policy.contains("logs:"), "{policy}");
     Ok(())
 }
 

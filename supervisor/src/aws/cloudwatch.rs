@@ -131,8 +131,6 @@ fn put_metric_data_params(namespace: &str, data: &[Datum]) -> Vec<(String, Strin
 mod tests {
     use super::*;
     use crate::aws::query::{encode_form, resolve_endpoint, xml_error};
-    use aws_credential_types::provider::SharedCredentialsProvider;
-    use aws_credential_types::Credentials;
 
     #[test]
     fn form_is_the_query_shape() {
@@ -209,13 +207,7 @@ mod tests {
     async fn moto_accepts_put_metric_data() {
         let (mut child, endpoint) = crate::aws::start_test_moto();
 
-        let config = SdkConfig::builder()
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&endpoint)
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "testing", "testing", None, None, "test",
-            )))
-            .build();
+        let config = crate::aws::test_moto_config(&endpoint);
         let cw = QueryCloudWatch::new(&config).expect("client");
         let data = [
             Datum {

@@ -9,6 +9,7 @@ pub mod autoscaling;
 pub mod cloudwatch;
 pub mod ec2;
 pub mod imds;
+pub mod logs;
 pub mod query;
 pub mod s3;
 pub mod ssm;
@@ -113,4 +114,18 @@ pub(crate) fn start_test_moto() -> (std::process::Child, String) {
         .parse()
         .expect("port");
     (child, format!("http://127.0.0.1:{port}"))
+}
+
+/// An SDK config aimed at the test bed's moto (`endpoint`): us-east-1, dummy credentials.
+#[cfg(test)]
+pub(crate) fn test_moto_config(endpoint: &str) -> SdkConfig {
+    use aws_credential_types::provider::SharedCredentialsProvider;
+    use aws_credential_types::Credentials;
+    SdkConfig::builder()
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
+            "testing", "testing", None, None, "test",
+        )))
+        .build()
 }

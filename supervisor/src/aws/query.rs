@@ -211,16 +211,39 @@ impl QueryClient {
         action: &'static str,
         params: &[(String, String)],
     ) -> Result<String, QueryError> {
-        let service = self.service.name;
         let mut form = vec![
             ("Action".to_string(), action.to_string()),
             ("Version".to_string(), self.service.api_version.to_string()),
         ];
         form.extend(params.iter().cloned());
         let body = encode_form(&form);
-        let url = format!("{}/", self.endpoint);
         let content_type = "application/x-www-form-urlencoded; charset=utf-8";
+        let (status, text) = self.post(action, content_type, &[], body).await?;
+        if (200..300).contains(&status) {
+            return Ok(text);
+        }
+        let (code, message) = xml_error(&text);
+        Err(QueryError::Service {
+            service: self.service.name,
+            action,
+            status,
+            code,
+            message,
+        })
+    }
 
+    /// One signed `POST /` with `body` and `headers` (beside the content type, all
+    /// signed): the HTTP status and the response body, whatever the status. The shared
+    /// half of the Query protocol and of the JSON protocols ([`super::logs`]).
+    pub(crate) async fn post(
+        &self,
+        action: &'static str,
+        content_type: &str,
+        headers: &[(&str, &str)],
+        body: String,
+    ) -> Result<(u16, String), QueryError> {
+        let service = self.service.name;
+        let url = format!("{}/", self.endpoint);
         let creds = self.credentials().await?;
         let identity = creds.into();
         let signing_error = |detail: String| QueryError::Signing { service, detail };
@@ -236,7 +259,9 @@ impl QueryClient {
         let signable = SignableRequest::new(
             "POST",
             url.as_str(),
-            [("content-type", content_type)].into_iter(),
+            [("content-type", content_type)]
+                .into_iter()
+                .chain(headers.iter().copied()),
             SignableBody::Bytes(body.as_bytes()),
         )
         .map_err(|e| signing_error(e.to_string()))?;
@@ -250,6 +275,9 @@ impl QueryClient {
             .post(&url)
             .timeout(self.service.timeout)
             .header(reqwest::header::CONTENT_TYPE, content_type);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
         for (name, value) in instructions.headers() {
             req = req.header(name, value);
         }
@@ -260,19 +288,9 @@ impl QueryClient {
             detail: super::describe(&e),
         };
         let resp = req.body(body).send().await.map_err(transport)?;
-        let status = resp.status();
+        let status = resp.status().as_u16();
         let text = resp.text().await.map_err(transport)?;
-        if status.is_success() {
-            return Ok(text);
-        }
-        let (code, message) = xml_error(&text);
-        Err(QueryError::Service {
-            service,
-            action,
-            status: status.as_u16(),
-            code,
-            message,
-        })
+        Ok((status, text))
     }
 }
 

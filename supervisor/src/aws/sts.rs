@@ -279,16 +279,8 @@ mod tests {
     #[tokio::test]
     #[ignore = "needs the test bed's moto venv"]
     async fn moto_grants_a_session() {
-        use aws_credential_types::provider::SharedCredentialsProvider;
-        use aws_credential_types::Credentials;
         let (mut child, endpoint) = crate::aws::start_test_moto();
-        let config = SdkConfig::builder()
-            .region(aws_config::Region::new("us-east-1"))
-            .endpoint_url(&endpoint)
-            .credentials_provider(SharedCredentialsProvider::new(Credentials::new(
-                "testing", "testing", None, None, "test",
-            )))
-            .build();
+        let config = crate::aws::test_moto_config(&endpoint);
         let sts = QuerySts::new(&config).expect("client");
         let role = "arn:aws:iam::123456789012:role/job";
         let c = sts

@@ -191,6 +191,7 @@ where
             );
             return;
         };
+        crate::logs::flush(crate::logs::FLUSH_BOUND).await;
         let done = self
             .notify
             .during(
@@ -273,6 +274,7 @@ pub(crate) async fn poweroff(cmd: &[String]) {
         return;
     };
     tracing::warn!(command = %cmd.join(" "), "powering off");
+    crate::logs::flush(crate::logs::FLUSH_BOUND).await;
     match tokio::process::Command::new(prog).args(args).status().await {
         Ok(s) if s.success() => {}
         Ok(s) => tracing::error!(status = %describe_status(&s), "poweroff command failed"),

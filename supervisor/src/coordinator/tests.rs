@@ -226,6 +226,7 @@ fn options(poweroff: Vec<String>, work_dir: std::path::PathBuf) -> RunOptions {
         warm_docker_wait: Duration::ZERO,
         known_hosts_file: None,
         known_hosts_fallback: "/nonexistent/github_known_hosts".into(),
+        cloud_init_log: "/nonexistent/cloud-init-output.log".into(),
     }
 }
 

@@ -44,6 +44,7 @@ fn settings(overprovision: Overprovision) -> Settings {
         warm_images: vec![],
         image_parameter: None,
         known_hosts: Default::default(),
+        log_group: None,
     }
 }
 

@@ -44,7 +44,16 @@
 //!   state-transition delays at their published figures (`Ec2Delays::published`): a model
 //!   of EC2, not a measurement of it.
 //!
-//! `--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds,warm` picks sections; `--runs`, `--rss-secs`,
+//! - `idle_rss_kib_shipping_on` / `_off`: the daemon's RSS after `--rss-secs` idle with an
+//!   agent running, shipping logs to CloudWatch Logs and not, side by side in the same run
+//!   (no leader work in either). `log_bytes_per_instance_hour`: what the shipping instance
+//!   put to CloudWatch Logs once booted, idle, at the default log level, as CloudWatch
+//!   counts it (messages' UTF-8 bytes + 26 per event), scaled to an hour;
+//!   `log_boot_bytes_per_instance`: what its boot shipped; `…_agent_debug`: the same with
+//!   `AGENT_SUPERVISOR_LOG=info,agent=debug` (every agent line ships). The real agent when
+//!   built (else the fake at the real agent's log cadence), hub sync 4–6 s as the server's.
+//!
+//! `--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds,warm,logs` picks sections; `--runs`, `--rss-secs`,
 //! `--kills`, `--trials`, `--drains` change the counts; `--rss-no-leader` measures RSS
 //! without leader work. The `real` section needs the real agent (`make real-agent`, or
 //! `AGENT_FLEET_REAL_AGENT=PATH`); without it, it says so and is skipped.
@@ -72,7 +81,7 @@ fn arg_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds,warm] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--calls-mins N] [--wave-jobs N] [--rss-no-leader]";
+const USAGE: &str = "usage: fleet-bench [--only boot,idle,rss,scale,failover,ssm,real,calls,jobcreds,warm,logs] [--runs N] [--rss-secs N] [--kills N] [--trials N] [--drains N] [--calls-mins N] [--wave-jobs N] [--rss-no-leader]";
 
 /// Refuses what it does not know (a mistyped flag must not start a 15-minute run).
 fn check_args() -> Result<(), String> {
@@ -150,6 +159,9 @@ async fn main() -> anyhow::Result<()> {
         );
         println!("BENCH queued_to_started_ms_p50_cold {cold:.0} ms");
         println!("BENCH queued_to_started_ms_p50_warm {warm:.0} ms");
+    }
+    if want("logs") {
+        log_shipping(rss_secs).await?;
     }
     if want("real") {
         match real_agent()? {
@@ -642,6 +654,131 @@ async fn idle_rss(bed: &Bed, rss_secs: u64) -> anyhow::Result<()> {
         }
     }
     inst.kill_all();
+    Ok(())
+}
+
+/// A process's resident set, KiB.
+fn rss_kib(pid: i32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0))
+}
+
+/// RSS with and without log shipping, side by side, and the bytes shipped per hour.
+async fn log_shipping(rss_secs: u64) -> anyhow::Result<()> {
+    let bed = Bed::start_with("benchlogs", HubOptions::real_sync()).await?;
+    bed.disarm();
+    let log_group = "/agent-fleet/benchlogs";
+    bed.moto.create_log_group(log_group, 30).await?;
+    let agent = match real_agent()? {
+        Some(p) => AgentKind::Real(p),
+        None => {
+            println!(
+                "{}",
+                real_agent_skip_line("fleet-bench logs (using the fake agent)")
+            );
+            AgentKind::Fake
+        }
+    };
+    // (name, ships, AGENT_SUPERVISOR_LOG)
+    let kinds = [
+        ("on", true, None),
+        ("off", false, None),
+        ("debug", true, Some("info,agent=debug")),
+    ];
+    let mut instances = vec![];
+    for (name, ships, filter) in kinds {
+        let group = format!("bench-logs-{name}");
+        bed.moto.create_group(&group, 0, 1, 1).await?;
+        let mut cfg = bed.runtime_config(&group);
+        cfg.idle_timeout_secs = 0;
+        cfg.scaler.enabled = false;
+        cfg.log_group = ships.then(|| log_group.to_string());
+        let param = format!("/agent-fleet/benchlogs/config-{name}");
+        bed.moto
+            .put_parameter(&param, &serde_json::to_string(&cfg)?, false)
+            .await?;
+        let id = bed.moto.group(&group).await?.in_service()[0].clone();
+        let mut o = bed.instance(&id, &group);
+        o.user_data = Some(agent_fleet_tests::fleet::user_data("benchlogs", &param));
+        o.root = bed.root.join(name);
+        o.agent = agent.clone();
+        o.agent_env = vec![("FAKE_AGENT_LOG_CADENCE".into(), "real".into())];
+        o.env = filter
+            .map(|f| vec![("AGENT_SUPERVISOR_LOG".to_string(), f.to_string())])
+            .unwrap_or_default();
+        instances.push((name, id, Instance::start(o, None).await?));
+    }
+    eventually(
+        "three agents registered",
+        Duration::from_secs(60),
+        || async { (bed.hub.live_agents().len() >= 3).then_some(()) },
+    )
+    .await?;
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    // The boot's records go out within a shipping interval (5 s); the window starts after.
+    let from = wall_ms() + 10_000;
+    println!("waiting {rss_secs}s with the agents idle …");
+    tokio::time::sleep(Duration::from_secs(rss_secs.max(30))).await;
+    let mut rss = std::collections::BTreeMap::new();
+    for (name, _, inst) in &instances {
+        rss.insert(*name, rss_kib(inst.pid)?);
+    }
+    // Events logged until 6 s ago have surely been put (one interval and some).
+    let to = wall_ms() - 6_000;
+    let bodies = bed.moto.bodies(0).await?;
+    for (name, id, _) in &instances {
+        let (mut boot, mut window, mut window_events) = (0usize, 0usize, 0usize);
+        for b in &bodies {
+            let doc: serde_json::Value = serde_json::from_str(&b.body).unwrap_or_default();
+            if doc["logStreamName"] != id.as_str() {
+                continue;
+            }
+            for e in doc["logEvents"].as_array().into_iter().flatten() {
+                let t = e["timestamp"].as_i64().unwrap_or_default();
+                let bytes = e["message"].as_str().map_or(0, str::len) + 26;
+                if t < from {
+                    boot += bytes;
+                } else if t <= to {
+                    window += bytes;
+                    window_events += 1;
+                }
+            }
+        }
+        let secs = ((to - from) as f64 / 1000.0).max(1.0);
+        let per_hour = window as f64 * 3600.0 / secs;
+        let events_per_hour = window_events as f64 * 3600.0 / secs;
+        match *name {
+            "on" => {
+                println!("shipping at the default level (INFO): boot {boot} B; then {window} B in {window_events} events over {secs:.0} s idle ({events_per_hour:.0} events/h)");
+                println!("BENCH log_boot_bytes_per_instance {boot} bytes");
+                println!("BENCH log_bytes_per_instance_hour {per_hour:.0} bytes");
+            }
+            "debug" => {
+                println!("shipping every agent line (info,agent=debug): boot {boot} B; then {window} B in {window_events} events over {secs:.0} s idle ({events_per_hour:.0} events/h)");
+                println!("BENCH log_bytes_per_instance_hour_agent_debug {per_hour:.0} bytes");
+            }
+            _ => {}
+        }
+    }
+    println!("BENCH idle_rss_kib_shipping_on {} KiB", rss["on"]);
+    println!("BENCH idle_rss_kib_shipping_off {} KiB", rss["off"]);
+    println!(
+        "  (and with every agent line shipping: {} KiB; agent {})",
+        rss["debug"],
+        agent.label()
+    );
+    for (_, _, inst) in &instances {
+        inst.kill_all();
+    }
     Ok(())
 }
 
